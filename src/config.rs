@@ -1,0 +1,716 @@
+//! Configuration: the only place that reads files or the environment for settings.
+//!
+//! Layers, each overriding the one before: built-in defaults < the TOML file (`--config`) < the environment
+//! (`EXWATCH__SECTION__KEY`, and `EXWATCH__EXCHANGES__0__API_KEY` for the first `[[exchanges]]` entry). The `config`
+//! crate parses the file and the environment; this module merges them and validates the result into typed values,
+//! collecting every problem with the key that has it, so one run of `exwatch check-config` names them all.
+//! Secrets may come from files (`api_key_file`, Kubernetes secrets) and are wrapped in [`Secret`].
+
+use std::collections::{BTreeSet, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::exchange::{self, Credentials, Kind};
+use crate::secret::Secret;
+
+/// The environment prefix: `EXWATCH__POLL__INTERVAL=45s` sets `poll.interval`.
+pub const ENV_PREFIX: &str = "EXWATCH";
+
+/// The validated configuration of the whole daemon.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    pub server: Server,
+    pub poll: Poll,
+    pub exchanges: Vec<ExchangeView>,
+    pub database: Database,
+    pub admin: Admin,
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Server {
+    pub listen: SocketAddr,
+    /// How long shutdown may take before exwatch exits anyway.
+    #[serde(serialize_with = "human_duration")]
+    pub shutdown_grace: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Poll {
+    /// Time between two polls of the public checks (Ticker and SystemStatus).
+    #[serde(serialize_with = "human_duration")]
+    pub interval: Duration,
+    /// The limit for one call, from connect to the last byte of the answer.
+    #[serde(serialize_with = "human_duration")]
+    pub timeout: Duration,
+    /// Time between two Balance calls, when credentials are set.
+    #[serde(serialize_with = "human_duration")]
+    pub balance_interval: Duration,
+    /// A call slower than this logs the runbook's "Slow API response" warning.
+    #[serde(serialize_with = "human_duration")]
+    pub slow_call_threshold: Duration,
+}
+
+/// One exchange's settings as configured; [`ExchangeView::exchange`] is what the clients are built from.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExchangeView {
+    pub name: String,
+    pub kind: Kind,
+    pub base_url: String,
+    pub pair: String,
+    pub depth_count: u32,
+    pub api_key: Option<Secret>,
+    pub api_secret: Option<Secret>,
+    #[serde(skip)]
+    pub exchange: exchange::Config,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Database {
+    /// A Postgres URL; unset means the embedded SQLite file.
+    pub url: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Admin {
+    /// The bearer token of the admin API; unset disables the admin API.
+    pub token: Option<Secret>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Log {
+    /// A `tracing` filter (`info`, `exwatch=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// JSON when standard error is not a terminal, pretty otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+/// Every problem found in the configuration, each naming its key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    pub problems: Vec<String>,
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(formatter, "invalid configuration ({} problem", self.problems.len())?;
+        if self.problems.len() != 1 {
+            formatter.write_str("s")?;
+        }
+        formatter.write_str("):")?;
+        for problem in &self.problems {
+            write!(formatter, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl Config {
+    /// Loads the file (if any) and the process environment, then validates.
+    pub fn load(path: Option<&Path>) -> Result<Config, Error> {
+        Config::load_from(path, None)
+    }
+
+    /// Like [`Config::load`], with the environment given as a map (tests never touch the process environment).
+    pub fn load_from(path: Option<&Path>, environment: Option<HashMap<String, String>>) -> Result<Config, Error> {
+        let mut problems = Vec::new();
+        let file = match path {
+            Some(path) => read_file_layer(path).unwrap_or_else(|problem| {
+                problems.push(problem);
+                Value::Object(Map::new())
+            }),
+            None => Value::Object(Map::new()),
+        };
+        let environment = read_environment_layer(environment).unwrap_or_else(|problem| {
+            problems.push(problem);
+            Value::Object(Map::new())
+        });
+        if !problems.is_empty() {
+            return Err(Error { problems });
+        }
+        let mut merged = file;
+        merge(&mut merged, environment);
+        Config::from_value(merged)
+    }
+
+    /// Parses a TOML document (no environment); for tests and examples.
+    pub fn from_toml(text: &str) -> Result<Config, Error> {
+        let value = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(|built| built.try_deserialize::<Value>())
+            .map_err(|error| Error { problems: vec![format!("cannot parse configuration: {error}")] })?;
+        Config::from_value(value)
+    }
+
+    /// Validates an already merged tree of settings.
+    pub fn from_value(value: Value) -> Result<Config, Error> {
+        let mut reader = Reader::default();
+        let config = reader.config(value);
+        if reader.problems.is_empty() { Ok(config) } else { Err(Error { problems: reader.problems }) }
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_redacted_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|error| format!("# cannot render configuration: {error}\n"))
+    }
+
+    pub fn exchange_configs(&self) -> Vec<exchange::Config> {
+        self.exchanges.iter().map(|view| view.exchange.clone()).collect()
+    }
+}
+
+impl Default for Config {
+    /// The configuration with no file and no environment: one Kraken exchange, defaults everywhere.
+    fn default() -> Config {
+        Config::from_value(Value::Object(Map::new())).expect("the built-in defaults are valid")
+    }
+}
+
+fn human_duration<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&humantime::format_duration(*duration).to_string())
+}
+
+fn read_file_layer(path: &Path) -> Result<Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|error| format!("cannot read configuration file {}: {error}", path.display()))?;
+    config::Config::builder()
+        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .build()
+        .and_then(|built| built.try_deserialize::<Value>())
+        .map_err(|error| format!("cannot parse configuration file {}: {error}", path.display()))
+}
+
+fn read_environment_layer(environment: Option<HashMap<String, String>>) -> Result<Value, String> {
+    let source = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .ignore_empty(true)
+        .source(environment.map(|map| map.into_iter().collect()));
+    let built = config::Config::builder()
+        .add_source(source)
+        .build()
+        .map_err(|error| format!("cannot read {ENV_PREFIX}__* environment variables: {error}"))?;
+    let value = built
+        .try_deserialize::<Value>()
+        .map_err(|error| format!("cannot read {ENV_PREFIX}__* environment variables: {error}"))?;
+    Ok(value)
+}
+
+/// Deep-merges `overlay` into `base`. An overlay table whose keys are all indices (`exchanges.0.api_key` from the
+/// environment) patches the base array element by element, so the environment can complete an `[[exchanges]]` entry.
+fn merge(base: &mut Value, overlay: Value) {
+    match (base, overlay) {
+        (Value::Object(base), Value::Object(overlay)) => {
+            for (key, value) in overlay {
+                match base.get_mut(&key) {
+                    Some(existing) => merge(existing, value),
+                    None => {
+                        base.insert(key, value);
+                    }
+                }
+            }
+        }
+        (Value::Array(base), Value::Object(overlay)) if overlay.keys().all(|key| key.parse::<usize>().is_ok()) => {
+            for (key, value) in overlay {
+                let index: usize = key.parse().unwrap_or(usize::MAX);
+                if index < base.len() {
+                    merge(&mut base[index], value);
+                } else if index == base.len() {
+                    base.push(value);
+                } else {
+                    // A gap (index 3 of a two-element list) is kept as a table so validation names it.
+                    base.push(Value::Object(Map::from_iter([(key, value)])));
+                }
+            }
+        }
+        (base, overlay) => *base = overlay,
+    }
+}
+
+/// Walks the merged tree, taking each known key and recording a problem for each bad or unknown one.
+#[derive(Default)]
+struct Reader {
+    problems: Vec<String>,
+}
+
+/// One table being read, with the dotted path of its keys.
+struct Table {
+    path: String,
+    entries: Map<String, Value>,
+}
+
+impl Table {
+    fn key(&self, name: &str) -> String {
+        if self.path.is_empty() { name.to_owned() } else { format!("{}.{name}", self.path) }
+    }
+}
+
+impl Reader {
+    fn problem(&mut self, key: &str, message: impl fmt::Display) {
+        self.problems.push(format!("`{key}`: {message}"));
+    }
+
+    fn table(&mut self, path: String, value: Option<Value>) -> Table {
+        match value {
+            None => Table { path, entries: Map::new() },
+            Some(Value::Object(entries)) => Table { path, entries },
+            Some(other) => {
+                self.problem(&path, format!("expected a table, found {}", kind_of(&other)));
+                Table { path, entries: Map::new() }
+            }
+        }
+    }
+
+    fn section(&mut self, root: &mut Table, name: &str) -> Table {
+        let value = root.entries.remove(name);
+        let path = root.key(name);
+        self.table(path, value)
+    }
+
+    /// Records every key left in the table: anything not taken is unknown.
+    fn finish(&mut self, table: Table) {
+        for key in table.entries.keys() {
+            let full = table.key(key);
+            self.problem(&full, "unknown key");
+        }
+    }
+
+    fn string(&mut self, table: &mut Table, name: &str) -> Option<String> {
+        let key = table.key(name);
+        match table.entries.remove(name)? {
+            Value::String(text) => Some(text),
+            Value::Number(number) => Some(number.to_string()),
+            other => {
+                self.problem(&key, format!("expected a string, found {}", kind_of(&other)));
+                None
+            }
+        }
+    }
+
+    fn parsed<T>(&mut self, table: &mut Table, name: &str, default: T, parse: impl Fn(&str) -> Result<T, String>) -> T {
+        let key = table.key(name);
+        match self.string(table, name) {
+            None => default,
+            Some(text) => match parse(text.trim()) {
+                Ok(value) => value,
+                Err(message) => {
+                    self.problem(&key, message);
+                    default
+                }
+            },
+        }
+    }
+
+    fn duration(&mut self, table: &mut Table, name: &str, default: Duration) -> Duration {
+        self.parsed(table, name, default, |text| {
+            let duration = humantime::parse_duration(text)
+                .map_err(|error| format!("invalid duration {text:?} ({error}); use forms like \"250ms\", \"30s\", \"5m\""))?;
+            if duration.is_zero() { Err("must be greater than zero".to_owned()) } else { Ok(duration) }
+        })
+    }
+
+    fn secret(&mut self, table: &mut Table, name: &str) -> Option<Secret> {
+        let value = self.string(table, name)?;
+        let trimmed = value.trim();
+        if trimmed.is_empty() {
+            let key = table.key(name);
+            self.problem(&key, "must not be empty");
+            return None;
+        }
+        Some(Secret::new(trimmed))
+    }
+
+    /// A secret given inline (`name`) or as a path (`name_file`), never both.
+    fn secret_or_file(&mut self, table: &mut Table, name: &str) -> Option<Secret> {
+        let file_name = format!("{name}_file");
+        let inline = self.secret(table, name);
+        let file_key = table.key(&file_name);
+        let path = self.string(table, &file_name).map(PathBuf::from);
+        match (inline, path) {
+            (Some(_), Some(_)) => {
+                let key = table.key(name);
+                self.problem(&key, format!("set either `{key}` or `{file_key}`, not both"));
+                None
+            }
+            (Some(secret), None) => Some(secret),
+            (None, Some(path)) => match std::fs::read_to_string(&path) {
+                Ok(contents) if contents.trim().is_empty() => {
+                    self.problem(&file_key, format!("file {} is empty", path.display()));
+                    None
+                }
+                Ok(contents) => Some(Secret::new(contents.trim())),
+                Err(error) => {
+                    self.problem(&file_key, format!("cannot read {}: {error}", path.display()));
+                    None
+                }
+            },
+            (None, None) => None,
+        }
+    }
+
+    fn config(&mut self, value: Value) -> Config {
+        let mut root = self.table(String::new(), Some(value));
+
+        let mut server = self.section(&mut root, "server");
+        let listen = self.parsed(&mut server, "listen", SocketAddr::from(([0, 0, 0, 0], 9750)), |text| {
+            text.parse::<SocketAddr>().map_err(|error| format!("invalid socket address {text:?} ({error}); use host:port"))
+        });
+        let shutdown_grace = self.duration(&mut server, "shutdown_grace", Duration::from_secs(20));
+        self.finish(server);
+
+        let mut poll_table = self.section(&mut root, "poll");
+        let poll = Poll {
+            interval: self.duration(&mut poll_table, "interval", Duration::from_secs(30)),
+            timeout: self.duration(&mut poll_table, "timeout", Duration::from_secs(10)),
+            balance_interval: self.duration(&mut poll_table, "balance_interval", Duration::from_secs(300)),
+            slow_call_threshold: self.duration(&mut poll_table, "slow_call_threshold", Duration::from_secs(5)),
+        };
+        self.finish(poll_table);
+        if poll.timeout > poll.interval {
+            self.problem(
+                "poll.timeout",
+                format!(
+                    "{} exceeds poll.interval {}; a call must finish before the next poll is due",
+                    humantime::format_duration(poll.timeout),
+                    humantime::format_duration(poll.interval)
+                ),
+            );
+        }
+
+        let exchanges = self.exchanges(root.entries.remove("exchanges"));
+
+        let mut database = self.section(&mut root, "database");
+        let url = self.secret(&mut database, "url");
+        if let Some(url) = &url
+            && !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://"))
+        {
+            self.problem("database.url", "must be a postgres:// or postgresql:// URL (leave it unset for SQLite)");
+        }
+        self.finish(database);
+
+        let mut admin = self.section(&mut root, "admin");
+        let token = self.secret_or_file(&mut admin, "token");
+        if let Some(token) = &token
+            && token.expose().len() < 16
+        {
+            self.problem("admin.token", "must be at least 16 characters");
+        }
+        self.finish(admin);
+
+        let mut log = self.section(&mut root, "log");
+        let level = self.string(&mut log, "level").unwrap_or_else(|| "info".to_owned());
+        if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&level) {
+            self.problem("log.level", format!("invalid filter {level:?} ({error})"));
+        }
+        let format = self.parsed(&mut log, "format", LogFormat::Auto, |text| match text {
+            "auto" => Ok(LogFormat::Auto),
+            "json" => Ok(LogFormat::Json),
+            "pretty" => Ok(LogFormat::Pretty),
+            other => Err(format!("unknown format {other:?}; expected auto, json or pretty")),
+        });
+        self.finish(log);
+
+        self.finish(root);
+        Config {
+            server: Server { listen, shutdown_grace },
+            poll,
+            exchanges,
+            database: Database { url },
+            admin: Admin { token },
+            log: Log { level, format },
+        }
+    }
+
+    fn exchanges(&mut self, value: Option<Value>) -> Vec<ExchangeView> {
+        let entries = match value {
+            None => vec![Value::Object(Map::new())],
+            Some(Value::Array(entries)) if entries.is_empty() => {
+                self.problem("exchanges", "must list at least one exchange (omit it for the default Kraken)");
+                Vec::new()
+            }
+            Some(Value::Array(entries)) => entries,
+            // The environment alone gives `exchanges.0.*` as a table keyed by index.
+            Some(Value::Object(table)) if table.keys().all(|key| key.parse::<usize>().is_ok()) => {
+                let mut indexed: Vec<(usize, Value)> =
+                    table.into_iter().map(|(key, value)| (key.parse().unwrap_or(usize::MAX), value)).collect();
+                indexed.sort_by_key(|(index, _)| *index);
+                indexed.into_iter().map(|(_, value)| value).collect()
+            }
+            Some(other) => {
+                self.problem("exchanges", format!("expected a list of [[exchanges]] tables, found {}", kind_of(&other)));
+                Vec::new()
+            }
+        };
+        let mut names = BTreeSet::new();
+        let mut views = Vec::new();
+        for (index, entry) in entries.into_iter().enumerate() {
+            let mut table = self.table(format!("exchanges[{index}]"), Some(entry));
+            let view = self.exchange(&mut table);
+            self.finish(table);
+            if let Some(view) = view {
+                if !names.insert(view.name.clone()) {
+                    self.problem(&format!("exchanges[{index}].name"), format!("duplicate exchange name {:?}", view.name));
+                }
+                views.push(view);
+            }
+        }
+        views
+    }
+
+    fn exchange(&mut self, table: &mut Table) -> Option<ExchangeView> {
+        let name_key = table.key("name");
+        let name = self.string(table, "name").unwrap_or_else(|| "kraken".to_owned());
+        if name.is_empty()
+            || !name.chars().all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || "-_".contains(character))
+        {
+            self.problem(&name_key, format!("invalid name {name:?}; use lowercase letters, digits, '-' and '_'"));
+        }
+        let kind = self.parsed(table, "kind", Kind::Kraken, |text| match text {
+            "kraken" => Ok(Kind::Kraken),
+            other => Err(format!("unknown exchange kind {other:?}; supported: kraken")),
+        });
+        let base_url = self.parsed(table, "base_url", None, |text| {
+            let url = url::Url::parse(text).map_err(|error| format!("invalid URL {text:?} ({error})"))?;
+            match url.scheme() {
+                "http" | "https" if url.host().is_some() => Ok(Some(url)),
+                _ => Err(format!("invalid URL {text:?}; expected http:// or https:// with a host")),
+            }
+        });
+        let base_url = base_url.unwrap_or_else(|| url::Url::parse("https://api.kraken.com").expect("a valid literal URL"));
+        let pair_key = table.key("pair");
+        let pair = self.string(table, "pair").unwrap_or_else(|| "XBTAUD".to_owned());
+        if pair.is_empty() || !pair.chars().all(|character| character.is_ascii_alphanumeric()) {
+            self.problem(&pair_key, format!("invalid pair {pair:?}; expected letters and digits such as XBTAUD"));
+        }
+        let depth_count = self.parsed(table, "depth_count", 10, |text| match text.parse::<u32>() {
+            Ok(count @ 1..=500) => Ok(count),
+            _ => Err(format!("invalid depth count {text:?}; expected a whole number from 1 to 500")),
+        });
+        let api_key = self.secret_or_file(table, "api_key");
+        let api_secret = self.secret_or_file(table, "api_secret");
+        let secret_key = table.key("api_secret");
+        if let Some(secret) = &api_secret {
+            match base64::engine::general_purpose::STANDARD.decode(secret.expose()) {
+                Ok(decoded) if !decoded.is_empty() => {}
+                // The value itself is never printed.
+                _ => self.problem(&secret_key, "is not valid base64 (Kraken API secrets are base64)"),
+            }
+        }
+        let credentials = match (&api_key, &api_secret) {
+            (Some(api_key), Some(api_secret)) => Some(Credentials { api_key: api_key.clone(), api_secret: api_secret.clone() }),
+            (None, None) => None,
+            (Some(_), None) => {
+                self.problem(&secret_key, format!("is required when `{}` is set", table.key("api_key")));
+                None
+            }
+            (None, Some(_)) => {
+                let key = table.key("api_key");
+                self.problem(&key, format!("is required when `{secret_key}` is set"));
+                None
+            }
+        };
+        let exchange = exchange::Config { name: name.clone(), kind, base_url: base_url.clone(), pair: pair.clone(), depth_count, credentials };
+        Some(ExchangeView { name, kind, base_url: base_url.to_string(), pair, depth_count, api_key, api_secret, exchange })
+    }
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "nothing",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a table",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn environment(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
+    }
+
+    #[test]
+    fn defaults_monitor_one_kraken_exchange() {
+        let config = Config::default();
+        assert_eq!(config.server.listen, "0.0.0.0:9750".parse().unwrap());
+        assert_eq!(config.poll.interval, Duration::from_secs(30));
+        assert_eq!(config.poll.timeout, Duration::from_secs(10));
+        assert_eq!(config.exchanges.len(), 1);
+        let kraken = &config.exchanges[0].exchange;
+        assert_eq!((kraken.name.as_str(), kraken.pair.as_str()), ("kraken", "XBTAUD"));
+        assert_eq!(kraken.base_url.as_str(), "https://api.kraken.com/");
+        assert!(kraken.credentials.is_none());
+        assert!(config.database.url.is_none() && config.admin.token.is_none());
+    }
+
+    #[test]
+    fn toml_values_are_read_with_human_durations() {
+        let config = Config::from_toml(
+            r#"
+            [server]
+            listen = "127.0.0.1:0"
+            [poll]
+            interval = "250ms"
+            timeout = "200ms"
+            [[exchanges]]
+            name = "kraken"
+            kind = "kraken"
+            base_url = "http://127.0.0.1:8080"
+            pair = "XBTUSD"
+            api_key = "key"
+            api_secret = "c2VjcmV0"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.poll.interval, Duration::from_millis(250));
+        assert_eq!(config.exchanges[0].exchange.pair, "XBTUSD");
+        assert!(config.exchanges[0].exchange.credentials.is_some());
+    }
+
+    #[test]
+    fn config_errors_name_every_bad_key_at_once() {
+        let error = Config::from_toml(
+            r#"
+            [server]
+            listen = "nowhere"
+            [poll]
+            interval = "soon"
+            timeout = "0s"
+            intervall = "30s"
+            [[exchanges]]
+            name = "Kraken!"
+            kind = "binance"
+            base_url = "ftp://example"
+            pair = "XBT/AUD"
+            api_key = "key"
+            [database]
+            url = "mysql://x"
+            [admin]
+            token = "short"
+            [log]
+            format = "xml"
+            "#,
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        for key in [
+            "`server.listen`",
+            "`poll.interval`",
+            "`poll.timeout`",
+            "`poll.intervall`: unknown key",
+            "`exchanges[0].name`",
+            "`exchanges[0].kind`",
+            "`exchanges[0].base_url`",
+            "`exchanges[0].pair`",
+            "`exchanges[0].api_secret`: is required",
+            "`database.url`",
+            "`admin.token`",
+            "`log.format`",
+        ] {
+            assert!(text.contains(key), "missing {key} in:\n{text}");
+        }
+        assert_eq!(error.problems.len(), 12, "{text}");
+    }
+
+    #[test]
+    fn environment_overrides_the_file_and_completes_exchanges() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("exwatch.toml");
+        std::fs::write(&path, "[poll]\ninterval = \"30s\"\n[[exchanges]]\nname = \"kraken\"\npair = \"XBTUSD\"\n").unwrap();
+        let config = Config::load_from(
+            Some(&path),
+            Some(environment(&[
+                ("EXWATCH__POLL__INTERVAL", "45s"),
+                ("EXWATCH__SERVER__LISTEN", "127.0.0.1:9999"),
+                ("EXWATCH__EXCHANGES__0__API_KEY", "env-key"),
+                ("EXWATCH__EXCHANGES__0__API_SECRET", "c2VjcmV0"),
+                ("EXWATCH__ADMIN__TOKEN", "0123456789abcdef0123"),
+                ("UNRELATED", "ignored"),
+            ])),
+        )
+        .unwrap();
+        assert_eq!(config.poll.interval, Duration::from_secs(45));
+        assert_eq!(config.server.listen.port(), 9999);
+        let kraken = &config.exchanges[0].exchange;
+        assert_eq!(kraken.pair, "XBTUSD");
+        assert_eq!(kraken.credentials.as_ref().unwrap().api_key.expose(), "env-key");
+        // A leading zero survives: the environment is not number-parsed.
+        assert_eq!(config.admin.token.as_ref().unwrap().expose(), "0123456789abcdef0123");
+    }
+
+    #[test]
+    fn environment_alone_can_configure_the_default_exchange() {
+        let config = Config::load_from(None, Some(environment(&[("EXWATCH__EXCHANGES__0__BASE_URL", "http://127.0.0.1:1")])))
+            .unwrap();
+        assert_eq!(config.exchanges.len(), 1);
+        assert_eq!(config.exchanges[0].name, "kraken");
+        assert_eq!(config.exchanges[0].exchange.base_url.as_str(), "http://127.0.0.1:1/");
+    }
+
+    #[test]
+    fn unknown_environment_keys_are_reported() {
+        let error = Config::load_from(None, Some(environment(&[("EXWATCH__POLL__INTERVL", "5s")]))).unwrap_err();
+        assert_eq!(error.problems, vec!["`poll.intervl`: unknown key".to_owned()]);
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_are_redacted_in_the_effective_config() {
+        let directory = tempfile::tempdir().unwrap();
+        let key_path = directory.path().join("key");
+        let secret_path = directory.path().join("secret");
+        std::fs::write(&key_path, "file-key\n").unwrap();
+        std::fs::write(&secret_path, "c3VwZXJzZWNyZXQ=\n").unwrap();
+        let config = Config::from_toml(&format!(
+            "[[exchanges]]\napi_key_file = {:?}\napi_secret_file = {:?}\n[admin]\ntoken = \"averyveryverylongtoken\"\n",
+            key_path, secret_path
+        ))
+        .unwrap();
+        let credentials = config.exchanges[0].exchange.credentials.as_ref().unwrap();
+        assert_eq!(credentials.api_key.expose(), "file-key");
+        let rendered = config.to_redacted_toml();
+        assert!(!rendered.contains("file-key") && !rendered.contains("c3VwZXJzZWNyZXQ"), "{rendered}");
+        assert!(!rendered.contains("averyveryverylongtoken"), "{rendered}");
+        assert!(rendered.contains("[redacted]"), "{rendered}");
+        assert!(rendered.contains("interval = \"30s\""), "{rendered}");
+    }
+
+    #[test]
+    fn a_bad_secret_is_named_but_never_printed() {
+        let error = Config::from_toml("[[exchanges]]\napi_key = \"k\"\napi_secret = \"not base64 !!\"\n").unwrap_err();
+        assert_eq!(error.problems.len(), 1);
+        assert!(error.problems[0].starts_with("`exchanges[0].api_secret`"));
+        assert!(!error.to_string().contains("not base64 !!"));
+    }
+
+    #[test]
+    fn unreadable_secret_files_and_duplicates_are_reported() {
+        let error = Config::from_toml(
+            "[[exchanges]]\napi_key_file = \"/nonexistent/key\"\n[[exchanges]]\nname = \"kraken\"\n",
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        assert!(text.contains("`exchanges[0].api_key_file`: cannot read /nonexistent/key"), "{text}");
+        assert!(text.contains("`exchanges[1].name`: duplicate exchange name"), "{text}");
+    }
+}

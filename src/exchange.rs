@@ -1,0 +1,346 @@
+//! The exchange abstraction: the `Exchange` trait, the domain types every exchange returns, and the one
+//! error taxonomy (`ErrorClass`) that the poller, breaker, logs, alerts and metrics all share.
+//!
+//! Wire formats do not live here: each exchange's module (for now only [`kraken`]) turns its own responses
+//! into these types and classifies its own failures. Nothing here does I/O.
+
+pub mod kraken;
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+
+use crate::secret::Secret;
+
+/// The settings of one monitored exchange, validated.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The name used in metric labels, logs and the admin API (`kraken`).
+    pub name: String,
+    pub kind: Kind,
+    pub base_url: url::Url,
+    /// The pair whose price is checked (`XBTAUD`), as Kraken spells it in a request.
+    pub pair: String,
+    /// How many order book levels per side the Depth check asks for.
+    pub depth_count: u32,
+    pub credentials: Option<Credentials>,
+}
+
+/// Which API an exchange speaks. One variant for now; a secondary exchange adds one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Kind {
+    Kraken,
+}
+
+/// An API key and its secret, both redacted wherever they are printed.
+#[derive(Debug, Clone)]
+pub struct Credentials {
+    pub api_key: Secret,
+    pub api_secret: Secret,
+}
+
+/// The calls exwatch makes. Their names are Kraken's method names, which are also the `endpoint` column of
+/// `api_call_logs` and the `endpoint` metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Endpoint {
+    SystemStatus,
+    Time,
+    Ticker,
+    Depth,
+    Balance,
+}
+
+impl Endpoint {
+    pub const ALL: [Endpoint; 5] =
+        [Endpoint::SystemStatus, Endpoint::Time, Endpoint::Ticker, Endpoint::Depth, Endpoint::Balance];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::SystemStatus => "SystemStatus",
+            Endpoint::Time => "Time",
+            Endpoint::Ticker => "Ticker",
+            Endpoint::Depth => "Depth",
+            Endpoint::Balance => "Balance",
+        }
+    }
+
+    /// Private calls need credentials and count against the per-key call counter.
+    pub fn is_private(self) -> bool {
+        matches!(self, Endpoint::Balance)
+    }
+}
+
+impl fmt::Display for Endpoint {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// Why a call failed. One taxonomy for the whole daemon: classification happens once, in the exchange's client,
+/// by transport outcome first and then by the exchange's error strings; everything downstream branches on this.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorClass {
+    /// The exchange says it is not trading normally: SystemStatus not `online`, `EService:Unavailable`,
+    /// markets in cancel-only or post-only mode.
+    Maintenance,
+    /// The exchange refused the call for its rate: `EAPI:Rate limit exceeded`, `EGeneral:Too many requests`,
+    /// `EService: Throttled`, HTTP 429.
+    RateLimited,
+    /// The credentials were refused: invalid key, signature or nonce, permission denied, temporary lockout.
+    Auth,
+    /// The request never got an answer: DNS, connection refused or reset, TLS.
+    Network,
+    /// No complete answer within `poll.timeout`, or the exchange's own deadline elapsed.
+    Timeout,
+    /// The exchange (or the CDN in front of it) failed: 5xx, Cloudflare 52x pages, `EService:Busy`,
+    /// `EGeneral:Internal error`.
+    ServerError,
+    /// An answer that is not what the API promises: not JSON, HTML with 200, empty, truncated, wrong shape.
+    BadResponse,
+    /// Our own fault: unknown pair, invalid arguments, unknown method. Not evidence that the exchange is down.
+    InvalidRequest,
+}
+
+impl ErrorClass {
+    pub const ALL: [ErrorClass; 8] = [
+        ErrorClass::Maintenance,
+        ErrorClass::RateLimited,
+        ErrorClass::Auth,
+        ErrorClass::Network,
+        ErrorClass::Timeout,
+        ErrorClass::ServerError,
+        ErrorClass::BadResponse,
+        ErrorClass::InvalidRequest,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorClass::Maintenance => "maintenance",
+            ErrorClass::RateLimited => "rate_limited",
+            ErrorClass::Auth => "auth",
+            ErrorClass::Network => "network",
+            ErrorClass::Timeout => "timeout",
+            ErrorClass::ServerError => "server_error",
+            ErrorClass::BadResponse => "bad_response",
+            ErrorClass::InvalidRequest => "invalid_request",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ErrorClass> {
+        ErrorClass::ALL.into_iter().find(|class| class.as_str() == text)
+    }
+}
+
+impl fmt::Display for ErrorClass {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
+
+/// A classified failure of one call. It keeps the evidence on-call needs: the HTTP status (when an answer
+/// came) and the exchange's own error strings, verbatim. It never holds credentials or signed headers.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{class}: {message}")]
+pub struct Error {
+    pub class: ErrorClass,
+    pub http_status: Option<u16>,
+    /// The exchange's error strings (`EService:Unavailable`), as sent.
+    pub exchange_errors: Vec<String>,
+    /// A short, human-readable description, lowercase, without secrets.
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(class: ErrorClass, message: impl Into<String>) -> Error {
+        Error { class, http_status: None, exchange_errors: Vec::new(), message: message.into() }
+    }
+
+    pub fn with_status(mut self, status: u16) -> Error {
+        self.http_status = Some(status);
+        self
+    }
+
+    pub fn with_exchange_errors(mut self, errors: Vec<String>) -> Error {
+        self.exchange_errors = errors;
+        self
+    }
+}
+
+/// The result of one call: what came back and how long it took, successful or not.
+#[derive(Debug, Clone)]
+pub struct Outcome<T> {
+    pub endpoint: Endpoint,
+    pub latency: Duration,
+    pub result: Result<T, Error>,
+    /// `W...` warnings that came with a successful result.
+    pub warnings: Vec<String>,
+}
+
+impl<T> Outcome<T> {
+    /// The same outcome without its data, for recording.
+    pub fn erase(&self) -> Outcome<()> {
+        Outcome {
+            endpoint: self.endpoint,
+            latency: self.latency,
+            result: self.result.as_ref().map(|_| ()).map_err(Clone::clone),
+            warnings: self.warnings.clone(),
+        }
+    }
+
+    pub fn error(&self) -> Option<&Error> {
+        self.result.as_ref().err()
+    }
+}
+
+/// The exchange's own view of whether it trades.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TradingStatus {
+    Online,
+    Maintenance,
+    CancelOnly,
+    PostOnly,
+    LimitOnly,
+    /// A value this version does not know. Treated as not online.
+    Unknown(String),
+}
+
+impl TradingStatus {
+    /// The values that have their own series in the one-hot `exwatch_exchange_system_status` gauge.
+    pub const KNOWN: [&'static str; 6] = ["online", "maintenance", "cancel_only", "post_only", "limit_only", "unknown"];
+
+    pub fn parse(text: &str) -> TradingStatus {
+        match text {
+            "online" => TradingStatus::Online,
+            "maintenance" => TradingStatus::Maintenance,
+            "cancel_only" => TradingStatus::CancelOnly,
+            "post_only" => TradingStatus::PostOnly,
+            "limit_only" => TradingStatus::LimitOnly,
+            other => TradingStatus::Unknown(other.to_owned()),
+        }
+    }
+
+    /// The label value of the status gauge; unknown values share one series so labels stay bounded.
+    pub fn label(&self) -> &'static str {
+        match self {
+            TradingStatus::Online => "online",
+            TradingStatus::Maintenance => "maintenance",
+            TradingStatus::CancelOnly => "cancel_only",
+            TradingStatus::PostOnly => "post_only",
+            TradingStatus::LimitOnly => "limit_only",
+            TradingStatus::Unknown(_) => "unknown",
+        }
+    }
+
+    pub fn as_text(&self) -> &str {
+        match self {
+            TradingStatus::Unknown(text) => text,
+            known => known.label(),
+        }
+    }
+}
+
+/// SystemStatus: the exchange's trading status and its clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SystemStatus {
+    pub status: TradingStatus,
+    /// The exchange's current time as it sent it (RFC 3339).
+    pub timestamp: String,
+}
+
+impl SystemStatus {
+    /// A status other than `online` means purchases cannot go through, whatever the HTTP layer says: it is a
+    /// failure of class `maintenance` for the breaker, the logs and the alerts.
+    pub fn as_failure(&self) -> Option<Error> {
+        match self.status {
+            TradingStatus::Online => None,
+            ref other => Some(Error::new(
+                ErrorClass::Maintenance,
+                format!("exchange reports system status {}", other.as_text()),
+            )),
+        }
+    }
+}
+
+/// The exchange's clock.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServerTime {
+    pub unixtime: i64,
+}
+
+/// The price check's answer. Prices stay decimal strings as the exchange sent them; they are validated as numbers.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Ticker {
+    /// The key the exchange answered under (`XBTAUD`, `XXBTZUSD`), which need not be the pair requested.
+    pub pair_key: String,
+    pub ask: String,
+    pub bid: String,
+    pub last: String,
+}
+
+/// One order book level: price and volume as sent.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Level {
+    pub price: String,
+    pub volume: String,
+    pub timestamp: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct OrderBook {
+    pub pair_key: String,
+    pub asks: Vec<Level>,
+    pub bids: Vec<Level>,
+}
+
+/// Cash balances by the exchange's asset code.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Balances {
+    pub assets: std::collections::BTreeMap<String, String>,
+}
+
+/// What exwatch asks of an exchange. Every method returns an [`Outcome`]: data and latency, or one classified
+/// [`Error`]. Implementations enforce the configured timeout themselves and never panic on bad input.
+#[async_trait]
+pub trait Exchange: Send + Sync + 'static {
+    fn name(&self) -> &str;
+    fn pair(&self) -> &str;
+    fn has_credentials(&self) -> bool;
+    async fn system_status(&self) -> Outcome<SystemStatus>;
+    async fn server_time(&self) -> Outcome<ServerTime>;
+    async fn ticker(&self) -> Outcome<Ticker>;
+    async fn depth(&self) -> Outcome<OrderBook>;
+    /// A private call. Without credentials it fails with `invalid_request` without sending anything.
+    async fn balance(&self) -> Outcome<Balances>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_class_names_round_trip() {
+        for class in ErrorClass::ALL {
+            assert_eq!(ErrorClass::parse(class.as_str()), Some(class));
+            assert_eq!(serde_json::to_value(class).unwrap(), serde_json::json!(class.as_str()));
+        }
+        assert_eq!(ErrorClass::parse("not_permitted"), None);
+    }
+
+    #[test]
+    fn any_status_other_than_online_is_a_maintenance_failure() {
+        let online = SystemStatus { status: TradingStatus::parse("online"), timestamp: String::new() };
+        assert_eq!(online.as_failure(), None);
+        for text in ["maintenance", "cancel_only", "post_only", "limit_only", "reduce_only"] {
+            let status = SystemStatus { status: TradingStatus::parse(text), timestamp: String::new() };
+            let failure = status.as_failure().expect("not online");
+            assert_eq!(failure.class, ErrorClass::Maintenance);
+            assert!(failure.message.contains(text), "{}", failure.message);
+        }
+        assert_eq!(TradingStatus::parse("reduce_only").label(), "unknown");
+    }
+}

@@ -1,0 +1,1 @@
+//! The fake Kraken used by tests, demos and drills.
