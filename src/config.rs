@@ -183,7 +183,7 @@ impl Default for Config {
     }
 }
 
-fn human_duration<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+pub(crate) fn human_duration<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
     serializer.serialize_str(&humantime::format_duration(*duration).to_string())
 }
 
@@ -320,8 +320,9 @@ impl Reader {
 
     fn duration(&mut self, table: &mut Table, name: &str, default: Duration) -> Duration {
         self.parsed(table, name, default, |text| {
-            let duration = humantime::parse_duration(text)
-                .map_err(|error| format!("invalid duration {text:?} ({error}); use forms like \"250ms\", \"30s\", \"5m\""))?;
+            let duration = humantime::parse_duration(text).map_err(|error| {
+                format!("invalid duration {text:?} ({error}); use forms like \"250ms\", \"30s\", \"5m\"")
+            })?;
             if duration.is_zero() { Err("must be greater than zero".to_owned()) } else { Ok(duration) }
         })
     }
@@ -370,7 +371,8 @@ impl Reader {
 
         let mut server = self.section(&mut root, "server");
         let listen = self.parsed(&mut server, "listen", SocketAddr::from(([0, 0, 0, 0], 9750)), |text| {
-            text.parse::<SocketAddr>().map_err(|error| format!("invalid socket address {text:?} ({error}); use host:port"))
+            text.parse::<SocketAddr>()
+                .map_err(|error| format!("invalid socket address {text:?} ({error}); use host:port"))
         });
         let shutdown_grace = self.duration(&mut server, "shutdown_grace", Duration::from_secs(20));
         self.finish(server);
@@ -454,7 +456,10 @@ impl Reader {
                 indexed.into_iter().map(|(_, value)| value).collect()
             }
             Some(other) => {
-                self.problem("exchanges", format!("expected a list of [[exchanges]] tables, found {}", kind_of(&other)));
+                self.problem(
+                    "exchanges",
+                    format!("expected a list of [[exchanges]] tables, found {}", kind_of(&other)),
+                );
                 Vec::new()
             }
         };
@@ -466,7 +471,10 @@ impl Reader {
             self.finish(table);
             if let Some(view) = view {
                 if !names.insert(view.name.clone()) {
-                    self.problem(&format!("exchanges[{index}].name"), format!("duplicate exchange name {:?}", view.name));
+                    self.problem(
+                        &format!("exchanges[{index}].name"),
+                        format!("duplicate exchange name {:?}", view.name),
+                    );
                 }
                 views.push(view);
             }
@@ -478,7 +486,9 @@ impl Reader {
         let name_key = table.key("name");
         let name = self.string(table, "name").unwrap_or_else(|| "kraken".to_owned());
         if name.is_empty()
-            || !name.chars().all(|character| character.is_ascii_lowercase() || character.is_ascii_digit() || "-_".contains(character))
+            || !name.chars().all(|character| {
+                character.is_ascii_lowercase() || character.is_ascii_digit() || "-_".contains(character)
+            })
         {
             self.problem(&name_key, format!("invalid name {name:?}; use lowercase letters, digits, '-' and '_'"));
         }
@@ -493,7 +503,8 @@ impl Reader {
                 _ => Err(format!("invalid URL {text:?}; expected http:// or https:// with a host")),
             }
         });
-        let base_url = base_url.unwrap_or_else(|| url::Url::parse("https://api.kraken.com").expect("a valid literal URL"));
+        let base_url =
+            base_url.unwrap_or_else(|| url::Url::parse("https://api.kraken.com").expect("a valid literal URL"));
         let pair_key = table.key("pair");
         let pair = self.string(table, "pair").unwrap_or_else(|| "XBTAUD".to_owned());
         if pair.is_empty() || !pair.chars().all(|character| character.is_ascii_alphanumeric()) {
@@ -514,7 +525,9 @@ impl Reader {
             }
         }
         let credentials = match (&api_key, &api_secret) {
-            (Some(api_key), Some(api_secret)) => Some(Credentials { api_key: api_key.clone(), api_secret: api_secret.clone() }),
+            (Some(api_key), Some(api_secret)) => {
+                Some(Credentials { api_key: api_key.clone(), api_secret: api_secret.clone() })
+            }
             (None, None) => None,
             (Some(_), None) => {
                 self.problem(&secret_key, format!("is required when `{}` is set", table.key("api_key")));
@@ -526,8 +539,24 @@ impl Reader {
                 None
             }
         };
-        let exchange = exchange::Config { name: name.clone(), kind, base_url: base_url.clone(), pair: pair.clone(), depth_count, credentials };
-        Some(ExchangeView { name, kind, base_url: base_url.to_string(), pair, depth_count, api_key, api_secret, exchange })
+        let exchange = exchange::Config {
+            name: name.clone(),
+            kind,
+            base_url: base_url.clone(),
+            pair: pair.clone(),
+            depth_count,
+            credentials,
+        };
+        Some(ExchangeView {
+            name,
+            kind,
+            base_url: base_url.to_string(),
+            pair,
+            depth_count,
+            api_key,
+            api_secret,
+            exchange,
+        })
     }
 }
 
@@ -637,7 +666,8 @@ mod tests {
     fn environment_overrides_the_file_and_completes_exchanges() {
         let directory = tempfile::tempdir().unwrap();
         let path = directory.path().join("exwatch.toml");
-        std::fs::write(&path, "[poll]\ninterval = \"30s\"\n[[exchanges]]\nname = \"kraken\"\npair = \"XBTUSD\"\n").unwrap();
+        std::fs::write(&path, "[poll]\ninterval = \"30s\"\n[[exchanges]]\nname = \"kraken\"\npair = \"XBTUSD\"\n")
+            .unwrap();
         let config = Config::load_from(
             Some(&path),
             Some(environment(&[
@@ -661,8 +691,9 @@ mod tests {
 
     #[test]
     fn environment_alone_can_configure_the_default_exchange() {
-        let config = Config::load_from(None, Some(environment(&[("EXWATCH__EXCHANGES__0__BASE_URL", "http://127.0.0.1:1")])))
-            .unwrap();
+        let config =
+            Config::load_from(None, Some(environment(&[("EXWATCH__EXCHANGES__0__BASE_URL", "http://127.0.0.1:1")])))
+                .unwrap();
         assert_eq!(config.exchanges.len(), 1);
         assert_eq!(config.exchanges[0].name, "kraken");
         assert_eq!(config.exchanges[0].exchange.base_url.as_str(), "http://127.0.0.1:1/");
@@ -705,10 +736,9 @@ mod tests {
 
     #[test]
     fn unreadable_secret_files_and_duplicates_are_reported() {
-        let error = Config::from_toml(
-            "[[exchanges]]\napi_key_file = \"/nonexistent/key\"\n[[exchanges]]\nname = \"kraken\"\n",
-        )
-        .unwrap_err();
+        let error =
+            Config::from_toml("[[exchanges]]\napi_key_file = \"/nonexistent/key\"\n[[exchanges]]\nname = \"kraken\"\n")
+                .unwrap_err();
         let text = error.to_string();
         assert!(text.contains("`exchanges[0].api_key_file`: cannot read /nonexistent/key"), "{text}");
         assert!(text.contains("`exchanges[1].name`: duplicate exchange name"), "{text}");

@@ -258,10 +258,9 @@ impl SystemStatus {
     pub fn as_failure(&self) -> Option<Error> {
         match self.status {
             TradingStatus::Online => None,
-            ref other => Some(Error::new(
-                ErrorClass::Maintenance,
-                format!("exchange reports system status {}", other.as_text()),
-            )),
+            ref other => {
+                Some(Error::new(ErrorClass::Maintenance, format!("exchange reports system status {}", other.as_text())))
+            }
         }
     }
 }

@@ -1,12 +1,21 @@
 //! exwatch watches cryptocurrency exchange APIs (Kraken first) and pages on-call the moment they fail.
 //!
-//! Crate map (see ARCHITECTURE.md for the invariants):
+//! Crate map (ARCHITECTURE.md has the invariants):
+//! - [`cli`]: the subcommands; [`app`]: the daemon assembled, with its shutdown order.
 //! - [`config`]: the only place that reads files or the environment for settings.
 //! - [`exchange`]: the `Exchange` trait, domain types and the error taxonomy; [`exchange::kraken`] is the client.
+//! - [`poller`]: the poll loop and its metrics; [`probe`]: the runbook's recovery verification, once.
+//! - [`http`]: `/health`, `/ready`, `/metrics`; [`telemetry`]: logging and the metric registry.
 //! - [`simulator`]: a fake Kraken, faults included, for tests, demos and drills.
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 
+pub mod app;
+pub mod cli;
 pub mod config;
 pub mod exchange;
+pub mod http;
+pub mod poller;
+pub mod probe;
 pub mod secret;
 pub mod simulator;
+pub mod telemetry;

@@ -1,0 +1,125 @@
+//! The daemon assembled: [`App::build`] creates the exchange clients, metrics and listener (port 0 allowed);
+//! [`App::run`] runs the poll loops and the HTTP server until the root token is cancelled, then shuts down in order:
+//! readiness goes 503, poll loops finish their current poll, HTTP stops last, all within the grace period.
+//! A poll loop that dies unexpectedly cancels the root token, so the process exits instead of running blind.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::exchange::{self, Exchange};
+use crate::http::{self, Readiness};
+use crate::poller::{self, Heartbeat, Poller};
+use crate::telemetry;
+
+pub struct App {
+    config: Config,
+    listener: TcpListener,
+    exchanges: Vec<Arc<dyn Exchange>>,
+    state: http::State,
+    metrics: poller::Metrics,
+}
+
+impl App {
+    /// Builds the daemon with one client per configured exchange.
+    pub async fn build(config: Config) -> anyhow::Result<App> {
+        let exchanges =
+            config.exchanges.iter().map(|view| client(&view.exchange, &config)).collect::<anyhow::Result<Vec<_>>>()?;
+        App::build_with_exchanges(config, exchanges).await
+    }
+
+    /// Builds the daemon around the given exchanges (tests pass fakes here).
+    pub async fn build_with_exchanges(config: Config, exchanges: Vec<Arc<dyn Exchange>>) -> anyhow::Result<App> {
+        let listener = TcpListener::bind(config.server.listen)
+            .await
+            .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
+        let registry = telemetry::registry();
+        let metrics = poller::Metrics::new(&registry);
+        let state = http::State {
+            registry,
+            heartbeat: Arc::new(Heartbeat::new(config.poll.interval)),
+            readiness: Arc::new(Readiness::default()),
+        };
+        Ok(App { config, listener, exchanges, state, metrics })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.listener.local_addr().unwrap_or(self.config.server.listen)
+    }
+
+    /// Runs until `cancel` fires (a signal) or a poll loop dies. Returns an error in the second case.
+    pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
+        let App { config, listener, exchanges, state, metrics } = self;
+        let address = listener.local_addr().context("listener has no local address")?;
+
+        let mut pollers = JoinSet::new();
+        for exchange in exchanges {
+            let poller = Poller::new(exchange, config.poll.clone(), metrics.clone(), state.heartbeat.clone());
+            pollers.spawn(poller.run(cancel.clone()));
+        }
+
+        let http_stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let router = http::router(state.clone());
+            let http_stop = http_stop.clone();
+            async move { axum::serve(listener, router).with_graceful_shutdown(http_stop.cancelled_owned()).await }
+        });
+        state.readiness.set(true);
+        tracing::info!(%address, exchanges = pollers.len(), "exwatch is serving.");
+
+        // Wait for a signal, or for a poll loop to end on its own, which only a panic makes happen.
+        let mut failure = None;
+        tokio::select! {
+            biased;
+            () = cancel.cancelled() => {}
+            Some(joined) = pollers.join_next(), if !cancel.is_cancelled() => {
+                // A loop also ends when the token is cancelled between the two branches being polled.
+                let reason = match joined {
+                    Err(error) if error.is_panic() => Some("a poll loop panicked".to_owned()),
+                    Err(error) => Some(format!("a poll loop was aborted: {error}")),
+                    Ok(()) if cancel.is_cancelled() => None,
+                    Ok(()) => Some("a poll loop stopped unexpectedly".to_owned()),
+                };
+                if let Some(reason) = reason {
+                    tracing::error!(reason, "Critical task failed; shutting down.");
+                    failure = Some(reason);
+                }
+                cancel.cancel();
+            }
+        }
+
+        tracing::info!(grace = %humantime::format_duration(config.server.shutdown_grace), "Shutting down.");
+        state.readiness.set(false);
+        let orderly = async {
+            while pollers.join_next().await.is_some() {}
+            http_stop.cancel();
+            server.await
+        };
+        match tokio::time::timeout(config.server.shutdown_grace, orderly).await {
+            Ok(Ok(Ok(()))) => tracing::info!("Shutdown complete."),
+            Ok(Ok(Err(error))) => tracing::error!(error = %error, "HTTP server failed."),
+            Ok(Err(error)) => tracing::error!(error = %error, "HTTP server task failed."),
+            Err(_) => tracing::warn!("Shutdown grace period elapsed; exiting with work unfinished."),
+        }
+        match failure {
+            Some(reason) => Err(anyhow::anyhow!(reason)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Builds the client of one configured exchange.
+pub fn client(exchange: &exchange::Config, config: &Config) -> anyhow::Result<Arc<dyn Exchange>> {
+    match exchange.kind {
+        exchange::Kind::Kraken => {
+            let client = exchange::kraken::Client::new(exchange, config.poll.timeout)
+                .with_context(|| format!("cannot build the client for exchange {}", exchange.name))?;
+            Ok(Arc::new(client))
+        }
+    }
+}

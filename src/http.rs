@@ -1,0 +1,146 @@
+//! The HTTP surface: `/health` (liveness), `/ready` (readiness) and `/metrics` (Prometheus).
+//!
+//! [`router`] is pure: it builds an axum `Router` from [`State`] without binding anything, so tests drive it without
+//! a socket; [`App`](crate::app::App) serves it. Liveness reports the daemon's own health only: an exchange or
+//! database outage never fails it, because restarting the pod would only blind on-call during the outage.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Json;
+use axum::extract::State as Extract;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use prometheus::Registry;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::poller::Heartbeat;
+use crate::telemetry;
+
+/// What the handlers read. Cheap to clone.
+#[derive(Clone)]
+pub struct State {
+    pub registry: Registry,
+    pub heartbeat: Arc<Heartbeat>,
+    pub readiness: Arc<Readiness>,
+}
+
+/// Readiness: true from the moment the daemon serves until shutdown begins.
+#[derive(Debug, Default)]
+pub struct Readiness {
+    ready: AtomicBool,
+}
+
+impl Readiness {
+    pub fn set(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+pub fn router(state: State) -> axum::Router {
+    axum::Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// 200 while every poll loop ticked within three intervals; 503 with the stalled loops otherwise.
+async fn health(Extract(state): Extract<State>) -> Response {
+    let now = Instant::now();
+    let stalls = state.heartbeat.stalls(now);
+    let loops: Vec<_> = state
+        .heartbeat
+        .ages(now)
+        .into_iter()
+        .map(|(exchange, age)| json!({"exchange": exchange, "seconds_since_tick": age}))
+        .collect();
+    if stalls.is_empty() {
+        (StatusCode::OK, Json(json!({"status": "ok", "poll_loops": loops}))).into_response()
+    } else {
+        let reason = stalls
+            .iter()
+            .map(|stall| {
+                format!(
+                    "poll loop for {} has not ticked for {:.0}s (limit {:.0}s)",
+                    stall.exchange, stall.seconds_since_tick, stall.limit_seconds
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("; ");
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stalled", "reason": reason, "poll_loops": loops})))
+            .into_response()
+    }
+}
+
+/// 200 while serving, 503 once shutdown has begun so the load balancer stops sending traffic first.
+async fn ready(Extract(state): Extract<State>) -> Response {
+    if state.readiness.is_ready() {
+        (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"}))).into_response()
+    }
+}
+
+async fn metrics(Extract(state): Extract<State>) -> Response {
+    match telemetry::encode(&state.registry) {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(error) => {
+            tracing::error!(error = %error, "Cannot encode metrics.");
+            (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode metrics: {error}")).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use http_body_util::BodyExt as _;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    async fn get_path(router: axum::Router, path: &str) -> (StatusCode, String) {
+        let response = router.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = response.status();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn state() -> State {
+        State {
+            registry: telemetry::registry(),
+            heartbeat: Arc::new(Heartbeat::new(Duration::from_secs(30))),
+            readiness: Arc::new(Readiness::default()),
+        }
+    }
+
+    #[tokio::test]
+    async fn ready_follows_the_readiness_flag() {
+        let state = state();
+        assert_eq!(get_path(router(state.clone()), "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
+        state.readiness.set(true);
+        assert_eq!(get_path(router(state.clone()), "/ready").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn metrics_are_served_in_the_text_format() {
+        let (status, body) = get_path(router(state()), "/metrics").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.contains("exwatch_build_info{version=\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn unknown_paths_are_not_found() {
+        assert_eq!(get_path(router(state()), "/nope").await.0, StatusCode::NOT_FOUND);
+    }
+}

@@ -1,0 +1,149 @@
+//! The binary's commands: probe, check-config and run, as on-call would type them.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use exwatch::simulator::Scenario;
+use tokio::process::Command;
+
+use crate::helpers::{SIMULATOR_API_KEY, SIMULATOR_API_SECRET, start_simulator};
+
+const BINARY: &str = env!("CARGO_BIN_EXE_exwatch");
+
+struct Output {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+async fn exwatch(arguments: &[&str], directory: &std::path::Path) -> Output {
+    let output = Command::new(BINARY)
+        .args(arguments)
+        .current_dir(directory)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output).await.expect("the command finishes").unwrap();
+    Output {
+        code: output.status.code(),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+fn write_config(directory: &std::path::Path, base_url: &str, credentials: bool) -> String {
+    let mut text = format!("[poll]\ntimeout = \"2s\"\n[[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\n");
+    if credentials {
+        text.push_str(&format!("api_key = \"{SIMULATOR_API_KEY}\"\napi_secret = \"{SIMULATOR_API_SECRET}\"\n"));
+    }
+    let path = directory.join("exwatch.toml");
+    std::fs::write(&path, text).unwrap();
+    path.display().to_string()
+}
+
+#[tokio::test]
+async fn probe_passes_against_a_healthy_exchange() {
+    let simulator = start_simulator().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = write_config(directory.path(), &simulator.base_url(), true);
+    let output = exwatch(&["probe", "--config", &config], directory.path()).await;
+    assert_eq!(output.code, Some(0), "{}{}", output.stdout, output.stderr);
+    let lines: Vec<&str> = output.stdout.lines().collect();
+    assert!(lines[0].contains("Ticker") && lines[0].contains(" ok "), "{}", output.stdout);
+    assert!(lines[1].contains("Balance") && lines[1].contains(" ok "), "{}", output.stdout);
+    assert!(lines[2].contains("Depth") && lines[2].contains(" ok "), "{}", output.stdout);
+    assert!(output.stdout.contains("kraken: all 3 steps passed"), "{}", output.stdout);
+}
+
+#[tokio::test]
+async fn probe_fails_at_the_ticker_during_maintenance_and_stops_there() {
+    let simulator = start_simulator().await;
+    simulator.set_scenario(Scenario::Maintenance);
+    let directory = tempfile::tempdir().unwrap();
+    let config = write_config(directory.path(), &simulator.base_url(), true);
+    let output = exwatch(&["probe", "--config", &config], directory.path()).await;
+    assert_eq!(output.code, Some(1), "{}{}", output.stdout, output.stderr);
+    assert!(output.stdout.contains("class=maintenance"), "{}", output.stdout);
+    assert!(output.stdout.contains("EService:Unavailable"), "{}", output.stdout);
+    assert!(output.stdout.contains("kraken: FAILED at Ticker"), "{}", output.stdout);
+    assert!(!output.stdout.contains("Balance") && !output.stdout.contains("Depth"), "{}", output.stdout);
+    assert_eq!(simulator.requests("Balance"), 0);
+}
+
+#[tokio::test]
+async fn probe_fails_at_balance_with_an_invalid_key() {
+    let simulator = start_simulator().await;
+    simulator.set_scenario(Scenario::InvalidKey);
+    let directory = tempfile::tempdir().unwrap();
+    let config = write_config(directory.path(), &simulator.base_url(), true);
+    let output = exwatch(&["probe", "--config", &config], directory.path()).await;
+    assert_eq!(output.code, Some(1), "{}{}", output.stdout, output.stderr);
+    assert!(output.stdout.contains("class=auth") && output.stdout.contains("EAPI:Invalid key"), "{}", output.stdout);
+    assert!(output.stdout.contains("kraken: FAILED at Balance"), "{}", output.stdout);
+    assert!(!output.stdout.contains(SIMULATOR_API_SECRET) && !output.stdout.contains(SIMULATOR_API_KEY));
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_configuration_with_secrets_redacted() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = write_config(directory.path(), "http://127.0.0.1:1", true);
+    let output = exwatch(&["check-config", "--config", &config], directory.path()).await;
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(output.stdout.contains("listen = \"0.0.0.0:9750\""), "{}", output.stdout);
+    assert!(output.stdout.contains("interval = \"30s\""), "{}", output.stdout);
+    assert!(output.stdout.contains("[redacted]"), "{}", output.stdout);
+    assert!(!output.stdout.contains(SIMULATOR_API_SECRET) && !output.stdout.contains(SIMULATOR_API_KEY));
+}
+
+#[tokio::test]
+async fn check_config_names_every_bad_key_and_exits_non_zero() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("bad.toml");
+    std::fs::write(&path, "[poll]\ninterval = \"often\"\n[server]\nlisten = \"here\"\nport = 1\n").unwrap();
+    let output = exwatch(&["check-config", "--config", path.to_str().unwrap()], directory.path()).await;
+    assert_eq!(output.code, Some(2));
+    for key in ["`poll.interval`", "`server.listen`", "`server.port`: unknown key"] {
+        assert!(output.stderr.contains(key), "{key} missing from {}", output.stderr);
+    }
+}
+
+/// `exwatch run` with no file and no environment, inside a fresh network namespace that has only loopback: it must
+/// start on its defaults (0.0.0.0:9750, SQLite later), serve `/health`, and stop cleanly on SIGTERM. The namespace
+/// guarantees the default Kraken URL cannot be reached from a test.
+#[tokio::test]
+async fn run_with_no_configuration_serves_health_and_stops_on_sigterm() {
+    let directory = tempfile::tempdir().unwrap();
+    let script = format!(
+        r#"set -u
+ip link set lo up
+"{BINARY}" run 2>daemon.log &
+daemon=$!
+healthy=no
+for attempt in $(seq 1 200); do
+  if curl -sf http://127.0.0.1:9750/health >health.json; then healthy=yes; break; fi
+  sleep 0.05
+done
+kill -TERM "$daemon"
+wait "$daemon"
+echo "healthy=$healthy exit=$?"
+"#
+    );
+    let output = Command::new("unshare")
+        .args(["--net", "--", "bash", "-c", &script])
+        .current_dir(directory.path())
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .output();
+    let output = tokio::time::timeout(Duration::from_secs(60), output).await.expect("finishes").expect("unshare runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let log = std::fs::read_to_string(directory.path().join("daemon.log")).unwrap_or_default();
+    assert!(
+        stdout.contains("healthy=yes exit=0"),
+        "stdout: {stdout}\nstderr: {}\nlog: {log}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let health = std::fs::read_to_string(directory.path().join("health.json")).unwrap();
+    assert!(health.contains("\"status\":\"ok\""), "{health}");
+    assert!(log.contains("Shutdown complete"), "{log}");
+}

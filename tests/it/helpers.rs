@@ -1,0 +1,121 @@
+//! Shared test helpers: starting the simulator and the daemon on port 0, waiting with a deadline, reading metrics.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Once;
+use std::time::Duration;
+
+use exwatch::app::App;
+use exwatch::config::Config;
+use exwatch::simulator::{self, Simulator};
+use tokio_util::sync::CancellationToken;
+
+/// The simulator's default credentials (Kraken's published test secret).
+pub const SIMULATOR_API_KEY: &str = "exwatch-simulator-key";
+pub const SIMULATOR_API_SECRET: &str =
+    "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
+
+pub fn install_tls_provider() {
+    static ONCE: Once = Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A simulator on 127.0.0.1:0 without the public rate limit (tests poll faster than Kraken allows).
+pub async fn start_simulator() -> Simulator {
+    let options = simulator::Options { public_rate_limit: None, ..simulator::Options::default() };
+    Simulator::start(options).await.expect("simulator starts")
+}
+
+/// A configuration polling `base_url` every `interval`, listening on port 0.
+pub fn config(base_url: &str, interval: &str, timeout: &str, credentials: bool) -> Config {
+    let credentials = if credentials {
+        format!("api_key = \"{SIMULATOR_API_KEY}\"\napi_secret = \"{SIMULATOR_API_SECRET}\"\n")
+    } else {
+        String::new()
+    };
+    Config::from_toml(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+         [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n\
+         [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n{credentials}"
+    ))
+    .expect("valid test configuration")
+}
+
+/// A running daemon. Dropping it cancels it.
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub cancel: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub http: reqwest::Client,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.address)
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, String) {
+        let response = self.http.get(self.url(path)).send().await.expect("daemon answers");
+        let status = response.status().as_u16();
+        (status, response.text().await.expect("body"))
+    }
+
+    pub async fn metrics(&self) -> String {
+        self.get("/metrics").await.1
+    }
+
+    /// Cancels the daemon as a signal would and waits for its orderly exit.
+    pub async fn shutdown(mut self) -> anyhow::Result<()> {
+        self.cancel.cancel();
+        let task = self.task.take().expect("the task is only taken here");
+        tokio::time::timeout(Duration::from_secs(15), task).await.expect("shutdown within the grace period")?
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+pub async fn spawn_app(config: Config) -> TestApp {
+    install_tls_provider();
+    serve(App::build(config).await.expect("app builds"))
+}
+
+pub fn serve(app: App) -> TestApp {
+    install_tls_provider();
+    let address = app.local_addr();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(app.run(cancel.clone()));
+    TestApp { address, cancel, task: Some(task), http: reqwest::Client::new() }
+}
+
+/// Polls `check` until it returns `Some`, or panics after `deadline` with `what`.
+pub async fn eventually<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let give_up = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(tokio::time::Instant::now() < give_up, "timed out after {deadline:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// The value of the first sample of `name` whose labels include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: Vec<String> = labels.iter().map(|(key, value)| format!("{key}=\"{value}\"")).collect();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+        .find(|line| wanted.iter().all(|label| line.contains(label.as_str())))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}

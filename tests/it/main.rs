@@ -1,0 +1,10 @@
+//! Integration tests: the real daemon on port 0 against the project's simulator on port 0, and the binary's
+//! commands. One test binary (STYLE.md); shared helpers live in `helpers`.
+
+// Tests may unwrap: a panic with the failing value is the report.
+#![allow(clippy::unwrap_used)]
+
+mod cli;
+mod daemon;
+mod helpers;
+mod scenarios;
