@@ -10,6 +10,7 @@
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 
 pub mod app;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod exchange;
