@@ -3,6 +3,7 @@
 //! readiness goes 503, poll loops finish their current poll, HTTP stops last, all within the grace period.
 //! A poll loop that dies unexpectedly cancels the root token, so the process exits instead of running blind.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -11,9 +12,11 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker;
 use crate::config::Config;
 use crate::exchange::{self, Exchange};
 use crate::http::{self, Readiness};
+use crate::limiter::{self, Limiter};
 use crate::poller::{self, Heartbeat, Poller};
 use crate::telemetry;
 
@@ -23,6 +26,13 @@ pub struct App {
     exchanges: Vec<Arc<dyn Exchange>>,
     state: http::State,
     metrics: poller::Metrics,
+}
+
+/// The run-time controls of one exchange, shared by its poll loop and the admin API.
+#[derive(Clone)]
+pub struct Control {
+    pub breaker: Arc<breaker::Shared>,
+    pub limiter: Arc<Limiter>,
 }
 
 impl App {
@@ -40,10 +50,25 @@ impl App {
             .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
         let registry = telemetry::registry();
         let metrics = poller::Metrics::new(&registry);
+        let breaker_metrics = breaker::Metrics::new(&registry);
+        let limiter_metrics = limiter::Metrics::new(&registry);
+        let controls = exchanges
+            .iter()
+            .map(|exchange| {
+                let name = exchange.name().to_owned();
+                let control = Control {
+                    breaker: breaker::Shared::new(&name, config.breaker.clone(), breaker_metrics.clone()),
+                    limiter: Limiter::new(&name, config.rate_limit.clone(), limiter_metrics.clone()),
+                };
+                (name, control)
+            })
+            .collect::<BTreeMap<_, _>>();
         let state = http::State {
             registry,
-            heartbeat: Arc::new(Heartbeat::new(config.poll.interval)),
+            heartbeat: Arc::new(Heartbeat::new()),
             readiness: Arc::new(Readiness::default()),
+            controls: Arc::new(controls),
+            admin_token: config.admin.token.clone(),
         };
         Ok(App { config, listener, exchanges, state, metrics })
     }
@@ -58,8 +83,12 @@ impl App {
         let address = listener.local_addr().context("listener has no local address")?;
 
         let mut pollers = JoinSet::new();
+        let context = poller::Context { config: config.poll.clone(), metrics, heartbeat: state.heartbeat.clone() };
         for exchange in exchanges {
-            let poller = Poller::new(exchange, config.poll.clone(), metrics.clone(), state.heartbeat.clone());
+            let Some(control) = state.controls.get(exchange.name()) else {
+                anyhow::bail!("no controls for exchange {}", exchange.name());
+            };
+            let poller = Poller::new(exchange, context.clone(), control.breaker.clone(), control.limiter.clone());
             pollers.spawn(poller.run(cancel.clone()));
         }
 

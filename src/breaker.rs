@@ -7,17 +7,22 @@
 //! `max_wait_in_half_open` even when a trial call never reports back), plus the operator's FORCED_OPEN (admits
 //! nothing), DISABLED (admits all, never trips) and METRICS_ONLY (admits all, records, never trips).
 //!
-//! It does not log or count by itself: every transition is returned to the caller as a [`Transition`] with its
-//! reason, and the caller (which owns the exchange's name and metrics) logs and counts it.
+//! The machine itself ([`Breaker`]) does not log or count: every transition is returned as a [`Transition`] with its
+//! reason. [`Shared`] is the edge around it: it reads the clock, logs and counts each transition, and is what the
+//! poll loop and the admin API share.
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::exchange::ErrorClass;
+use crate::telemetry;
 
 /// The breaker's settings, validated by `config`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -583,6 +588,220 @@ impl Breaker {
         self.trial = Trial::default();
         self.open_until = None;
         Transition { from, to, reason }
+    }
+}
+
+/// The breaker's metrics, labelled by exchange.
+#[derive(Clone)]
+pub struct Metrics {
+    state: IntGaugeVec,
+    transitions: IntCounterVec,
+    not_permitted: IntCounterVec,
+    failure_ratio: GaugeVec,
+    slow_call_ratio: GaugeVec,
+    consecutive_failures: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Metrics {
+        let state = IntGaugeVec::new(
+            Opts::new("exwatch_circuit_breaker_state", "The circuit breaker's state, one-hot by state."),
+            &["exchange", "state"],
+        )
+        .expect("valid metric definition");
+        let transitions = IntCounterVec::new(
+            Opts::new("exwatch_circuit_breaker_transitions_total", "Circuit breaker state transitions."),
+            &["exchange", "from", "to"],
+        )
+        .expect("valid metric definition");
+        let not_permitted = IntCounterVec::new(
+            Opts::new(
+                "exwatch_circuit_breaker_not_permitted_calls_total",
+                "Calls the circuit breaker refused to send.",
+            ),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        let failure_ratio = GaugeVec::new(
+            Opts::new(
+                "exwatch_circuit_breaker_failure_ratio",
+                "Failed share of the calls in the sliding window; -1 below the minimum number of calls.",
+            ),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        let slow_call_ratio = GaugeVec::new(
+            Opts::new(
+                "exwatch_circuit_breaker_slow_call_ratio",
+                "Slow share of the calls in the sliding window; -1 below the minimum number of calls.",
+            ),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        let consecutive_failures = IntGaugeVec::new(
+            Opts::new("exwatch_circuit_breaker_consecutive_failures", "Failures in a row recorded by the breaker."),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        Metrics {
+            state: telemetry::register(registry, state),
+            transitions: telemetry::register(registry, transitions),
+            not_permitted: telemetry::register(registry, not_permitted),
+            failure_ratio: telemetry::register(registry, failure_ratio),
+            slow_call_ratio: telemetry::register(registry, slow_call_ratio),
+            consecutive_failures: telemetry::register(registry, consecutive_failures),
+        }
+    }
+}
+
+/// One exchange's breaker shared by its poll loop and the admin API. It reads the clock and the random source at
+/// the edge, feeds the pure [`Breaker`], and logs and counts every transition with its reason.
+pub struct Shared {
+    exchange: String,
+    machine: Mutex<Breaker>,
+    metrics: Metrics,
+    /// Wakes the poll loop when an operator changes the state (a forced HALF_OPEN starts the trial at once).
+    changed: Notify,
+}
+
+impl Shared {
+    pub fn new(exchange: &str, config: Config, metrics: Metrics) -> Arc<Shared> {
+        let shared = Arc::new(Shared {
+            exchange: exchange.to_owned(),
+            machine: Mutex::new(Breaker::new(config, Instant::now())),
+            metrics,
+            changed: Notify::new(),
+        });
+        shared.metrics.not_permitted.with_label_values(&[exchange]);
+        shared.publish(&mut shared.lock());
+        shared
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Breaker> {
+        self.machine.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn exchange(&self) -> &str {
+        &self.exchange
+    }
+
+    pub fn state(&self) -> State {
+        self.lock().state()
+    }
+
+    pub fn config(&self) -> Config {
+        self.lock().config().clone()
+    }
+
+    /// Whether a failure of this class is ignored (neither failure nor success).
+    pub fn ignores(&self, class: ErrorClass) -> bool {
+        self.lock().config().ignored_classes.contains(&class)
+    }
+
+    pub fn try_acquire(&self) -> Result<Permit, State> {
+        let mut machine = self.lock();
+        let (permit, transitions) = machine.try_acquire(Instant::now(), rand::random());
+        self.apply(&mut machine, transitions);
+        if permit.is_err() {
+            self.metrics.not_permitted.with_label_values(&[&self.exchange]).inc();
+        }
+        permit
+    }
+
+    pub fn record(&self, permit: Permit, call: Call) {
+        let mut machine = self.lock();
+        let transitions = machine.record(permit, call, Instant::now(), rand::random());
+        self.apply(&mut machine, transitions);
+    }
+
+    pub fn trial_passed(&self) {
+        let mut machine = self.lock();
+        let transitions = machine.trial_passed(Instant::now(), rand::random());
+        self.apply(&mut machine, transitions);
+    }
+
+    /// Runs the timers; returns the state afterwards.
+    pub fn advance(&self) -> State {
+        let mut machine = self.lock();
+        let transitions = machine.advance(Instant::now(), rand::random());
+        self.apply(&mut machine, transitions);
+        machine.state()
+    }
+
+    pub fn next_deadline(&self) -> Option<Instant> {
+        self.lock().next_deadline()
+    }
+
+    /// An operator's change of state; returns the transition made, if any.
+    pub fn force(&self, target: State) -> Option<Transition> {
+        let mut machine = self.lock();
+        let transitions = machine.force(target, Instant::now());
+        let made = transitions.first().cloned();
+        self.apply(&mut machine, transitions);
+        drop(machine);
+        self.changed.notify_one();
+        made
+    }
+
+    /// An operator's reset: CLOSED with counters cleared.
+    pub fn reset(&self) -> Option<Transition> {
+        let mut machine = self.lock();
+        let transitions = machine.reset(Instant::now());
+        let made = transitions.first().cloned();
+        self.apply(&mut machine, transitions);
+        drop(machine);
+        self.changed.notify_one();
+        made
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let mut machine = self.lock();
+        let snapshot = machine.snapshot(Instant::now());
+        self.publish_snapshot(&snapshot);
+        snapshot
+    }
+
+    /// Resolves when an operator changed the state.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    fn apply(&self, machine: &mut Breaker, transitions: Vec<Transition>) {
+        for transition in &transitions {
+            self.metrics
+                .transitions
+                .with_label_values(&[&self.exchange, transition.from.label(), transition.to.label()])
+                .inc();
+            tracing::info!(
+                exchange = self.exchange,
+                from = transition.from.as_str(),
+                to = transition.to.as_str(),
+                reason = transition.reason,
+                "Circuit breaker changed state."
+            );
+        }
+        self.publish(machine);
+    }
+
+    fn publish(&self, machine: &mut Breaker) {
+        let snapshot = machine.snapshot(Instant::now());
+        self.publish_snapshot(&snapshot);
+    }
+
+    fn publish_snapshot(&self, snapshot: &Snapshot) {
+        for state in State::ALL {
+            self.metrics
+                .state
+                .with_label_values(&[&self.exchange, state.label()])
+                .set(i64::from(state == snapshot.state));
+        }
+        let ratio = |percent: f64| if percent < 0.0 { -1.0 } else { percent / 100.0 };
+        self.metrics.failure_ratio.with_label_values(&[&self.exchange]).set(ratio(snapshot.failure_rate));
+        self.metrics.slow_call_ratio.with_label_values(&[&self.exchange]).set(ratio(snapshot.slow_call_rate));
+        self.metrics
+            .consecutive_failures
+            .with_label_values(&[&self.exchange])
+            .set(i64::from(snapshot.consecutive_failures));
     }
 }
 

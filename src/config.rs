@@ -16,8 +16,9 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::exchange::{self, Credentials, Kind};
+use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::Secret;
+use crate::{breaker, limiter};
 
 /// The environment prefix: `EXWATCH__POLL__INTERVAL=45s` sets `poll.interval`.
 pub const ENV_PREFIX: &str = "EXWATCH";
@@ -28,6 +29,8 @@ pub struct Config {
     pub server: Server,
     pub poll: Poll,
     pub exchanges: Vec<ExchangeView>,
+    pub breaker: breaker::Config,
+    pub rate_limit: limiter::Config,
     pub database: Database,
     pub admin: Admin,
     pub log: Log,
@@ -327,6 +330,169 @@ impl Reader {
         })
     }
 
+    /// A number within `range` (inclusive).
+    fn number(&mut self, table: &mut Table, name: &str, default: f64, range: (f64, f64)) -> f64 {
+        let key = table.key(name);
+        let value = match table.entries.remove(name) {
+            None => return default,
+            Some(Value::Number(number)) => number.as_f64(),
+            Some(Value::String(text)) => text.trim().parse::<f64>().ok(),
+            Some(other) => {
+                self.problem(&key, format!("expected a number, found {}", kind_of(&other)));
+                return default;
+            }
+        };
+        match value {
+            Some(value) if value >= range.0 && value <= range.1 => value,
+            _ => {
+                self.problem(&key, format!("expected a number from {} to {}", range.0, range.1));
+                default
+            }
+        }
+    }
+
+    /// A whole number within `range` (inclusive).
+    fn integer(&mut self, table: &mut Table, name: &str, default: u32, range: (u32, u32)) -> u32 {
+        let key = table.key(name);
+        let value = match table.entries.remove(name) {
+            None => return default,
+            Some(Value::Number(number)) => number.as_u64(),
+            Some(Value::String(text)) => text.trim().parse::<u64>().ok(),
+            Some(other) => {
+                self.problem(&key, format!("expected a whole number, found {}", kind_of(&other)));
+                return default;
+            }
+        };
+        match value.and_then(|value| u32::try_from(value).ok()) {
+            Some(value) if value >= range.0 && value <= range.1 => value,
+            _ => {
+                self.problem(&key, format!("expected a whole number from {} to {}", range.0, range.1));
+                default
+            }
+        }
+    }
+
+    /// A list of strings; the environment gives it comma-separated.
+    fn string_list(&mut self, table: &mut Table, name: &str) -> Option<Vec<String>> {
+        let key = table.key(name);
+        match table.entries.remove(name)? {
+            Value::Array(items) => {
+                let mut strings = Vec::new();
+                for item in items {
+                    match item {
+                        Value::String(text) => strings.push(text),
+                        other => self.problem(&key, format!("expected strings, found {}", kind_of(&other))),
+                    }
+                }
+                Some(strings)
+            }
+            Value::String(text) => {
+                Some(text.split(',').map(str::trim).filter(|item| !item.is_empty()).map(str::to_owned).collect())
+            }
+            other => {
+                self.problem(&key, format!("expected a list of strings, found {}", kind_of(&other)));
+                None
+            }
+        }
+    }
+
+    fn breaker(&mut self, root: &mut Table) -> breaker::Config {
+        let defaults = breaker::Config::default();
+        let mut table = self.section(root, "breaker");
+        let consecutive_failures =
+            self.integer(&mut table, "consecutive_failures", defaults.consecutive_failures, (0, 1000));
+        let failure_rate_threshold =
+            self.number(&mut table, "failure_rate_threshold", defaults.failure_rate_threshold, (1.0, 100.0));
+        let slow_call_rate_threshold =
+            self.number(&mut table, "slow_call_rate_threshold", defaults.slow_call_rate_threshold, (1.0, 100.0));
+        let slow_call_duration = self.duration(&mut table, "slow_call_duration", defaults.slow_call_duration);
+        let window_type = self.string(&mut table, "window_type").unwrap_or_else(|| "time".to_owned());
+        let window_duration = self.duration(&mut table, "window_duration", Duration::from_secs(600));
+        let window_calls = self.integer(&mut table, "window_calls", 10, (1, 10_000));
+        let window = match window_type.as_str() {
+            "time" => breaker::Window::Time(window_duration),
+            "count" => breaker::Window::Count(window_calls),
+            other => {
+                let key = table.key("window_type");
+                self.problem(&key, format!("unknown window type {other:?}; expected time or count"));
+                defaults.window
+            }
+        };
+        let minimum_calls = self.integer(&mut table, "minimum_calls", defaults.minimum_calls, (1, 10_000));
+        let wait_duration_in_open = self.duration(&mut table, "wait_duration_in_open", defaults.wait_duration_in_open);
+        let multiplier = self.number(&mut table, "backoff_multiplier", 1.0, (1.0, 10.0));
+        let max_wait = self.duration(&mut table, "backoff_max_wait", Duration::from_secs(600));
+        let jitter = self.number(&mut table, "backoff_jitter", 0.1, (0.0, 1.0));
+        let open_backoff = (multiplier > 1.0).then_some(breaker::Backoff { multiplier, max_wait, jitter });
+        let permitted_calls_in_half_open =
+            self.integer(&mut table, "permitted_calls_in_half_open", defaults.permitted_calls_in_half_open, (1, 100));
+        let max_wait_in_half_open = self.duration(&mut table, "max_wait_in_half_open", defaults.max_wait_in_half_open);
+        let ignored_key = table.key("ignored_classes");
+        let ignored_classes = match self.string_list(&mut table, "ignored_classes") {
+            None => defaults.ignored_classes,
+            Some(names) => names
+                .iter()
+                .filter_map(|name| {
+                    let class = ErrorClass::parse(name);
+                    if class.is_none() {
+                        let known: Vec<&str> = ErrorClass::ALL.iter().map(|class| class.as_str()).collect();
+                        self.problem(
+                            &ignored_key,
+                            format!("unknown error class {name:?}; known: {}", known.join(", ")),
+                        );
+                    }
+                    class
+                })
+                .collect(),
+        };
+        self.finish(table);
+        breaker::Config {
+            consecutive_failures,
+            failure_rate_threshold,
+            slow_call_rate_threshold,
+            slow_call_duration,
+            window,
+            minimum_calls,
+            wait_duration_in_open,
+            open_backoff,
+            permitted_calls_in_half_open,
+            max_wait_in_half_open,
+            ignored_classes,
+        }
+    }
+
+    fn rate_limit(&mut self, root: &mut Table) -> limiter::Config {
+        let defaults = limiter::Config::default();
+        let mut table = self.section(root, "rate_limit");
+        let config = limiter::Config {
+            public_per_second: self.number(
+                &mut table,
+                "public_per_second",
+                defaults.public_per_second,
+                (0.001, 1000.0),
+            ),
+            public_burst: self.integer(&mut table, "public_burst", defaults.public_burst, (1, 1000)),
+            private_per_second: self.number(
+                &mut table,
+                "private_per_second",
+                defaults.private_per_second,
+                (0.001, 1000.0),
+            ),
+            private_burst: self.integer(&mut table, "private_burst", defaults.private_burst, (1, 1000)),
+            min_factor: self.number(&mut table, "min_factor", defaults.min_factor, (0.001, 1.0)),
+            recovery_quiet: self.duration(&mut table, "recovery_quiet", defaults.recovery_quiet),
+            private_pause: self.duration(&mut table, "private_pause", defaults.private_pause),
+            invalid_key_threshold: self.integer(
+                &mut table,
+                "invalid_key_threshold",
+                defaults.invalid_key_threshold,
+                (1, 100),
+            ),
+        };
+        self.finish(table);
+        config
+    }
+
     fn secret(&mut self, table: &mut Table, name: &str) -> Option<Secret> {
         let value = self.string(table, name)?;
         let trimmed = value.trim();
@@ -397,6 +563,8 @@ impl Reader {
         }
 
         let exchanges = self.exchanges(root.entries.remove("exchanges"));
+        let breaker = self.breaker(&mut root);
+        let rate_limit = self.rate_limit(&mut root);
 
         let mut database = self.section(&mut root, "database");
         let url = self.secret(&mut database, "url");
@@ -434,6 +602,8 @@ impl Reader {
             server: Server { listen, shutdown_grace },
             poll,
             exchanges,
+            breaker,
+            rate_limit,
             database: Database { url },
             admin: Admin { token },
             log: Log { level, format },

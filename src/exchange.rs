@@ -152,11 +152,27 @@ pub struct Error {
     pub exchange_errors: Vec<String>,
     /// A short, human-readable description, lowercase, without secrets.
     pub message: String,
+    /// Which credential check failed, for `auth` failures the client could tell apart. The limiter pauses private
+    /// calls on the ones that extend a lockout when repeated.
+    pub auth: Option<AuthFailure>,
+}
+
+/// The kinds of `auth` failure that call for different handling.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthFailure {
+    /// `EAPI:Invalid key`: repeated, it leads to a temporary lockout.
+    InvalidKey,
+    InvalidSignature,
+    InvalidNonce,
+    PermissionDenied,
+    /// `EGeneral:Temporary lockout`: every further call restarts the lockout's timer.
+    Lockout,
 }
 
 impl Error {
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Error {
-        Error { class, http_status: None, exchange_errors: Vec::new(), message: message.into() }
+        Error { class, http_status: None, exchange_errors: Vec::new(), message: message.into(), auth: None }
     }
 
     pub fn with_status(mut self, status: u16) -> Error {
@@ -315,6 +331,27 @@ pub trait Exchange: Send + Sync + 'static {
     async fn depth(&self) -> Outcome<OrderBook>;
     /// A private call. Without credentials it fails with `invalid_request` without sending anything.
     async fn balance(&self) -> Outcome<Balances>;
+}
+
+/// Makes one call by its endpoint, keeping only the outcome. A SystemStatus other than `online` is a
+/// `maintenance` failure here, as everywhere outcomes are recorded.
+pub async fn call(exchange: &dyn Exchange, endpoint: Endpoint) -> Outcome<()> {
+    match endpoint {
+        Endpoint::SystemStatus => {
+            let outcome = exchange.system_status().await;
+            let mut call = outcome.erase();
+            if let Ok(status) = &outcome.result
+                && let Some(failure) = status.as_failure()
+            {
+                call.result = Err(failure);
+            }
+            call
+        }
+        Endpoint::Time => exchange.server_time().await.erase(),
+        Endpoint::Ticker => exchange.ticker().await.erase(),
+        Endpoint::Depth => exchange.depth().await.erase(),
+        Endpoint::Balance => exchange.balance().await.erase(),
+    }
 }
 
 #[cfg(test)]

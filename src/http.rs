@@ -4,6 +4,7 @@
 //! a socket; [`App`](crate::app::App) serves it. Liveness reports the daemon's own health only: an exchange or
 //! database outage never fails it, because restarting the pod would only blind on-call during the outage.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -16,7 +17,9 @@ use prometheus::Registry;
 use serde_json::json;
 use tokio::time::Instant;
 
+use crate::app::Control;
 use crate::poller::Heartbeat;
+use crate::secret::Secret;
 use crate::telemetry;
 
 /// What the handlers read. Cheap to clone.
@@ -25,6 +28,10 @@ pub struct State {
     pub registry: Registry,
     pub heartbeat: Arc<Heartbeat>,
     pub readiness: Arc<Readiness>,
+    /// Each exchange's breaker and limiter, by exchange name.
+    pub controls: Arc<BTreeMap<String, Control>>,
+    /// The admin API's bearer token; without one the admin API is not served.
+    pub admin_token: Option<Secret>,
 }
 
 /// Readiness: true from the moment the daemon serves until shutdown begins.
@@ -100,8 +107,6 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
-
     use axum::body::Body;
     use axum::http::Request;
     use http_body_util::BodyExt as _;
@@ -119,8 +124,10 @@ mod tests {
     fn state() -> State {
         State {
             registry: telemetry::registry(),
-            heartbeat: Arc::new(Heartbeat::new(Duration::from_secs(30))),
+            heartbeat: Arc::new(Heartbeat::new()),
             readiness: Arc::new(Readiness::default()),
+            controls: Arc::new(BTreeMap::new()),
+            admin_token: None,
         }
     }
 

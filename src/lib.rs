@@ -15,6 +15,7 @@ pub mod cli;
 pub mod config;
 pub mod exchange;
 pub mod http;
+pub mod limiter;
 pub mod poller;
 pub mod probe;
 pub mod secret;

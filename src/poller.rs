@@ -10,22 +10,31 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::breaker;
 use crate::config::Poll as Config;
 use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
+use crate::limiter::{Budget, Limiter};
 use crate::telemetry;
 
 /// The label value of `error_class` on successful calls.
 const NO_ERROR: &str = "none";
 
 /// When each exchange's loop last ticked, for the liveness probe.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Heartbeat {
-    interval: Duration,
-    /// Per exchange: the instant of the last tick, or of the loop's creation before the first one.
-    beats: Mutex<Vec<(String, Instant)>>,
+    /// Per exchange: the instant of the last tick (of the loop's creation before the first one) and the period the
+    /// loop currently polls at, which grows when the rate factor is lowered.
+    beats: Mutex<Vec<Beat>>,
+}
+
+#[derive(Debug, Clone)]
+struct Beat {
+    exchange: String,
+    last: Instant,
+    period: Duration,
 }
 
 /// A loop that has not ticked within its limit.
@@ -37,46 +46,46 @@ pub struct Stall {
 }
 
 impl Heartbeat {
-    /// How many intervals a loop may miss before it counts as stalled.
+    /// How many periods a loop may miss before it counts as stalled.
     pub const MISSED_INTERVALS: u32 = 3;
 
-    pub fn new(interval: Duration) -> Heartbeat {
-        Heartbeat { interval, beats: Mutex::new(Vec::new()) }
+    pub fn new() -> Heartbeat {
+        Heartbeat::default()
     }
 
-    fn register(&self, exchange: &str, now: Instant) {
-        let mut beats = self.beats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        beats.push((exchange.to_owned(), now));
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Beat>> {
+        self.beats.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    fn beat(&self, exchange: &str, now: Instant) {
-        let mut beats = self.beats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(entry) = beats.iter_mut().find(|(name, _)| name == exchange) {
-            entry.1 = now;
+    fn register(&self, exchange: &str, now: Instant, period: Duration) {
+        self.lock().push(Beat { exchange: exchange.to_owned(), last: now, period });
+    }
+
+    fn beat(&self, exchange: &str, now: Instant, period: Duration) {
+        if let Some(beat) = self.lock().iter_mut().find(|beat| beat.exchange == exchange) {
+            beat.last = now;
+            beat.period = period;
         }
     }
 
-    /// The loops that have not ticked within `MISSED_INTERVALS` intervals of `now`.
+    /// The loops that have not ticked within `MISSED_INTERVALS` periods of `now`.
     pub fn stalls(&self, now: Instant) -> Vec<Stall> {
-        let limit = self.interval * Heartbeat::MISSED_INTERVALS;
-        let beats = self.beats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        beats
+        self.lock()
             .iter()
-            .filter(|(_, last)| now.saturating_duration_since(*last) > limit)
-            .map(|(exchange, last)| Stall {
-                exchange: exchange.clone(),
-                seconds_since_tick: now.saturating_duration_since(*last).as_secs_f64(),
-                limit_seconds: limit.as_secs_f64(),
+            .filter(|beat| now.saturating_duration_since(beat.last) > beat.period * Heartbeat::MISSED_INTERVALS)
+            .map(|beat| Stall {
+                exchange: beat.exchange.clone(),
+                seconds_since_tick: now.saturating_duration_since(beat.last).as_secs_f64(),
+                limit_seconds: (beat.period * Heartbeat::MISSED_INTERVALS).as_secs_f64(),
             })
             .collect()
     }
 
     /// Seconds since each loop's last tick, for `/health`'s body.
     pub fn ages(&self, now: Instant) -> Vec<(String, f64)> {
-        let beats = self.beats.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        beats
+        self.lock()
             .iter()
-            .map(|(exchange, last)| (exchange.clone(), now.saturating_duration_since(*last).as_secs_f64()))
+            .map(|beat| (beat.exchange.clone(), now.saturating_duration_since(beat.last).as_secs_f64()))
             .collect()
     }
 }
@@ -217,6 +226,17 @@ impl Metrics {
         }
     }
 
+    /// Records a call the breaker refused: not sent, so neither a success nor an exchange failure.
+    pub fn not_permitted(&self, exchange: &str, endpoint: Endpoint, state: breaker::State) {
+        self.calls.with_label_values(&[exchange, endpoint.as_str(), "not_permitted", NO_ERROR]).inc();
+        tracing::debug!(
+            exchange,
+            endpoint = endpoint.as_str(),
+            breaker = state.as_str(),
+            "Call not permitted by the breaker."
+        );
+    }
+
     fn system_status(&self, exchange: &str, status: &TradingStatus) {
         for known in TradingStatus::KNOWN {
             self.system_status.with_label_values(&[exchange, known]).set(i64::from(known == status.label()));
@@ -232,78 +252,213 @@ fn unix_now() -> f64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|since| since.as_secs_f64()).unwrap_or(0.0)
 }
 
-/// The poll loop of one exchange.
+/// What a poll loop works with, besides its exchange.
+#[derive(Clone)]
+pub struct Context {
+    pub config: Config,
+    pub metrics: Metrics,
+    pub heartbeat: Arc<Heartbeat>,
+}
+
+/// The poll loop of one exchange: limiter, then breaker, then the exchange, for every call.
 pub struct Poller {
     exchange: Arc<dyn Exchange>,
-    config: Config,
-    metrics: Metrics,
-    heartbeat: Arc<Heartbeat>,
+    context: Context,
+    breaker: Arc<breaker::Shared>,
+    limiter: Arc<Limiter>,
     next_balance: Instant,
 }
 
 impl Poller {
-    pub fn new(exchange: Arc<dyn Exchange>, config: Config, metrics: Metrics, heartbeat: Arc<Heartbeat>) -> Poller {
+    pub fn new(
+        exchange: Arc<dyn Exchange>,
+        context: Context,
+        breaker: Arc<breaker::Shared>,
+        limiter: Arc<Limiter>,
+    ) -> Poller {
         let now = Instant::now();
-        let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus];
+        let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus, Endpoint::Depth];
         if exchange.has_credentials() {
             endpoints.push(Endpoint::Balance);
         }
-        metrics.prepare(exchange.name(), &endpoints);
-        heartbeat.register(exchange.name(), now);
-        Poller { exchange, config, metrics, heartbeat, next_balance: now }
+        context.metrics.prepare(exchange.name(), &endpoints);
+        context.heartbeat.register(exchange.name(), now, context.config.interval);
+        Poller { exchange, context, breaker, limiter, next_balance: now }
     }
 
-    /// Polls until `cancel` fires. The poll in progress when it fires is finished first.
+    /// The time between polls now: the interval stretched by the rate factor.
+    fn period(&self) -> Duration {
+        self.context.config.interval.div_f64(self.limiter.factor().clamp(0.001, 1.0))
+    }
+
+    /// Polls until `cancel` fires. The poll in progress when it fires is finished first. Between polls it also
+    /// wakes for the breaker's timer, so OPEN turns HALF_OPEN on time and the recovery verification runs at once.
     pub async fn run(mut self, cancel: CancellationToken) {
-        let mut interval = tokio::time::interval(self.config.interval);
-        interval.set_missed_tick_behavior(MissedTickBehavior::Skip);
         tracing::info!(
             exchange = self.exchange.name(),
             pair = self.exchange.pair(),
-            interval = %humantime::format_duration(self.config.interval),
+            interval = %humantime::format_duration(self.context.config.interval),
             private_calls = self.exchange.has_credentials(),
             "Poll loop started."
         );
+        let mut next_poll = Instant::now();
         loop {
+            let breaker_deadline = self.breaker.next_deadline();
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                _ = interval.tick() => self.poll_once().await,
+                () = sleep_until_some(breaker_deadline) => {
+                    if self.breaker.advance() == breaker::State::HalfOpen {
+                        self.verify().await;
+                    }
+                }
+                () = self.breaker.changed() => {
+                    if self.breaker.state() == breaker::State::HalfOpen {
+                        self.verify().await;
+                    }
+                }
+                () = tokio::time::sleep_until(next_poll) => {
+                    self.poll_once().await;
+                    next_poll = next_slot(next_poll, self.period(), Instant::now());
+                }
             }
         }
         tracing::info!(exchange = self.exchange.name(), "Poll loop stopped.");
     }
 
-    /// One poll: Ticker and SystemStatus together, and Balance when it is due. Every outcome is recorded.
+    /// One poll: Ticker and SystemStatus together, and Balance when it is due, under one breaker permit. In
+    /// HALF_OPEN the poll is the recovery verification instead.
     pub async fn poll_once(&mut self) {
         let name = self.exchange.name().to_owned();
         let started = Instant::now();
-        self.heartbeat.beat(&name, started);
-        self.metrics.tick(&name);
+        self.context.heartbeat.beat(&name, started, self.period());
+        self.context.metrics.tick(&name);
+        self.limiter.tick(started);
 
         let balance_due = self.exchange.has_credentials() && started >= self.next_balance;
+        let private_paused = self.limiter.private_paused(started).is_some();
+        let balance_now = balance_due && !private_paused;
         if balance_due {
-            self.next_balance = started + self.config.balance_interval;
+            self.next_balance = started + self.context.config.balance_interval;
         }
-        let exchange = &self.exchange;
-        let balance = async { if balance_due { Some(exchange.balance().await) } else { None } };
-        let (status, ticker, balance) = tokio::join!(exchange.system_status(), exchange.ticker(), balance);
 
-        let status = status_as_call(&status);
-        self.record(&name, &ticker.erase());
-        self.record(&name, &status.0);
-        if let Some(balance) = balance {
-            self.record(&name, &balance.erase());
+        if self.breaker.state() == breaker::State::HalfOpen {
+            self.verify().await;
+            return;
         }
-        if let Some(trading_status) = &status.1 {
-            self.metrics.system_status(&name, trading_status);
+        let permit = match self.breaker.try_acquire() {
+            Ok(permit) => permit,
+            Err(state) => {
+                for endpoint in [Endpoint::Ticker, Endpoint::SystemStatus] {
+                    self.context.metrics.not_permitted(&name, endpoint, state);
+                }
+                if balance_now {
+                    self.context.metrics.not_permitted(&name, Endpoint::Balance, state);
+                }
+                self.context.metrics.up(&name, false);
+                return;
+            }
+        };
+
+        let exchange = self.exchange.as_ref();
+        let limiter = &self.limiter;
+        let ticker = async {
+            limiter.acquire(Budget::Public).await;
+            exchange.ticker().await.erase()
+        };
+        let status = async {
+            limiter.acquire(Budget::Public).await;
+            exchange.system_status().await
+        };
+        let balance = async {
+            if balance_now {
+                limiter.acquire(Budget::Private).await;
+                Some(exchange.balance().await.erase())
+            } else {
+                None
+            }
+        };
+        let (ticker, status, balance) = tokio::join!(ticker, status, balance);
+
+        let (status, trading_status) = status_as_call(&status);
+        let mut outcomes = vec![ticker, status];
+        outcomes.extend(balance);
+        for outcome in &outcomes {
+            self.record(&name, outcome);
         }
-        self.metrics.up(&name, ticker.result.is_ok() && status.0.result.is_ok());
+        if let Some(trading_status) = &trading_status {
+            self.context.metrics.system_status(&name, trading_status);
+        }
+        self.context.metrics.up(&name, outcomes[0].result.is_ok() && outcomes[1].result.is_ok());
+        self.breaker.record(permit, self.poll_verdict(&outcomes));
+    }
+
+    /// The runbook's recovery verification as the HALF_OPEN trial: Ticker, Balance (with credentials, unless
+    /// private calls are paused), Depth, each under its own trial permit, stopping at the first failure. The breaker
+    /// closes when every step passed and opens again on a failure.
+    async fn verify(&mut self) {
+        let name = self.exchange.name().to_owned();
+        let private_paused = self.limiter.private_paused(Instant::now()).is_some();
+        let steps = crate::probe::verification_steps(self.exchange.has_credentials() && !private_paused);
+        tracing::info!(exchange = name, steps = ?steps, "Running the recovery verification.");
+        for endpoint in steps {
+            let permit = match self.breaker.try_acquire() {
+                Ok(permit) => permit,
+                Err(state) => {
+                    self.context.metrics.not_permitted(&name, endpoint, state);
+                    return;
+                }
+            };
+            let budget = if endpoint.is_private() { Budget::Private } else { Budget::Public };
+            self.limiter.acquire(budget).await;
+            let outcome = crate::exchange::call(self.exchange.as_ref(), endpoint).await;
+            self.record(&name, &outcome);
+            let verdict = self.poll_verdict(std::slice::from_ref(&outcome));
+            let passed = matches!(verdict, breaker::Call::Success(_));
+            self.breaker.record(permit, verdict);
+            if !passed {
+                tracing::warn!(exchange = name, endpoint = endpoint.as_str(), "Recovery verification failed.");
+                return;
+            }
+        }
+        self.breaker.trial_passed();
+        tracing::info!(exchange = name, state = self.breaker.state().as_str(), "Recovery verification passed.");
+    }
+
+    /// The breaker's view of a poll: the first failure that counts, else a success; latency is the slowest call's.
+    fn poll_verdict(&self, outcomes: &[Outcome<()>]) -> breaker::Call {
+        let latency = outcomes.iter().map(|outcome| outcome.latency).max().unwrap_or_default();
+        match outcomes.iter().filter_map(Outcome::error).find(|error| !self.breaker.ignores(error.class)) {
+            Some(error) => breaker::Call::Failure(error.class, latency),
+            None => breaker::Call::Success(latency),
+        }
     }
 
     fn record(&self, exchange: &str, outcome: &Outcome<()>) {
-        self.metrics.call(exchange, outcome, self.config.slow_call_threshold);
+        self.context.metrics.call(exchange, outcome, self.context.config.slow_call_threshold);
+        let budget = if outcome.endpoint.is_private() { Budget::Private } else { Budget::Public };
+        self.limiter.observe(budget, &outcome.result, Instant::now());
     }
+}
+
+/// Sleeps until `deadline`, or forever without one.
+async fn sleep_until_some(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next poll's slot: one period after the last, or, when polls overran, the first slot of that grid still
+/// ahead. Missed slots are skipped, never caught up in a burst.
+fn next_slot(previous: Instant, period: Duration, now: Instant) -> Instant {
+    let next = previous + period;
+    if next > now {
+        return next;
+    }
+    let behind = now.saturating_duration_since(next).as_nanos();
+    let skipped = behind / period.as_nanos().max(1) + 1;
+    next + period * u32::try_from(skipped).unwrap_or(u32::MAX)
 }
 
 /// SystemStatus as a recorded call: a non-online status is a `maintenance` failure even though the HTTP call
@@ -339,6 +494,7 @@ mod tests {
         credentials: bool,
         balance_calls: AtomicU32,
         ticker_calls: AtomicU32,
+        depth_calls: AtomicU32,
         ticker_started: Mutex<Vec<Instant>>,
         /// Overrides `latency` for the first call only.
         first_latency: Mutex<Option<Duration>>,
@@ -353,6 +509,7 @@ mod tests {
                 credentials,
                 balance_calls: AtomicU32::new(0),
                 ticker_calls: AtomicU32::new(0),
+                depth_calls: AtomicU32::new(0),
                 ticker_started: Mutex::new(Vec::new()),
                 first_latency: Mutex::new(None),
             })
@@ -395,6 +552,7 @@ mod tests {
             self.outcome(Endpoint::Ticker, result).await
         }
         async fn depth(&self) -> Outcome<OrderBook> {
+            self.depth_calls.fetch_add(1, Ordering::SeqCst);
             self.outcome(Endpoint::Depth, Ok(OrderBook { pair_key: "XBTAUD".into(), asks: vec![], bids: vec![] })).await
         }
         async fn balance(&self) -> Outcome<Balances> {
@@ -419,9 +577,16 @@ mod tests {
     }
 
     fn poller(exchange: Arc<FakeExchange>) -> (Poller, Registry, Arc<Heartbeat>) {
+        poller_with(exchange, breaker::Config::default())
+    }
+
+    fn poller_with(exchange: Arc<FakeExchange>, breaker_config: breaker::Config) -> (Poller, Registry, Arc<Heartbeat>) {
         let registry = telemetry::registry();
-        let heartbeat = Arc::new(Heartbeat::new(config().interval));
-        let poller = Poller::new(exchange, config(), Metrics::new(&registry), heartbeat.clone());
+        let heartbeat = Arc::new(Heartbeat::new());
+        let context = Context { config: config(), metrics: Metrics::new(&registry), heartbeat: heartbeat.clone() };
+        let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
+        let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));
+        let poller = Poller::new(exchange, context, breaker, limiter);
         (poller, registry, heartbeat)
     }
 
@@ -487,8 +652,8 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn missed_ticks_are_skipped_not_bursted() {
         let exchange = FakeExchange::new(false);
-        // The first poll hangs for 100 s, so the ticks due at 30, 60 and 90 s are missed. Bursting would fire them
-        // back to back at 100 s; skipping polls once, late, then returns to the 30 s grid.
+        // The first poll hangs for 100 s, so the slots at 30, 60 and 90 s are missed. Bursting would fire them back
+        // to back at 100 s; skipping waits for the next slot of the 30 s grid.
         *exchange.first_latency.lock().unwrap() = Some(Duration::from_secs(100));
         let cancel = CancellationToken::new();
         let (poller, _, _) = poller(exchange.clone());
@@ -499,7 +664,7 @@ mod tests {
         task.await.unwrap();
         let offsets: Vec<u64> =
             exchange.ticker_started.lock().unwrap().iter().map(|started| (*started - start).as_secs()).collect();
-        assert_eq!(offsets, vec![0, 100, 120, 150, 180]);
+        assert_eq!(offsets, vec![0, 120, 150, 180]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -515,5 +680,87 @@ mod tests {
         assert_eq!(stalls.len(), 1);
         assert_eq!(stalls[0].exchange, "fake");
         assert_eq!(stalls[0].limit_seconds, 90.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_after_three_failed_polls_and_then_refuses_to_send() {
+        let exchange = FakeExchange::new(false);
+        *exchange.status.lock().unwrap() = "maintenance";
+        let cancel = CancellationToken::new();
+        let (poller, registry, _) = poller(exchange.clone());
+        let task = tokio::spawn(poller.run(cancel.clone()));
+        // Polls at 0, 30 and 60 s fail; the third opens the breaker; the polls at 90 and 120 s are refused.
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        assert_eq!(sample(&registry, "exwatch_circuit_breaker_state", &[("state", "open")]), 1.0);
+        tokio::time::sleep(Duration::from_secs(59)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 3, "no call is sent while OPEN");
+        let refused = [("endpoint", "Ticker"), ("outcome", "not_permitted")];
+        assert_eq!(sample(&registry, "exwatch_exchange_calls_total", &refused), 1.0);
+        assert_eq!(sample(&registry, "exwatch_circuit_breaker_not_permitted_calls_total", &[]), 1.0);
+        let opened = [("from", "closed"), ("to", "open")];
+        assert_eq!(sample(&registry, "exwatch_circuit_breaker_transitions_total", &opened), 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn half_open_comes_on_the_timer_and_the_verification_closes_the_breaker() {
+        let exchange = FakeExchange::new(false);
+        *exchange.status.lock().unwrap() = "maintenance";
+        let breaker_config =
+            breaker::Config { wait_duration_in_open: Duration::from_secs(45), ..breaker::Config::default() };
+        let cancel = CancellationToken::new();
+        let (poller, registry, _) = poller_with(exchange.clone(), breaker_config);
+        let task = tokio::spawn(poller.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(61)).await;
+        *exchange.status.lock().unwrap() = "online";
+        // OPEN at 60 s; HALF_OPEN at 105 s, between two polls, and the verification (Ticker, Depth) runs then.
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        assert_eq!(exchange.depth_calls.load(Ordering::SeqCst), 1, "the verification ran on the timer");
+        assert_eq!(sample(&registry, "exwatch_circuit_breaker_state", &[("state", "closed")]), 1.0);
+        cancel.cancel();
+        task.await.unwrap();
+        for (from, to) in [("closed", "open"), ("open", "half_open"), ("half_open", "closed")] {
+            let labels = [("from", from), ("to", to)];
+            assert_eq!(sample(&registry, "exwatch_circuit_breaker_transitions_total", &labels), 1.0, "{from}->{to}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_verification_opens_the_breaker_again() {
+        let exchange = FakeExchange::new(false);
+        *exchange.ticker_error.lock().unwrap() = Some(ErrorClass::ServerError);
+        let cancel = CancellationToken::new();
+        let (poller, registry, _) = poller(exchange.clone());
+        let task = tokio::spawn(poller.run(cancel.clone()));
+        // OPEN at 60 s, HALF_OPEN at 120 s, the trial's Ticker fails: OPEN again, and Depth is never called.
+        tokio::time::sleep(Duration::from_secs(121)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(exchange.depth_calls.load(Ordering::SeqCst), 0);
+        let reopened = [("from", "half_open"), ("to", "open")];
+        assert_eq!(sample(&registry, "exwatch_circuit_breaker_transitions_total", &reopened), 1.0);
+        assert_eq!(sample(&registry, "exwatch_circuit_breaker_state", &[("state", "open")]), 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rate_limited_answer_stretches_the_poll_period() {
+        let exchange = FakeExchange::new(false);
+        *exchange.ticker_error.lock().unwrap() = Some(ErrorClass::RateLimited);
+        let breaker_config =
+            breaker::Config { consecutive_failures: 0, failure_rate_threshold: 100.0, ..Default::default() };
+        let cancel = CancellationToken::new();
+        let (poller, registry, _) = poller_with(exchange.clone(), breaker_config);
+        let task = tokio::spawn(poller.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(sample(&registry, "exwatch_rate_limit_factor", &[]), 0.5);
+        *exchange.ticker_error.lock().unwrap() = None;
+        // At factor 0.5 the next poll comes 60 s later, not 30 s.
+        tokio::time::sleep(Duration::from_secs(58)).await;
+        assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 1);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 2);
+        cancel.cancel();
+        task.await.unwrap();
     }
 }

@@ -39,22 +39,26 @@ impl Step {
     }
 }
 
+/// The runbook's recovery verification sequence for an exchange: Ticker, Balance when credentials are set, Depth.
+pub fn verification_steps(has_credentials: bool) -> Vec<Endpoint> {
+    if has_credentials {
+        vec![Endpoint::Ticker, Endpoint::Balance, Endpoint::Depth]
+    } else {
+        vec![Endpoint::Ticker, Endpoint::Depth]
+    }
+}
+
 /// Runs the sequence against one exchange, stopping at the first failure.
 pub async fn verify(exchange: &dyn Exchange) -> Vec<Step> {
     let mut steps = Vec::new();
-    let name = exchange.name().to_owned();
-    let mut push = |outcome: Outcome<()>| {
+    for endpoint in verification_steps(exchange.has_credentials()) {
+        let outcome = crate::exchange::call(exchange, endpoint).await;
         let passed = outcome.result.is_ok();
-        steps.push(Step { exchange: name.clone(), endpoint: outcome.endpoint, outcome });
-        passed
-    };
-    if !push(exchange.ticker().await.erase()) {
-        return steps;
+        steps.push(Step { exchange: exchange.name().to_owned(), endpoint, outcome });
+        if !passed {
+            break;
+        }
     }
-    if exchange.has_credentials() && !push(exchange.balance().await.erase()) {
-        return steps;
-    }
-    push(exchange.depth().await.erase());
     steps
 }
 

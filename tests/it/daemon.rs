@@ -66,14 +66,19 @@ async fn switching_the_simulator_to_maintenance_shows_maintenance_failures_in_th
 }
 
 #[tokio::test]
-async fn health_stays_ok_while_the_exchange_is_unreachable() {
+async fn health_stays_ok_while_the_exchange_is_unreachable_and_the_breaker_open() {
     let simulator = start_simulator().await;
     let base_url = simulator.base_url();
     simulator.shutdown().await;
     let app = spawn_app(config(&base_url, "100ms", "90ms", false)).await;
-    // Several polls' worth of network failures: well past the three intervals liveness allows a stalled loop.
-    eventually(WAIT, "five failed Ticker calls", || async {
-        (calls(&app.metrics().await, "Ticker", "failure", "network") >= 5.0).then_some(())
+    // Three network failures open the breaker; refused polls follow. By then the loop has run for more than the
+    // three intervals liveness allows a stalled loop, so a 200 here means the outage did not count against it.
+    eventually(WAIT, "three failures, an open breaker and refused polls", || async {
+        let metrics = app.metrics().await;
+        let done = calls(&metrics, "Ticker", "failure", "network") >= 3.0
+            && metric(&metrics, "exwatch_circuit_breaker_state", &[("state", "open")]) == Some(1.0)
+            && calls(&metrics, "Ticker", "not_permitted", "none") >= 3.0;
+        done.then_some(())
     })
     .await;
     let (status, body) = app.get("/health").await;

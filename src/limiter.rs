@@ -1,0 +1,514 @@
+//! The rate limiter of one exchange: separate public and private budgets on `governor`, a run-time rate factor
+//! (the runbook's `adjustApiCallFrequency('kraken', 0.5)`), automatic backoff when the exchange says we are too fast,
+//! and a pause of private calls when repeating them would extend a lockout.
+//!
+//! The factor scales both budgets and the poll cadence (the poller polls every `interval / factor`). An operator's
+//! factor is a ceiling: automatic backoff halves the current factor on a `rate_limited` answer (down to
+//! `min_factor`) and, after `recovery_quiet` without one, doubles it back step by step up to the ceiling.
+//! It owns its metrics and logs every change it makes; it knows nothing about the breaker.
+
+use std::collections::VecDeque;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use governor::clock::Clock;
+use governor::middleware::NoOpMiddleware;
+use governor::state::{InMemoryState, NotKeyed};
+use governor::{Quota, RateLimiter};
+use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::exchange::{AuthFailure, Error, ErrorClass};
+use crate::telemetry;
+
+/// The limiter's settings. Defaults follow Kraken's documented limits: about one public call per second per IP,
+/// and the Starter tier's private counter (15 calls, decaying by 0.33 per second).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub public_per_second: f64,
+    pub public_burst: u32,
+    pub private_per_second: f64,
+    pub private_burst: u32,
+    /// The lowest factor automatic backoff goes to.
+    pub min_factor: f64,
+    /// How long without a `rate_limited` answer before the factor is raised one step.
+    #[serde(serialize_with = "crate::config::human_duration")]
+    pub recovery_quiet: Duration,
+    /// How long private calls pause after a lockout or repeated invalid-key answers.
+    #[serde(serialize_with = "crate::config::human_duration")]
+    pub private_pause: Duration,
+    /// Consecutive invalid-key answers that pause private calls.
+    pub invalid_key_threshold: u32,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            public_per_second: 1.0,
+            public_burst: 3,
+            private_per_second: 0.33,
+            private_burst: 15,
+            min_factor: 0.125,
+            recovery_quiet: Duration::from_secs(300),
+            private_pause: Duration::from_secs(900),
+            invalid_key_threshold: 2,
+        }
+    }
+}
+
+/// Which budget a call spends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    Public,
+    Private,
+}
+
+/// A factor outside (0, 1].
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("factor must be greater than 0 and at most 1, got {0}")]
+pub struct InvalidFactor(pub f64);
+
+/// A point-in-time view for the admin API and status.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Snapshot {
+    pub factor: f64,
+    /// The operator's factor; automatic backoff stays at or below it.
+    pub ceiling: f64,
+    pub public_per_second: f64,
+    pub private_per_second: f64,
+    pub public_burst: u32,
+    pub private_burst: u32,
+    /// `rate_limited` answers within the last `recovery_quiet`.
+    pub recent_rate_limited: usize,
+    #[serde(serialize_with = "optional_duration")]
+    pub last_rate_limited_ago: Option<Duration>,
+    /// Remaining time of a private-call pause, if one is in force.
+    #[serde(serialize_with = "optional_duration")]
+    pub private_paused_for: Option<Duration>,
+    pub private_pause_reason: Option<String>,
+}
+
+fn optional_duration<S: serde::Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => crate::config::human_duration(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// governor's clock on top of `tokio::time`, so a paused test clock drives the budgets too.
+#[derive(Debug, Clone)]
+struct TokioClock {
+    origin: Instant,
+}
+
+impl Clock for TokioClock {
+    type Instant = Duration;
+
+    fn now(&self) -> Duration {
+        Instant::now().saturating_duration_since(self.origin)
+    }
+}
+
+type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
+
+/// The limiter's metrics, labelled by exchange.
+#[derive(Clone)]
+pub struct Metrics {
+    factor: GaugeVec,
+    rate_limited: IntCounterVec,
+    private_paused: GaugeVec,
+    changes: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Metrics {
+        let factor = GaugeVec::new(
+            Opts::new("exwatch_rate_limit_factor", "The run-time rate factor (1 = the configured rate)."),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        let rate_limited = IntCounterVec::new(
+            Opts::new("exwatch_rate_limited_answers_total", "Answers classified rate_limited, which trigger backoff."),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        let private_paused = GaugeVec::new(
+            Opts::new("exwatch_rate_limit_private_paused", "1 while private calls are paused to avoid a lockout."),
+            &["exchange"],
+        )
+        .expect("valid metric definition");
+        let changes = IntCounterVec::new(
+            Opts::new("exwatch_rate_limit_factor_changes_total", "Changes of the rate factor by cause."),
+            &["exchange", "cause"],
+        )
+        .expect("valid metric definition");
+        Metrics {
+            factor: telemetry::register(registry, factor),
+            rate_limited: telemetry::register(registry, rate_limited),
+            private_paused: telemetry::register(registry, private_paused),
+            changes: telemetry::register(registry, changes),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct State {
+    factor: f64,
+    ceiling: f64,
+    /// When the factor last changed or the last `rate_limited` answer came, whichever is later.
+    quiet_since: Instant,
+    recent_rate_limited: VecDeque<Instant>,
+    consecutive_invalid_keys: u32,
+    private_paused_until: Option<(Instant, String)>,
+}
+
+/// One exchange's limiter. Shared by the poller and the admin API.
+pub struct Limiter {
+    exchange: String,
+    config: Config,
+    clock: TokioClock,
+    public: ArcSwap<Bucket>,
+    private: ArcSwap<Bucket>,
+    state: Mutex<State>,
+    metrics: Metrics,
+}
+
+impl Limiter {
+    pub fn new(exchange: &str, config: Config, metrics: Metrics) -> Arc<Limiter> {
+        let now = Instant::now();
+        let clock = TokioClock { origin: now };
+        let public = ArcSwap::from_pointee(bucket(config.public_per_second, config.public_burst, 1.0, &clock));
+        let private = ArcSwap::from_pointee(bucket(config.private_per_second, config.private_burst, 1.0, &clock));
+        metrics.factor.with_label_values(&[exchange]).set(1.0);
+        metrics.private_paused.with_label_values(&[exchange]).set(0.0);
+        metrics.rate_limited.with_label_values(&[exchange]);
+        Arc::new(Limiter {
+            exchange: exchange.to_owned(),
+            config,
+            clock,
+            public,
+            private,
+            state: Mutex::new(State {
+                factor: 1.0,
+                ceiling: 1.0,
+                quiet_since: now,
+                recent_rate_limited: VecDeque::new(),
+                consecutive_invalid_keys: 0,
+                private_paused_until: None,
+            }),
+            metrics,
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn factor(&self) -> f64 {
+        self.lock().factor
+    }
+
+    /// Waits until the budget admits one call.
+    pub async fn acquire(&self, budget: Budget) {
+        loop {
+            let bucket = match budget {
+                Budget::Public => self.public.load_full(),
+                Budget::Private => self.private.load_full(),
+            };
+            match bucket.check() {
+                Ok(()) => return,
+                Err(not_until) => tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await,
+            }
+        }
+    }
+
+    /// The operator's factor: sets both the ceiling and the current factor.
+    pub fn set_factor(&self, factor: f64) -> Result<(), InvalidFactor> {
+        if !(factor > 0.0 && factor <= 1.0) {
+            return Err(InvalidFactor(factor));
+        }
+        let mut state = self.lock();
+        state.ceiling = factor;
+        self.change(&mut state, factor, Instant::now(), "operator");
+        Ok(())
+    }
+
+    /// Learns from one call's result: backoff on `rate_limited`, private pause on lockout or repeated invalid keys.
+    pub fn observe(&self, budget: Budget, result: &Result<(), Error>, now: Instant) {
+        let mut state = self.lock();
+        match result {
+            Err(error) if error.class == ErrorClass::RateLimited => {
+                self.metrics.rate_limited.with_label_values(&[&self.exchange]).inc();
+                state.recent_rate_limited.push_back(now);
+                let halved = (state.factor / 2.0).max(self.config.min_factor);
+                tracing::warn!(
+                    exchange = self.exchange,
+                    exchange_errors = ?error.exchange_errors,
+                    http_status = error.http_status,
+                    factor = halved,
+                    "Exchange rate-limited us; halving the call rate."
+                );
+                self.change(&mut state, halved, now, "backoff");
+                state.quiet_since = now;
+            }
+            Err(error) if budget == Budget::Private && error.class == ErrorClass::Auth => match error.auth {
+                Some(AuthFailure::Lockout) => {
+                    let reason = "the exchange answered EGeneral:Temporary lockout".to_owned();
+                    self.pause_private(&mut state, now, reason);
+                }
+                Some(AuthFailure::InvalidKey) => {
+                    state.consecutive_invalid_keys += 1;
+                    if state.consecutive_invalid_keys >= self.config.invalid_key_threshold {
+                        let reason = format!("{} consecutive invalid-key answers", state.consecutive_invalid_keys);
+                        self.pause_private(&mut state, now, reason);
+                    }
+                }
+                _ => {}
+            },
+            Ok(()) if budget == Budget::Private => state.consecutive_invalid_keys = 0,
+            _ => {}
+        }
+        self.trim(&mut state, now);
+    }
+
+    /// Raises the factor one step toward the ceiling after a quiet period, and ends a private pause that ran out.
+    pub fn tick(&self, now: Instant) {
+        let mut state = self.lock();
+        if state.factor < state.ceiling
+            && now.saturating_duration_since(state.quiet_since) >= self.config.recovery_quiet
+        {
+            let raised = (state.factor * 2.0).min(state.ceiling);
+            tracing::info!(
+                exchange = self.exchange,
+                factor = raised,
+                "No rate limiting for a while; raising the call rate."
+            );
+            self.change(&mut state, raised, now, "recovery");
+        }
+        if let Some((until, _)) = &state.private_paused_until
+            && now >= *until
+        {
+            state.private_paused_until = None;
+            state.consecutive_invalid_keys = 0;
+            self.metrics.private_paused.with_label_values(&[&self.exchange]).set(0.0);
+            tracing::info!(exchange = self.exchange, "Private-call pause over; private calls resume.");
+        }
+        self.trim(&mut state, now);
+    }
+
+    /// Whether private calls are paused now, and why.
+    pub fn private_paused(&self, now: Instant) -> Option<(Duration, String)> {
+        let state = self.lock();
+        state
+            .private_paused_until
+            .as_ref()
+            .filter(|(until, _)| now < *until)
+            .map(|(until, reason)| (until.saturating_duration_since(now), reason.clone()))
+    }
+
+    pub fn snapshot(&self, now: Instant) -> Snapshot {
+        let mut state = self.lock();
+        self.trim(&mut state, now);
+        let paused = state.private_paused_until.as_ref().filter(|(until, _)| now < *until);
+        Snapshot {
+            factor: state.factor,
+            ceiling: state.ceiling,
+            public_per_second: self.config.public_per_second * state.factor,
+            private_per_second: self.config.private_per_second * state.factor,
+            public_burst: scaled_burst(self.config.public_burst, state.factor).get(),
+            private_burst: scaled_burst(self.config.private_burst, state.factor).get(),
+            recent_rate_limited: state.recent_rate_limited.len(),
+            last_rate_limited_ago: state.recent_rate_limited.back().map(|at| now.saturating_duration_since(*at)),
+            private_paused_for: paused.map(|(until, _)| until.saturating_duration_since(now)),
+            private_pause_reason: paused.map(|(_, reason)| reason.clone()),
+        }
+    }
+
+    fn pause_private(&self, state: &mut State, now: Instant, reason: String) {
+        let already = state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until);
+        state.private_paused_until = Some((now + self.config.private_pause, reason.clone()));
+        self.metrics.private_paused.with_label_values(&[&self.exchange]).set(1.0);
+        if !already {
+            tracing::warn!(
+                exchange = self.exchange,
+                reason,
+                pause = %humantime::format_duration(self.config.private_pause),
+                "Pausing private calls to avoid extending a lockout."
+            );
+        }
+    }
+
+    fn change(&self, state: &mut State, factor: f64, now: Instant, cause: &str) {
+        if (factor - state.factor).abs() < f64::EPSILON && cause != "operator" {
+            return;
+        }
+        state.factor = factor;
+        state.quiet_since = now;
+        self.public.store(Arc::new(bucket(
+            self.config.public_per_second,
+            self.config.public_burst,
+            factor,
+            &self.clock,
+        )));
+        self.private.store(Arc::new(bucket(
+            self.config.private_per_second,
+            self.config.private_burst,
+            factor,
+            &self.clock,
+        )));
+        self.metrics.factor.with_label_values(&[&self.exchange]).set(factor);
+        self.metrics.changes.with_label_values(&[&self.exchange, cause]).inc();
+        tracing::info!(exchange = self.exchange, factor, cause, "Rate factor changed.");
+    }
+
+    /// Forgets `rate_limited` answers older than the quiet period.
+    fn trim(&self, state: &mut State, now: Instant) {
+        while let Some(at) = state.recent_rate_limited.front() {
+            if now.saturating_duration_since(*at) < self.config.recovery_quiet {
+                break;
+            }
+            state.recent_rate_limited.pop_front();
+        }
+    }
+}
+
+fn scaled_burst(burst: u32, factor: f64) -> NonZeroU32 {
+    NonZeroU32::new(((f64::from(burst) * factor).floor() as u32).max(1)).unwrap_or(NonZeroU32::MIN)
+}
+
+/// A fresh bucket at `per_second * factor` with a burst scaled the same way (at least one call).
+fn bucket(per_second: f64, burst: u32, factor: f64, clock: &TokioClock) -> Bucket {
+    let rate = (per_second * factor).max(1e-6);
+    let period = Duration::from_secs_f64(1.0 / rate);
+    let quota = Quota::with_period(period)
+        .unwrap_or_else(|| Quota::per_hour(NonZeroU32::MIN))
+        .allow_burst(scaled_burst(burst, factor));
+    RateLimiter::direct_with_clock(quota, clock.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limiter(config: Config) -> (Arc<Limiter>, Registry) {
+        let registry = telemetry::registry();
+        (Limiter::new("kraken", config, Metrics::new(&registry)), registry)
+    }
+
+    fn rate_limited() -> Result<(), Error> {
+        Err(Error::new(ErrorClass::RateLimited, "rate limit")
+            .with_exchange_errors(vec!["EAPI:Rate limit exceeded".into()]))
+    }
+
+    fn auth(failure: AuthFailure) -> Result<(), Error> {
+        let mut error = Error::new(ErrorClass::Auth, "refused");
+        error.auth = Some(failure);
+        Err(error)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_public_budget_paces_calls_at_the_configured_rate() {
+        let (limiter, _) = limiter(Config { public_per_second: 2.0, public_burst: 1, ..Config::default() });
+        let start = Instant::now();
+        for _ in 0..5 {
+            limiter.acquire(Budget::Public).await;
+        }
+        // The first is immediate, the next four are 0.5 s apart.
+        assert_eq!(Instant::now() - start, Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lower_factor_slows_the_budget() {
+        let (limiter, _) = limiter(Config { public_per_second: 2.0, public_burst: 1, ..Config::default() });
+        limiter.set_factor(0.5).unwrap();
+        let start = Instant::now();
+        for _ in 0..3 {
+            limiter.acquire(Budget::Public).await;
+        }
+        assert_eq!(Instant::now() - start, Duration::from_secs(2));
+        assert_eq!(limiter.set_factor(0.0), Err(InvalidFactor(0.0)));
+        assert_eq!(limiter.set_factor(1.5), Err(InvalidFactor(1.5)));
+        assert!(limiter.set_factor(f64::NAN).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn rate_limited_answers_halve_the_factor_which_recovers_step_by_step() {
+        let (limiter, registry) = limiter(Config::default());
+        let start = Instant::now();
+        limiter.observe(Budget::Public, &rate_limited(), start);
+        assert_eq!(limiter.factor(), 0.5);
+        limiter.observe(Budget::Public, &rate_limited(), start);
+        assert_eq!(limiter.factor(), 0.25);
+        for _ in 0..5 {
+            limiter.observe(Budget::Public, &rate_limited(), start);
+        }
+        assert_eq!(limiter.factor(), 0.125, "never below min_factor");
+        limiter.tick(start + Duration::from_secs(299));
+        assert_eq!(limiter.factor(), 0.125, "not before the quiet period");
+        limiter.tick(start + Duration::from_secs(300));
+        assert_eq!(limiter.factor(), 0.25);
+        limiter.tick(start + Duration::from_secs(400));
+        assert_eq!(limiter.factor(), 0.25, "each step waits a quiet period of its own");
+        limiter.tick(start + Duration::from_secs(600));
+        limiter.tick(start + Duration::from_secs(900));
+        assert_eq!(limiter.factor(), 1.0);
+        limiter.tick(start + Duration::from_secs(1200));
+        assert_eq!(limiter.factor(), 1.0, "never above the ceiling");
+        let text = telemetry::encode(&registry).unwrap();
+        assert!(text.contains("exwatch_rate_limited_answers_total{exchange=\"kraken\"} 7"), "{text}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn recovery_stops_at_the_operators_ceiling() {
+        let (limiter, _) = limiter(Config::default());
+        limiter.set_factor(0.5).unwrap();
+        let start = Instant::now();
+        limiter.observe(Budget::Public, &rate_limited(), start);
+        assert_eq!(limiter.factor(), 0.25);
+        limiter.tick(start + Duration::from_secs(300));
+        limiter.tick(start + Duration::from_secs(600));
+        assert_eq!(limiter.factor(), 0.5);
+        assert_eq!(limiter.snapshot(start + Duration::from_secs(600)).ceiling, 0.5);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_pauses_private_calls_for_the_configured_period() {
+        let (limiter, _) = limiter(Config::default());
+        let start = Instant::now();
+        limiter.observe(Budget::Private, &auth(AuthFailure::Lockout), start);
+        let (remaining, reason) = limiter.private_paused(start).expect("paused");
+        assert_eq!(remaining, Duration::from_secs(900));
+        assert!(reason.contains("Temporary lockout"), "{reason}");
+        limiter.tick(start + Duration::from_secs(900));
+        assert_eq!(limiter.private_paused(start + Duration::from_secs(900)), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn repeated_invalid_keys_pause_private_calls_but_one_does_not() {
+        let (limiter, _) = limiter(Config::default());
+        let now = Instant::now();
+        limiter.observe(Budget::Private, &auth(AuthFailure::InvalidKey), now);
+        assert_eq!(limiter.private_paused(now), None);
+        limiter.observe(Budget::Private, &Ok(()), now);
+        limiter.observe(Budget::Private, &auth(AuthFailure::InvalidKey), now);
+        assert_eq!(limiter.private_paused(now), None, "a success in between resets the count");
+        limiter.observe(Budget::Private, &auth(AuthFailure::InvalidKey), now);
+        let snapshot = limiter.snapshot(now);
+        assert_eq!(snapshot.private_paused_for, Some(Duration::from_secs(900)));
+        assert_eq!(snapshot.private_pause_reason.as_deref(), Some("2 consecutive invalid-key answers"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn public_auth_failures_and_other_classes_change_nothing() {
+        let (limiter, _) = limiter(Config::default());
+        let now = Instant::now();
+        limiter.observe(Budget::Public, &auth(AuthFailure::Lockout), now);
+        limiter.observe(Budget::Public, &Err(Error::new(ErrorClass::Maintenance, "down")), now);
+        assert_eq!(limiter.factor(), 1.0);
+        assert_eq!(limiter.private_paused(now), None);
+    }
+}
