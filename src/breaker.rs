@@ -36,12 +36,14 @@ pub struct Config {
     /// A call slower than this is slow.
     #[serde(serialize_with = "crate::config::human_duration")]
     pub slow_call_duration: Duration,
+    #[serde(flatten)]
     pub window: Window,
     /// Rates are only judged once the window holds this many calls.
     pub minimum_calls: u32,
     #[serde(serialize_with = "crate::config::human_duration")]
     pub wait_duration_in_open: Duration,
     /// Exponential backoff of the open wait across consecutive openings without a successful close.
+    #[serde(flatten)]
     pub open_backoff: Option<Backoff>,
     pub permitted_calls_in_half_open: u32,
     #[serde(serialize_with = "crate::config::human_duration")]
@@ -69,27 +71,43 @@ impl Default for Config {
 }
 
 /// The sliding window over which rates are computed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Window {
     /// The last N calls.
     Count(u32),
     /// The calls of the last duration, in one-second buckets.
-    #[serde(serialize_with = "serialize_window_duration")]
     Time(Duration),
 }
 
-fn serialize_window_duration<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-    crate::config::human_duration(duration, serializer)
+/// Serialized as the configuration keys that set it (`window_type` and `window_calls` or `window_duration`), so
+/// the effective configuration reads back.
+impl Serialize for Window {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let mut map = serializer.serialize_map(Some(2))?;
+        match self {
+            Window::Count(calls) => {
+                map.serialize_entry("window_type", "count")?;
+                map.serialize_entry("window_calls", calls)?;
+            }
+            Window::Time(duration) => {
+                map.serialize_entry("window_type", "time")?;
+                map.serialize_entry("window_duration", &humantime::format_duration(*duration).to_string())?;
+            }
+        }
+        map.end()
+    }
 }
 
 /// Exponential backoff of the open wait: `wait * multiplier^(openings - 1)`, capped, with ± jitter.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Backoff {
+    #[serde(rename = "backoff_multiplier")]
     pub multiplier: f64,
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(rename = "backoff_max_wait", serialize_with = "crate::config::human_duration")]
     pub max_wait: Duration,
     /// A fraction (0.1 = ±10%) applied with the caller-supplied random value, which keeps replicas apart.
+    #[serde(rename = "backoff_jitter")]
     pub jitter: f64,
 }
 
@@ -184,19 +202,12 @@ pub struct Snapshot {
     pub slow_call_rate: f64,
     pub last_failure_class: Option<ErrorClass>,
     /// How long ago the last failure was recorded.
-    #[serde(serialize_with = "optional_duration")]
+    #[serde(serialize_with = "crate::config::optional_human_duration")]
     pub last_failure_ago: Option<Duration>,
     pub not_permitted_calls: u64,
     /// When OPEN: how long until HALF_OPEN.
-    #[serde(serialize_with = "optional_duration")]
+    #[serde(serialize_with = "crate::config::optional_human_duration")]
     pub half_open_in: Option<Duration>,
-}
-
-fn optional_duration<S: serde::Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
-    match duration {
-        Some(duration) => crate::config::human_duration(duration, serializer),
-        None => serializer.serialize_none(),
-    }
 }
 
 /// Counts of calls in the window.

@@ -190,6 +190,16 @@ pub(crate) fn human_duration<S: serde::Serializer>(duration: &Duration, serializ
     serializer.serialize_str(&humantime::format_duration(*duration).to_string())
 }
 
+pub(crate) fn optional_human_duration<S: serde::Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => human_duration(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
 fn read_file_layer(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read configuration file {}: {error}", path.display()))?;
@@ -912,5 +922,72 @@ mod tests {
         let text = error.to_string();
         assert!(text.contains("`exchanges[0].api_key_file`: cannot read /nonexistent/key"), "{text}");
         assert!(text.contains("`exchanges[1].name`: duplicate exchange name"), "{text}");
+    }
+
+    #[test]
+    fn breaker_and_rate_limit_settings_are_read_and_checked() {
+        let config = Config::from_toml(
+            r#"
+            [breaker]
+            consecutive_failures = 5
+            failure_rate_threshold = 60
+            window_type = "count"
+            window_calls = 20
+            wait_duration_in_open = "2m"
+            backoff_multiplier = 2.0
+            backoff_max_wait = "30m"
+            ignored_classes = ["invalid_request", "bad_response"]
+            [rate_limit]
+            public_per_second = 0.5
+            private_pause = "30m"
+            "#,
+        )
+        .unwrap();
+        assert_eq!(config.breaker.consecutive_failures, 5);
+        assert_eq!(config.breaker.failure_rate_threshold, 60.0);
+        assert_eq!(config.breaker.window, breaker::Window::Count(20));
+        assert_eq!(config.breaker.wait_duration_in_open, Duration::from_secs(120));
+        let backoff = config.breaker.open_backoff.unwrap();
+        assert_eq!((backoff.multiplier, backoff.max_wait), (2.0, Duration::from_secs(1800)));
+        assert!(config.breaker.ignored_classes.contains(&ErrorClass::BadResponse));
+        assert_eq!(config.rate_limit.public_per_second, 0.5);
+        assert_eq!(config.rate_limit.private_pause, Duration::from_secs(1800));
+        let rendered = config.to_redacted_toml();
+        assert!(rendered.contains("[breaker]") && rendered.contains("[rate_limit]"), "{rendered}");
+        let again = Config::from_toml(&rendered).expect("the effective configuration reads back");
+        assert_eq!(again.breaker, config.breaker);
+        assert_eq!(again.rate_limit, config.rate_limit);
+
+        let error = Config::from_toml(
+            "[breaker]\nfailure_rate_threshold = 150\nwindow_type = \"sliding\"\nignored_classes = [\"oops\"]\n\
+             [rate_limit]\nmin_factor = 0\npublic_burst = \"many\"\n",
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        for key in [
+            "`breaker.failure_rate_threshold`",
+            "`breaker.window_type`",
+            "`breaker.ignored_classes`: unknown error class \"oops\"",
+            "`rate_limit.min_factor`",
+            "`rate_limit.public_burst`",
+        ] {
+            assert!(text.contains(key), "missing {key} in:\n{text}");
+        }
+    }
+
+    #[test]
+    fn breaker_settings_come_from_the_environment_too() {
+        let config = Config::load_from(
+            None,
+            Some(environment(&[
+                ("EXWATCH__BREAKER__CONSECUTIVE_FAILURES", "4"),
+                ("EXWATCH__BREAKER__IGNORED_CLASSES", "invalid_request,auth"),
+                ("EXWATCH__RATE_LIMIT__MIN_FACTOR", "0.25"),
+            ])),
+        )
+        .unwrap();
+        assert_eq!(config.breaker.consecutive_failures, 4);
+        assert!(config.breaker.ignored_classes.contains(&ErrorClass::Auth));
+        assert_eq!(config.rate_limit.min_factor, 0.25);
     }
 }

@@ -84,19 +84,12 @@ pub struct Snapshot {
     pub private_burst: u32,
     /// `rate_limited` answers within the last `recovery_quiet`.
     pub recent_rate_limited: usize,
-    #[serde(serialize_with = "optional_duration")]
+    #[serde(serialize_with = "crate::config::optional_human_duration")]
     pub last_rate_limited_ago: Option<Duration>,
     /// Remaining time of a private-call pause, if one is in force.
-    #[serde(serialize_with = "optional_duration")]
+    #[serde(serialize_with = "crate::config::optional_human_duration")]
     pub private_paused_for: Option<Duration>,
     pub private_pause_reason: Option<String>,
-}
-
-fn optional_duration<S: serde::Serializer>(duration: &Option<Duration>, serializer: S) -> Result<S::Ok, S::Error> {
-    match duration {
-        Some(duration) => crate::config::human_duration(duration, serializer),
-        None => serializer.serialize_none(),
-    }
 }
 
 /// governor's clock on top of `tokio::time`, so a paused test clock drives the budgets too.
