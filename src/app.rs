@@ -73,6 +73,11 @@ impl App {
         Ok(App { config, listener, exchanges, state, metrics })
     }
 
+    /// The HTTP surface this daemon serves, for in-memory requests (tests on a paused clock use it, never sockets).
+    pub fn router(&self) -> axum::Router {
+        http::router(self.state.clone())
+    }
+
     pub fn local_addr(&self) -> SocketAddr {
         self.listener.local_addr().unwrap_or(self.config.server.listen)
     }

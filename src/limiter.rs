@@ -106,6 +106,9 @@ impl Clock for TokioClock {
     }
 }
 
+/// Rate-limited answers closer together than this halve the factor once.
+const BACKOFF_SPACING: Duration = Duration::from_secs(5);
+
 type Bucket = RateLimiter<NotKeyed, InMemoryState, TokioClock, NoOpMiddleware<Duration>>;
 
 /// The limiter's metrics, labelled by exchange.
@@ -236,7 +239,13 @@ impl Limiter {
         match result {
             Err(error) if error.class == ErrorClass::RateLimited => {
                 self.metrics.rate_limited.with_label_values(&[&self.exchange]).inc();
+                let previous = state.recent_rate_limited.back().copied();
                 state.recent_rate_limited.push_back(now);
+                state.quiet_since = now;
+                // The calls of one poll answer together: their refusals are one signal, so halve once for them.
+                if previous.is_some_and(|previous| now.saturating_duration_since(previous) < BACKOFF_SPACING) {
+                    return;
+                }
                 let halved = (state.factor / 2.0).max(self.config.min_factor);
                 tracing::warn!(
                     exchange = self.exchange,
@@ -246,7 +255,6 @@ impl Limiter {
                     "Exchange rate-limited us; halving the call rate."
                 );
                 self.change(&mut state, halved, now, "backoff");
-                state.quiet_since = now;
             }
             Err(error) if budget == Budget::Private && error.class == ErrorClass::Auth => match error.auth {
                 Some(AuthFailure::Lockout) => {
@@ -431,15 +439,16 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn rate_limited_answers_halve_the_factor_which_recovers_step_by_step() {
         let (limiter, registry) = limiter(Config::default());
-        let start = Instant::now();
-        limiter.observe(Budget::Public, &rate_limited(), start);
-        assert_eq!(limiter.factor(), 0.5);
-        limiter.observe(Budget::Public, &rate_limited(), start);
-        assert_eq!(limiter.factor(), 0.25);
+        let mut now = Instant::now();
+        limiter.observe(Budget::Public, &rate_limited(), now);
+        limiter.observe(Budget::Public, &rate_limited(), now);
+        assert_eq!(limiter.factor(), 0.5, "answers of one poll halve once");
         for _ in 0..5 {
-            limiter.observe(Budget::Public, &rate_limited(), start);
+            now += Duration::from_secs(30);
+            limiter.observe(Budget::Public, &rate_limited(), now);
         }
         assert_eq!(limiter.factor(), 0.125, "never below min_factor");
+        let start = now;
         limiter.tick(start + Duration::from_secs(299));
         assert_eq!(limiter.factor(), 0.125, "not before the quiet period");
         limiter.tick(start + Duration::from_secs(300));
