@@ -5,6 +5,9 @@
 //! error strings, broken bodies, slowness, connection resets).
 //!
 //! It owns its own accept loop because a connection reset cannot be expressed as an HTTP answer.
+//! [`Simulator::in_memory`] builds the same state and router without a socket, for tests on a paused clock that
+//! drive [`Simulator::router`] in process (the Kraken client's in-memory transport); there a reset is a
+//! response marked with [`ConnectionReset`], which that transport reports as a reset connection.
 //! The control endpoint [`CONTROL_PATH`] (GET the state, PUT changes) is never slowed down nor faulted.
 //! It does not implement trading, other private methods, the status page, or TLS.
 
@@ -39,10 +42,16 @@ use tracing::{debug, info, warn};
 
 use self::account::{Account, TokenBucket};
 use self::answer::Answer;
+use crate::exchange::kraken::ConnectionReset;
+use crate::exchange::{Endpoint, ErrorClass, Exchange};
 use crate::secret::Secret;
 
 /// The simulator's own control endpoint; Kraken has nothing under `/__exwatch`.
 pub const CONTROL_PATH: &str = "/__exwatch/simulator";
+
+/// What [`Simulator::base_url`] says for a simulator built with [`Simulator::in_memory`]: a reserved name
+/// (RFC 2606) that never resolves, so a client pointed at it by mistake fails instead of reaching anything.
+pub const IN_MEMORY_BASE_URL: &str = "http://simulator.invalid";
 
 /// The API key the simulator accepts unless told otherwise.
 pub const DEFAULT_API_KEY: &str = "exwatch-simulator-key";
@@ -103,7 +112,8 @@ pub enum Scenario {
     InternalError,
     /// Healthy answers after the configured latency, or 6 s if it is zero.
     Slow,
-    /// The TCP connection is reset without an answer.
+    /// The TCP connection is reset without an answer. In memory (no connection), the answer carries the
+    /// [`ConnectionReset`] marker instead.
     Reset,
     /// Each call fails with `EService:Unavailable` with probability `failure_rate`.
     Flaky,
@@ -159,6 +169,54 @@ impl Scenario {
             Scenario::Flaky => "flaky",
         }
     }
+}
+
+/// The endpoints [`conformance`] checks, in the order of [`Scenario::expected_classes`].
+pub const CONFORMANCE_ENDPOINTS: [Endpoint; 4] =
+    [Endpoint::SystemStatus, Endpoint::Ticker, Endpoint::Depth, Endpoint::Balance];
+
+impl Scenario {
+    /// The class a correct client reports for SystemStatus, Ticker, Depth and Balance in this scenario (`None`:
+    /// success), with a non-online SystemStatus counted as `maintenance`, a client timeout below the latency of
+    /// `slow`, and a failure rate of 1 for `flaky`. This is the simulator's contract with the taxonomy.
+    pub fn expected_classes(self) -> [Option<ErrorClass>; 4] {
+        use ErrorClass::*;
+        let all = |class| [Some(class); 4];
+        match self {
+            Scenario::Healthy => [None; 4],
+            Scenario::Maintenance | Scenario::Flaky => all(Maintenance),
+            Scenario::CancelOnly => [Some(Maintenance), None, None, None],
+            Scenario::Unavailable => [None, Some(Maintenance), Some(Maintenance), Some(Maintenance)],
+            Scenario::RateLimited | Scenario::TooManyRequests | Scenario::Http429 => all(RateLimited),
+            Scenario::InvalidKey | Scenario::InvalidSignature | Scenario::Lockout => [None, None, None, Some(Auth)],
+            Scenario::Cloudflare520 | Scenario::Cloudflare502 | Scenario::Cloudflare504 => all(ServerError),
+            Scenario::Busy | Scenario::InternalError => all(ServerError),
+            Scenario::Html200 | Scenario::EmptyBody | Scenario::TruncatedJson => all(BadResponse),
+            Scenario::Slow => all(Timeout),
+            Scenario::Reset => all(Network),
+        }
+    }
+}
+
+/// Drives `exchange` (whose timeout must be below `slow_latency`) through every scenario of `simulator` and returns
+/// each place where its classification differs from [`Scenario::expected_classes`]; empty means conformant.
+pub async fn conformance(simulator: &Simulator, exchange: &dyn Exchange, slow_latency: Duration) -> Vec<String> {
+    let mut mismatches = Vec::new();
+    for scenario in Scenario::ALL {
+        simulator.set_scenario(scenario);
+        simulator.set_latency(if scenario == Scenario::Slow { slow_latency } else { Duration::ZERO });
+        simulator.set_failure_rate(1.0);
+        for (endpoint, expected) in CONFORMANCE_ENDPOINTS.into_iter().zip(scenario.expected_classes()) {
+            let outcome = crate::exchange::call(exchange, endpoint).await;
+            let actual = outcome.error().map(|error| error.class);
+            if actual != expected {
+                mismatches.push(format!("{}/{endpoint}: expected {expected:?}, got {actual:?}", scenario.as_str()));
+            }
+        }
+    }
+    simulator.set_scenario(Scenario::Healthy);
+    simulator.set_latency(Duration::ZERO);
+    mismatches
 }
 
 impl fmt::Display for Scenario {
@@ -263,7 +321,8 @@ pub struct Simulator {
     local_addr: SocketAddr,
     shared: Arc<Shared>,
     stop_on_drop: DropGuard,
-    server: JoinHandle<()>,
+    /// `None` for a simulator built with [`Simulator::in_memory`]: nothing listens.
+    server: Option<JoinHandle<()>>,
 }
 
 impl Simulator {
@@ -276,15 +335,37 @@ impl Simulator {
         let local_addr = listener.local_addr().context("reading the simulator's listen address")?;
         let cancel = CancellationToken::new();
         let server = tokio::spawn(accept_connections(listener, router(shared.clone()), cancel.clone()));
-        Ok(Simulator { local_addr, shared, stop_on_drop: cancel.drop_guard(), server })
+        Ok(Simulator { local_addr, shared, stop_on_drop: cancel.drop_guard(), server: Some(server) })
     }
 
+    /// The same simulator without a socket: nothing is bound or spawned, and requests reach it only through
+    /// [`Simulator::router`]. For tests on a paused clock, where real I/O must never be pending. Latency,
+    /// decays and lockouts run on tokio's clock, so `tokio::time::advance` drives them. [`Simulator::local_addr`]
+    /// reports `options.listen` (never bound) and [`Simulator::base_url`] reports [`IN_MEMORY_BASE_URL`].
+    pub fn in_memory(options: Options) -> anyhow::Result<Simulator> {
+        let shared = Arc::new(Shared::new(&options)?);
+        let cancel = CancellationToken::new();
+        Ok(Simulator { local_addr: options.listen, shared, stop_on_drop: cancel.drop_guard(), server: None })
+    }
+
+    /// The Kraken and control router the TCP server serves, sharing this simulator's state: setters,
+    /// [`Simulator::requests`], the counters and the control endpoint all see calls made through it. Driven in
+    /// process, requests carry no peer address, so the public per-IP limiter counts them all as 127.0.0.1.
+    pub fn router(&self) -> Router {
+        router(self.shared.clone())
+    }
+
+    /// Where the server listens; for an in-memory simulator, the configured address, which nothing binds.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
     }
 
+    /// `http://<local_addr>`, or [`IN_MEMORY_BASE_URL`] for an in-memory simulator.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.local_addr)
+        match self.server {
+            Some(_) => format!("http://{}", self.local_addr),
+            None => IN_MEMORY_BASE_URL.to_owned(),
+        }
     }
 
     pub fn scenario(&self) -> Scenario {
@@ -310,10 +391,14 @@ impl Simulator {
         lock(&self.shared.request_counts).get(method).copied().unwrap_or(0)
     }
 
-    /// Stops accepting, closes every connection and waits for the server task to finish.
+    /// Stops accepting, closes every connection and waits for the server task to finish. An in-memory
+    /// simulator has nothing to stop; routers already handed out keep working.
     pub async fn shutdown(self) {
         let Simulator { stop_on_drop, server, .. } = self;
         stop_on_drop.disarm().cancel();
+        let Some(server) = server else {
+            return;
+        };
         if let Err(error) = server.await {
             warn!(error = %error, "Simulator server task failed.");
         }
@@ -631,8 +716,13 @@ async fn kraken(State(shared): State<Arc<Shared>>, request: Request) -> Response
                 // The connection task drops this future together with the connection; nothing is ever sent.
                 return std::future::pending().await;
             }
-            // Without our accept loop (a router driven in-process) there is no socket to reset.
-            None => Answer::empty(),
+            // Without our accept loop (a router driven in process) there is no socket to reset: the marker
+            // asks the client's in-memory transport to report a reset. Anything else sees an empty 200.
+            None => {
+                let mut response = Answer::empty().into_response();
+                response.extensions_mut().insert(ConnectionReset);
+                return response;
+            }
         },
         Scenario::Cloudflare520 => {
             Answer::cloudflare_error(StatusCode::from_u16(520).unwrap_or(StatusCode::BAD_GATEWAY))
@@ -648,7 +738,8 @@ async fn kraken(State(shared): State<Arc<Shared>>, request: Request) -> Response
                 query: parts.uri.query().map(str::to_string),
                 headers: parts.headers,
                 body,
-                client: context.map_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED), |context| context.peer.ip()),
+                // In process there is no peer; the caller is this very host.
+                client: context.map_or(IpAddr::V4(Ipv4Addr::LOCALHOST), |context| context.peer.ip()),
             };
             let answer = shared.kraken_answer(&call, &received, settings);
             if settings.scenario == Scenario::TruncatedJson { answer.truncated() } else { answer }
@@ -1541,6 +1632,83 @@ mod tests {
         tokio::time::timeout(Duration::from_secs(5), simulator.shutdown()).await.expect("shutdown is prompt");
         let outcome = tokio::time::timeout(Duration::from_secs(5), in_flight).await.unwrap().unwrap();
         assert!(outcome.is_err(), "the in-flight request is cut off, not answered");
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // In memory: the same router without a socket, on a paused clock
+    // -----------------------------------------------------------------------------------------------------------
+
+    /// One request through the router, as the client's in-memory transport sends it.
+    async fn in_memory_call(simulator: &Simulator, method: Method, path_and_query: &str, body: &str) -> Response {
+        let request = axum::http::Request::builder()
+            .method(method)
+            .uri(path_and_query)
+            .header("Content-Type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        simulator.router().oneshot(request).await.unwrap()
+    }
+
+    async fn json_of(response: Response) -> Value {
+        let body = axum::body::to_bytes(response.into_body(), usize::MAX).await.unwrap();
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_in_memory_simulator_binds_nothing_and_its_router_shares_the_state() {
+        let listen: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let simulator = Simulator::in_memory(Options { listen, ..test_options(Scenario::Healthy) }).unwrap();
+        assert_eq!(simulator.local_addr(), listen);
+        assert_eq!(simulator.base_url(), IN_MEMORY_BASE_URL);
+
+        let answer = in_memory_call(&simulator, Method::GET, "/0/public/Time", "").await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(json_of(answer).await["error"], json!([]));
+        assert_eq!(simulator.requests("Time"), 1);
+
+        // A setter on the handle reaches the router, and the control endpoint on the router reaches the handle.
+        simulator.set_scenario(Scenario::Busy);
+        let answer = in_memory_call(&simulator, Method::GET, "/0/public/Time", "").await;
+        assert_eq!(json_of(answer).await["error"], json!(["EService:Busy"]));
+        let answer = in_memory_call(&simulator, Method::PUT, CONTROL_PATH, r#"{"scenario":"maintenance"}"#).await;
+        assert_eq!(answer.status(), StatusCode::OK);
+        assert_eq!(simulator.scenario(), Scenario::Maintenance);
+        let state = json_of(in_memory_call(&simulator, Method::GET, CONTROL_PATH, "").await).await;
+        assert_eq!(state["requests"], json!({"Time": 2}));
+        simulator.shutdown().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_in_memory_marks_the_answer_after_the_configured_latency() {
+        let simulator =
+            Simulator::in_memory(Options { latency: Duration::from_secs(2), ..test_options(Scenario::Reset) }).unwrap();
+        let started = Instant::now();
+        let answer = in_memory_call(&simulator, Method::GET, "/0/public/Time", "").await;
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+        assert_eq!(answer.extensions().get::<ConnectionReset>(), Some(&ConnectionReset));
+        // The control endpoint is never faulted, so it carries no marker.
+        let control = in_memory_call(&simulator, Method::GET, CONTROL_PATH, "").await;
+        assert_eq!(control.extensions().get::<ConnectionReset>(), None);
+        // Other scenarios never carry the marker.
+        simulator.set_scenario(Scenario::EmptyBody);
+        let answer = in_memory_call(&simulator, Method::GET, "/0/public/Time", "").await;
+        assert_eq!(answer.extensions().get::<ConnectionReset>(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_memory_public_calls_share_one_per_ip_bucket_that_refills_with_paused_time() {
+        let limit = PublicRateLimit { burst: 2, refill_per_second: 1.0 };
+        let options = Options { public_rate_limit: Some(limit), ..test_options(Scenario::Healthy) };
+        let simulator = Simulator::in_memory(options).unwrap();
+        let mut errors = Vec::new();
+        for _ in 0..3 {
+            let body = json_of(in_memory_call(&simulator, Method::GET, "/0/public/Time", "").await).await;
+            errors.push(body["error"].clone());
+        }
+        assert_eq!(errors, [json!([]), json!([]), json!(["EGeneral:Too many requests"])]);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let body = json_of(in_memory_call(&simulator, Method::GET, "/0/public/Time", "").await).await;
+        assert_eq!(body["error"], json!([]));
     }
 
     #[tokio::test]

@@ -7,6 +7,13 @@
 //! first and Kraken's `E...` strings second. What it deliberately does not do: retry, rate-limit, open breakers
 //! or decide that a non-`online` SystemStatus is an outage. Those belong to the poller, the limiter and the
 //! breaker, which see every call as one [`Outcome`].
+//!
+//! Requests travel over reqwest in production, or in memory through an axum `Router` ([`Client::in_memory`],
+//! the `transport` module) so paused-clock tests can drive the real client against the simulator without a
+//! socket. Everything but the transport (URLs, signing, nonces, the body limit, classification, parsing) is
+//! the same code for both.
+
+mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -17,24 +24,22 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use base64::Engine as _;
 use hmac::{Hmac, KeyInit, Mac};
-use reqwest::header::{CONTENT_LENGTH, CONTENT_TYPE, HeaderValue, SERVER};
+use reqwest::header::{HeaderMap, HeaderName, HeaderValue};
 use serde_json::Value;
 use sha2::{Digest, Sha256, Sha512};
 use tokio::time::Instant;
 use url::Url;
 
+pub use self::transport::ConnectionReset;
+use self::transport::{Request, Transport};
 use crate::exchange::{
-    Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, ServerTime, SystemStatus,
-    Ticker, TradingStatus,
+    AuthFailure, Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, ServerTime,
+    SystemStatus, Ticker, TradingStatus,
 };
 
 /// The largest response body read. Kraken's answers for the calls exwatch makes are a few kilobytes; anything
 /// near this size is not an answer we asked for, and reading it whole could exhaust memory.
 pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
-
-/// Connecting gets at most this long even when the overall timeout is longer, so a black-holed address is
-/// reported while there is still time budget left to say so.
-const CONNECT_TIMEOUT_CAP: Duration = Duration::from_secs(5);
 
 /// How much of a non-JSON body (or an HTML title) an error message may quote.
 const QUOTE_LIMIT_CHARS: usize = 100;
@@ -42,6 +47,9 @@ const QUOTE_LIMIT_CHARS: usize = 100;
 /// Signed as Kraken sees it. A path prefix on the base URL belongs to a proxy in front, which strips it, so it
 /// is part of the URL but never of the signed path.
 const BALANCE_PATH: &str = "/0/private/Balance";
+
+const API_KEY: HeaderName = HeaderName::from_static("api-key");
+const API_SIGN: HeaderName = HeaderName::from_static("api-sign");
 
 /// Kraken's `API-Sign`: base64(HMAC-SHA512(base64-decoded secret, path || SHA-256(nonce || body))).
 /// `secret` is the already decoded key. The nonce's decimal text must be the one inside `body`.
@@ -72,7 +80,7 @@ pub enum BuildError {
 pub struct Client {
     name: String,
     pair: String,
-    http: reqwest::Client,
+    transport: Transport,
     timeout: Duration,
     urls: EndpointUrls,
     private_access: Option<PrivateAccess>,
@@ -102,13 +110,34 @@ impl fmt::Debug for Client {
             .field("name", &self.name)
             .field("pair", &self.pair)
             .field("timeout", &self.timeout)
+            .field("transport", &self.transport.kind())
             .field("has_credentials", &self.private_access.is_some())
             .finish_non_exhaustive()
     }
 }
 
 impl Client {
+    /// A client that talks to `config.base_url` over the network.
     pub fn new(config: &Config, timeout: Duration) -> Result<Client, BuildError> {
+        Client::build(config, timeout, || Transport::http(timeout))
+    }
+
+    /// A client whose requests never leave the process: each one is served by `router` (typically
+    /// [`crate::simulator::Simulator::router`]) with the same method, path and query, headers and body as over
+    /// the network. `config.base_url` must still be a valid http(s) URL; its host only fills the `host` header
+    /// and its path prefix is sent as it is. `timeout` covers the router's answer and the whole body and is
+    /// measured on tokio's clock, so on a paused clock a slower answer is a `timeout` at once. A response that
+    /// carries the [`ConnectionReset`] extension is a `network` failure.
+    pub fn in_memory(config: &Config, timeout: Duration, router: axum::Router) -> Result<Client, BuildError> {
+        Client::build(config, timeout, || Ok(Transport::InMemory(router)))
+    }
+
+    /// Validates the configuration, then builds the transport, so both constructors refuse the same input.
+    fn build(
+        config: &Config,
+        timeout: Duration,
+        transport: impl FnOnce() -> Result<Transport, BuildError>,
+    ) -> Result<Client, BuildError> {
         let base_url = &config.base_url;
         if !matches!(base_url.scheme(), "http" | "https") || base_url.host().is_none() {
             return Err(BuildError::UnsupportedBaseUrl { scheme: base_url.scheme().to_owned() });
@@ -128,12 +157,7 @@ impl Client {
                 Some(PrivateAccess { api_key, decoded_secret, key_state })
             }
         };
-        let http = reqwest::Client::builder()
-            .timeout(timeout)
-            .connect_timeout(timeout.min(CONNECT_TIMEOUT_CAP))
-            .user_agent(concat!("exwatch/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(BuildError::HttpClient)?;
+        let transport = transport()?;
         let mut ticker = endpoint_url(base_url, "/0/public/Ticker");
         ticker.query_pairs_mut().append_pair("pair", &config.pair);
         let mut depth = endpoint_url(base_url, "/0/public/Depth");
@@ -145,7 +169,7 @@ impl Client {
             depth,
             balance: endpoint_url(base_url, BALANCE_PATH),
         };
-        Ok(Client { name: config.name.clone(), pair: config.pair.clone(), http, timeout, urls, private_access })
+        Ok(Client { name: config.name.clone(), pair: config.pair.clone(), transport, timeout, urls, private_access })
     }
 
     /// Sends one request, reads the answer, classifies it and parses its `result`. Every call ends here, so
@@ -153,11 +177,11 @@ impl Client {
     async fn call<T>(
         &self,
         endpoint: Endpoint,
-        request: reqwest::RequestBuilder,
+        request: Request,
         parse: impl FnOnce(&Value) -> Result<T, Error>,
     ) -> Outcome<T> {
         let started = Instant::now();
-        let answer = self.fetch(request).await;
+        let answer = self.transport.send(request, self.timeout).await;
         let latency = started.elapsed();
         let (result, warnings) = match answer {
             Err(error) => (Err(error), Vec::new()),
@@ -178,33 +202,6 @@ impl Client {
             "Kraken call finished."
         );
         Outcome { endpoint, latency, result, warnings }
-    }
-
-    /// Sends and reads the whole body, never more than [`BODY_LIMIT_BYTES`]. The client's timeout covers
-    /// connecting, the headers and every chunk of the body.
-    async fn fetch(&self, request: reqwest::RequestBuilder) -> Result<Answer, Error> {
-        let mut response = request.send().await.map_err(|error| classify_transport_error(&error, self.timeout))?;
-        let status = response.status().as_u16();
-        let header_text = |name| response.headers().get(name).and_then(|value: &HeaderValue| value.to_str().ok());
-        let content_type = header_text(CONTENT_TYPE).map(str::to_owned);
-        let server = header_text(SERVER).map(str::to_owned);
-        // A declared length over the limit fails before a single byte is read.
-        let declared_length = header_text(CONTENT_LENGTH).and_then(|text| text.parse::<u64>().ok());
-        if declared_length.is_some_and(|length| length > BODY_LIMIT_BYTES as u64) {
-            return Err(body_too_large(status));
-        }
-        let mut body = Vec::new();
-        while let Some(chunk) = response
-            .chunk()
-            .await
-            .map_err(|error| classify_transport_error(&error, self.timeout).with_status(status))?
-        {
-            if body.len() + chunk.len() > BODY_LIMIT_BYTES {
-                return Err(body_too_large(status));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok(Answer { status, content_type, server, body })
     }
 
     fn failure_without_sending<T>(endpoint: Endpoint, latency: Duration, error: Error) -> Outcome<T> {
@@ -233,22 +230,22 @@ impl Exchange for Client {
     }
 
     async fn system_status(&self) -> Outcome<SystemStatus> {
-        let request = self.http.get(self.urls.system_status.clone());
+        let request = Request::get(&self.urls.system_status);
         self.call(Endpoint::SystemStatus, request, parse_system_status).await
     }
 
     async fn server_time(&self) -> Outcome<ServerTime> {
-        let request = self.http.get(self.urls.time.clone());
+        let request = Request::get(&self.urls.time);
         self.call(Endpoint::Time, request, parse_server_time).await
     }
 
     async fn ticker(&self) -> Outcome<Ticker> {
-        let request = self.http.get(self.urls.ticker.clone());
+        let request = Request::get(&self.urls.ticker);
         self.call(Endpoint::Ticker, request, |result| parse_ticker(result, &self.pair)).await
     }
 
     async fn depth(&self) -> Outcome<OrderBook> {
-        let request = self.http.get(self.urls.depth.clone());
+        let request = Request::get(&self.urls.depth);
         self.call(Endpoint::Depth, request, |result| parse_order_book(result, &self.pair)).await
     }
 
@@ -273,13 +270,10 @@ impl Exchange for Client {
         let mut signature = HeaderValue::try_from(sign(BALANCE_PATH, nonce, &body, &access.decoded_secret))
             .expect("standard base64 is always a valid header value");
         signature.set_sensitive(true);
-        let request = self
-            .http
-            .post(self.urls.balance.clone())
-            .header(CONTENT_TYPE, "application/x-www-form-urlencoded")
-            .header("API-Key", access.api_key.clone())
-            .header("API-Sign", signature)
-            .body(body);
+        let mut headers = HeaderMap::new();
+        headers.insert(API_KEY, access.api_key.clone());
+        headers.insert(API_SIGN, signature);
+        let request = Request::post_form(&self.urls.balance, headers, body);
         self.call(Endpoint::Balance, request, parse_balances).await
     }
 }
@@ -377,75 +371,6 @@ fn unexpected_shape(what: impl fmt::Display) -> Error {
     Error::new(ErrorClass::BadResponse, format!("unexpected shape: {what}"))
 }
 
-/// Classifies a `reqwest` failure. Timeouts first (reqwest reports a timeout inside a connect or body error
-/// too), then everything else that kept a complete answer from arriving is `network`. The message names the
-/// cause and the stage, never the URL or a header.
-fn classify_transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
-    if error.is_timeout() {
-        return Error::new(
-            ErrorClass::Timeout,
-            format!("no complete answer within {}", humantime::format_duration(timeout)),
-        );
-    }
-    if error.is_builder() {
-        return Error::new(ErrorClass::InvalidRequest, "the request could not be built");
-    }
-    if error.is_redirect() {
-        return Error::new(ErrorClass::BadResponse, "redirect loop or too many redirects");
-    }
-    let stage = if error.is_connect() {
-        "connect failed"
-    } else if error.is_body() || error.is_decode() {
-        "reading the body failed"
-    } else {
-        "request failed"
-    };
-    Error::new(ErrorClass::Network, format!("{stage}: {}", transport_cause(error)))
-}
-
-/// A short name for the root cause of a transport failure, found by walking the source chain.
-fn transport_cause(error: &reqwest::Error) -> &'static str {
-    if error.is_dns() {
-        return "dns lookup failed";
-    }
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(cause) = source {
-        if cause.is::<rustls::Error>() {
-            return "tls";
-        }
-        if let Some(io_error) = cause.downcast_ref::<std::io::Error>() {
-            // An io::Error hides its custom payload from `source()`, and that is where rustls puts its errors.
-            if io_error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                return "tls";
-            }
-            if let Some(name) = io_error_cause(io_error.kind()) {
-                return name;
-            }
-        }
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>()
-            && (hyper_error.is_incomplete_message() || hyper_error.is_closed() || hyper_error.is_canceled())
-        {
-            return "connection closed before the answer was complete";
-        }
-        source = cause.source();
-    }
-    "unknown transport error"
-}
-
-fn io_error_cause(kind: std::io::ErrorKind) -> Option<&'static str> {
-    use std::io::ErrorKind;
-    Some(match kind {
-        ErrorKind::ConnectionRefused => "connection refused",
-        ErrorKind::ConnectionReset => "connection reset",
-        ErrorKind::ConnectionAborted => "connection aborted",
-        ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof | ErrorKind::NotConnected => "connection closed",
-        ErrorKind::NetworkUnreachable => "network unreachable",
-        ErrorKind::HostUnreachable => "host unreachable",
-        ErrorKind::AddrNotAvailable => "address not available",
-        _ => return None,
-    })
-}
-
 /// Classifies a complete answer: the HTTP status first, then the body's form, then Kraken's error strings.
 /// On success it returns the `result` to parse and the warnings that came with it.
 fn classify_answer(answer: &Answer) -> Result<Envelope, Error> {
@@ -516,7 +441,26 @@ fn classify_exchange_errors(error_strings: Vec<String>) -> Error {
     let errors: Vec<&String> = error_strings.iter().filter(|text| is_error_string(text)).collect();
     let class = errors.iter().find_map(|text| exchange_error_class(text)).unwrap_or(ErrorClass::ServerError);
     let listed = errors.iter().map(|text| text.as_str()).collect::<Vec<_>>().join(", ");
-    Error::new(class, format!("exchange error {listed}")).with_exchange_errors(error_strings)
+    let mut error = Error::new(class, format!("exchange error {listed}"));
+    if class == ErrorClass::Auth {
+        error.auth = errors.iter().find_map(|text| auth_failure(text));
+    }
+    error.with_exchange_errors(error_strings)
+}
+
+/// Which credential check an `auth` error string reports, for the ones handled differently.
+fn auth_failure(text: &str) -> Option<AuthFailure> {
+    let lowercase = text.to_ascii_lowercase();
+    [
+        ("eapi:invalid key", AuthFailure::InvalidKey),
+        ("eapi:invalid signature", AuthFailure::InvalidSignature),
+        ("eapi:invalid nonce", AuthFailure::InvalidNonce),
+        ("egeneral:permission denied", AuthFailure::PermissionDenied),
+        ("egeneral:temporary lockout", AuthFailure::Lockout),
+    ]
+    .into_iter()
+    .find(|(prefix, _)| lowercase.starts_with(prefix))
+    .map(|(_, failure)| failure)
 }
 
 /// Prefixes in lowercase, more specific before more general (`EAuth:Rate limit exceeded` before `EAuth:`).
@@ -707,6 +651,24 @@ fn is_positive_decimal(text: &str) -> bool {
 mod tests {
     use super::*;
 
+    #[test]
+    fn auth_errors_say_which_check_failed() {
+        let cases = [
+            ("EAPI:Invalid key", Some(AuthFailure::InvalidKey)),
+            ("EAPI:Invalid signature", Some(AuthFailure::InvalidSignature)),
+            ("EAPI:Invalid nonce", Some(AuthFailure::InvalidNonce)),
+            ("EGeneral:Permission denied", Some(AuthFailure::PermissionDenied)),
+            ("EGeneral:Temporary lockout", Some(AuthFailure::Lockout)),
+            ("EAuth:Account temporary disabled", None),
+        ];
+        for (text, expected) in cases {
+            let error = classify_exchange_errors(vec![text.to_owned()]);
+            assert_eq!(error.class, ErrorClass::Auth, "{text}");
+            assert_eq!(error.auth, expected, "{text}");
+        }
+        assert_eq!(classify_exchange_errors(vec!["EService:Busy".to_owned()]).auth, None);
+    }
+
     const TEST_SECRET: &str =
         "kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==";
 
@@ -747,6 +709,7 @@ mod tests {
     use axum::extract::State;
     use axum::http::{HeaderMap, Uri};
     use axum::routing::{get, post};
+    use reqwest::header::{CONTENT_TYPE, SERVER};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::sync::mpsc;
 

@@ -7,4 +7,5 @@
 mod cli;
 mod daemon;
 mod helpers;
+mod paused;
 mod scenarios;

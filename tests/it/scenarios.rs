@@ -5,7 +5,7 @@ use std::time::Duration;
 use exwatch::config::Config;
 use exwatch::exchange::kraken::Client;
 use exwatch::exchange::{Endpoint, ErrorClass, Exchange, Outcome};
-use exwatch::simulator::Scenario;
+use exwatch::simulator::{self, Scenario};
 
 use crate::helpers::{SIMULATOR_API_KEY, SIMULATOR_API_SECRET, install_tls_provider, start_simulator};
 
@@ -40,50 +40,10 @@ async fn class_of(client: &Client, endpoint: Endpoint) -> Option<ErrorClass> {
 
 #[tokio::test]
 async fn every_simulator_scenario_maps_to_its_error_class_through_the_real_client() {
-    use ErrorClass::*;
-    let ok = None;
-    // (scenario, [SystemStatus, Ticker, Depth, Balance])
-    let table: Vec<(Scenario, [Option<ErrorClass>; 4])> = vec![
-        (Scenario::Healthy, [ok, ok, ok, ok]),
-        (Scenario::Maintenance, [Some(Maintenance), Some(Maintenance), Some(Maintenance), Some(Maintenance)]),
-        (Scenario::CancelOnly, [Some(Maintenance), ok, ok, ok]),
-        (Scenario::Unavailable, [ok, Some(Maintenance), Some(Maintenance), Some(Maintenance)]),
-        (Scenario::RateLimited, [Some(RateLimited), Some(RateLimited), Some(RateLimited), Some(RateLimited)]),
-        (Scenario::TooManyRequests, [Some(RateLimited), Some(RateLimited), Some(RateLimited), Some(RateLimited)]),
-        (Scenario::Http429, [Some(RateLimited), Some(RateLimited), Some(RateLimited), Some(RateLimited)]),
-        (Scenario::InvalidKey, [ok, ok, ok, Some(Auth)]),
-        (Scenario::InvalidSignature, [ok, ok, ok, Some(Auth)]),
-        (Scenario::Lockout, [ok, ok, ok, Some(Auth)]),
-        (Scenario::Cloudflare520, [Some(ServerError), Some(ServerError), Some(ServerError), Some(ServerError)]),
-        (Scenario::Cloudflare502, [Some(ServerError), Some(ServerError), Some(ServerError), Some(ServerError)]),
-        (Scenario::Cloudflare504, [Some(ServerError), Some(ServerError), Some(ServerError), Some(ServerError)]),
-        (Scenario::Html200, [Some(BadResponse), Some(BadResponse), Some(BadResponse), Some(BadResponse)]),
-        (Scenario::EmptyBody, [Some(BadResponse), Some(BadResponse), Some(BadResponse), Some(BadResponse)]),
-        (Scenario::TruncatedJson, [Some(BadResponse), Some(BadResponse), Some(BadResponse), Some(BadResponse)]),
-        (Scenario::Busy, [Some(ServerError), Some(ServerError), Some(ServerError), Some(ServerError)]),
-        (Scenario::InternalError, [Some(ServerError), Some(ServerError), Some(ServerError), Some(ServerError)]),
-        (Scenario::Slow, [Some(Timeout), Some(Timeout), Some(Timeout), Some(Timeout)]),
-        (Scenario::Reset, [Some(Network), Some(Network), Some(Network), Some(Network)]),
-        (Scenario::Flaky, [Some(Maintenance), Some(Maintenance), Some(Maintenance), Some(Maintenance)]),
-    ];
-    assert_eq!(table.len(), Scenario::ALL.len(), "every scenario is in the table");
-
     let simulator = start_simulator().await;
+    // The client's timeout is 400 ms; `slow` answers after 1.5 s.
     let client = client(&simulator.base_url(), SIMULATOR_API_SECRET);
-    let endpoints = [Endpoint::SystemStatus, Endpoint::Ticker, Endpoint::Depth, Endpoint::Balance];
-    let mut mismatches = Vec::new();
-    for (scenario, expected) in table {
-        simulator.set_scenario(scenario);
-        // `slow` answers after a delay beyond the client's 400 ms timeout; `flaky` fails every call at rate 1.
-        simulator.set_latency(if scenario == Scenario::Slow { Duration::from_millis(1500) } else { Duration::ZERO });
-        simulator.set_failure_rate(1.0);
-        for (endpoint, expected) in endpoints.into_iter().zip(expected) {
-            let actual = class_of(&client, endpoint).await;
-            if actual != expected {
-                mismatches.push(format!("{}/{endpoint}: expected {expected:?}, got {actual:?}", scenario.as_str()));
-            }
-        }
-    }
+    let mismatches = simulator::conformance(&simulator, &client, Duration::from_millis(1500)).await;
     assert!(mismatches.is_empty(), "scenario mismatches:\n{}", mismatches.join("\n"));
 }
 

@@ -1,0 +1,545 @@
+//! How a Kraken request reaches a server and how its answer comes back: over the network with reqwest (what
+//! production uses), or in memory through an axum [`Router`] (what paused-clock tests use against the simulator,
+//! with no socket at all, so tokio's auto-advance can never fire a timeout while real I/O is pending).
+//!
+//! What it owns: sending one [`Request`], enforcing the timeout over the whole exchange (headers and every
+//! chunk of the body), the body limit, and naming transport failures (no complete answer arrived). What it
+//! deliberately does not do: look at the status or the body. Both transports hand back the same [`Answer`],
+//! which the client classifies and parses with the same functions whichever way it travelled.
+
+use std::pin::Pin;
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, HttpBody as _};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, SERVER, USER_AGENT};
+use axum::http::{self, HeaderMap, HeaderValue, Method, StatusCode};
+use tower::ServiceExt as _;
+use url::Url;
+
+use super::{Answer, BODY_LIMIT_BYTES, BuildError, body_too_large};
+use crate::exchange::{Error, ErrorClass};
+
+/// Connecting gets at most this long even when the overall timeout is longer, so a black-holed address is
+/// reported while there is still time budget left to say so.
+const CONNECT_TIMEOUT_CAP: Duration = Duration::from_secs(5);
+
+const USER_AGENT_TEXT: &str = concat!("exwatch/", env!("CARGO_PKG_VERSION"));
+
+/// Put into a response's extensions by an in-memory server (the simulator's `reset` scenario) to say that the
+/// connection was reset before any answer. A router has no socket to reset, and an extension never crosses a
+/// real connection, so the marker only ever means something to the in-memory transport, which reports a
+/// `network` failure as if the TCP connection had been reset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionReset;
+
+/// One request as the client means it, before either transport turns it into its own type.
+#[derive(Debug)]
+pub(super) struct Request {
+    method: Method,
+    url: Url,
+    headers: HeaderMap,
+    body: Option<String>,
+}
+
+impl Request {
+    pub(super) fn get(url: &Url) -> Request {
+        Request { method: Method::GET, url: url.clone(), headers: HeaderMap::new(), body: None }
+    }
+
+    /// A form POST; `headers` are added to the form content type.
+    pub(super) fn post_form(url: &Url, mut headers: HeaderMap, body: String) -> Request {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
+        Request { method: Method::POST, url: url.clone(), headers, body: Some(body) }
+    }
+}
+
+/// Where requests go. Chosen once, when the client is built.
+pub(super) enum Transport {
+    Http(reqwest::Client),
+    /// Each request is one `oneshot` call on a clone of the router (clones share the router's state).
+    InMemory(Router),
+}
+
+impl Transport {
+    pub(super) fn http(timeout: Duration) -> Result<Transport, BuildError> {
+        reqwest::Client::builder()
+            .timeout(timeout)
+            .connect_timeout(timeout.min(CONNECT_TIMEOUT_CAP))
+            .user_agent(USER_AGENT_TEXT)
+            .build()
+            .map(Transport::Http)
+            .map_err(BuildError::HttpClient)
+    }
+
+    pub(super) fn kind(&self) -> &'static str {
+        match self {
+            Transport::Http(_) => "http",
+            Transport::InMemory(_) => "in_memory",
+        }
+    }
+
+    /// Sends and reads the whole body, never more than [`BODY_LIMIT_BYTES`], all within `timeout`.
+    pub(super) async fn send(&self, request: Request, timeout: Duration) -> Result<Answer, Error> {
+        match self {
+            Transport::Http(client) => send_over_http(client, request, timeout).await,
+            Transport::InMemory(router) => {
+                let request = in_memory_request(request)?;
+                // One deadline over the router's answer and the whole body, like reqwest's timeout. On a paused
+                // clock a slower answer is a timeout the moment nothing else is left to run.
+                tokio::time::timeout(timeout, send_in_memory(router.clone(), request))
+                    .await
+                    .unwrap_or_else(|_elapsed| Err(timeout_error(timeout)))
+            }
+        }
+    }
+}
+
+fn timeout_error(timeout: Duration) -> Error {
+    Error::new(ErrorClass::Timeout, format!("no complete answer within {}", humantime::format_duration(timeout)))
+}
+
+/// The status and the headers the client keeps, with an empty body. A declared length over the limit fails
+/// before a single byte is read.
+fn answer_head(status: StatusCode, headers: &HeaderMap) -> Result<Answer, Error> {
+    let status = status.as_u16();
+    let header_text = |name| headers.get(name).and_then(|value: &HeaderValue| value.to_str().ok());
+    let declared_length = header_text(CONTENT_LENGTH).and_then(|text| text.parse::<u64>().ok());
+    if declared_length.is_some_and(|length| length > BODY_LIMIT_BYTES as u64) {
+        return Err(body_too_large(status));
+    }
+    Ok(Answer {
+        status,
+        content_type: header_text(CONTENT_TYPE).map(str::to_owned),
+        server: header_text(SERVER).map(str::to_owned),
+        body: Vec::new(),
+    })
+}
+
+fn append_chunk(answer: &mut Answer, chunk: &[u8]) -> Result<(), Error> {
+    if answer.body.len() + chunk.len() > BODY_LIMIT_BYTES {
+        return Err(body_too_large(answer.status));
+    }
+    answer.body.extend_from_slice(chunk);
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Over the network
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The client's timeout (set at build time) covers connecting, the headers and every chunk of the body.
+async fn send_over_http(client: &reqwest::Client, request: Request, timeout: Duration) -> Result<Answer, Error> {
+    let Request { method, url, headers, body } = request;
+    let mut builder = client.request(method, url).headers(headers);
+    if let Some(body) = body {
+        builder = builder.body(body);
+    }
+    let mut response = builder.send().await.map_err(|error| classify_transport_error(&error, timeout))?;
+    let mut answer = answer_head(response.status(), response.headers())?;
+    while let Some(chunk) =
+        response.chunk().await.map_err(|error| classify_transport_error(&error, timeout).with_status(answer.status))?
+    {
+        append_chunk(&mut answer, &chunk)?;
+    }
+    Ok(answer)
+}
+
+/// Classifies a `reqwest` failure. Timeouts first (reqwest reports a timeout inside a connect or body error
+/// too), then everything else that kept a complete answer from arriving is `network`. The message names the
+/// cause and the stage, never the URL or a header.
+fn classify_transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
+    if error.is_timeout() {
+        return timeout_error(timeout);
+    }
+    if error.is_builder() {
+        return Error::new(ErrorClass::InvalidRequest, "the request could not be built");
+    }
+    if error.is_redirect() {
+        return Error::new(ErrorClass::BadResponse, "redirect loop or too many redirects");
+    }
+    let stage = if error.is_connect() {
+        "connect failed"
+    } else if error.is_body() || error.is_decode() {
+        "reading the body failed"
+    } else {
+        "request failed"
+    };
+    Error::new(ErrorClass::Network, format!("{stage}: {}", transport_cause(error)))
+}
+
+/// A short name for the root cause of a transport failure, found by walking the source chain.
+fn transport_cause(error: &reqwest::Error) -> &'static str {
+    if error.is_dns() {
+        return "dns lookup failed";
+    }
+    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
+    while let Some(cause) = source {
+        if cause.is::<rustls::Error>() {
+            return "tls";
+        }
+        if let Some(io_error) = cause.downcast_ref::<std::io::Error>() {
+            // An io::Error hides its custom payload from `source()`, and that is where rustls puts its errors.
+            if io_error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
+                return "tls";
+            }
+            if let Some(name) = io_error_cause(io_error.kind()) {
+                return name;
+            }
+        }
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>()
+            && (hyper_error.is_incomplete_message() || hyper_error.is_closed() || hyper_error.is_canceled())
+        {
+            return "connection closed before the answer was complete";
+        }
+        source = cause.source();
+    }
+    "unknown transport error"
+}
+
+fn io_error_cause(kind: std::io::ErrorKind) -> Option<&'static str> {
+    use std::io::ErrorKind;
+    Some(match kind {
+        ErrorKind::ConnectionRefused => "connection refused",
+        ErrorKind::ConnectionReset => "connection reset",
+        ErrorKind::ConnectionAborted => "connection aborted",
+        ErrorKind::BrokenPipe | ErrorKind::UnexpectedEof | ErrorKind::NotConnected => "connection closed",
+        ErrorKind::NetworkUnreachable => "network unreachable",
+        ErrorKind::HostUnreachable => "host unreachable",
+        ErrorKind::AddrNotAvailable => "address not available",
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// In memory
+// ---------------------------------------------------------------------------------------------------------------
+
+/// The request a server would have read off the wire from reqwest: the same method, path and query, headers
+/// (plus the user agent, host and content length that reqwest and hyper add) and body. The URL's host only
+/// fills the `host` header; a path prefix on the base URL is sent as it is, because no proxy strips it.
+fn in_memory_request(request: Request) -> Result<http::Request<Body>, Error> {
+    let Request { method, url, mut headers, body } = request;
+    let could_not_build = || Error::new(ErrorClass::InvalidRequest, "the request could not be built");
+    let path_and_query = match url.query() {
+        Some(query) => format!("{}?{query}", url.path()),
+        None => url.path().to_owned(),
+    };
+    let uri: http::Uri = path_and_query.parse().map_err(|_| could_not_build())?;
+    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_TEXT));
+    if let Some(host) = url.host_str() {
+        let authority = match url.port() {
+            Some(port) => format!("{host}:{port}"),
+            None => host.to_owned(),
+        };
+        headers.insert(HOST, HeaderValue::from_str(&authority).map_err(|_| could_not_build())?);
+    }
+    let body = match body {
+        Some(body) => {
+            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
+            Body::from(body)
+        }
+        None => Body::empty(),
+    };
+    let mut request = http::Request::new(body);
+    *request.method_mut() = method;
+    *request.uri_mut() = uri;
+    *request.headers_mut() = headers;
+    Ok(request)
+}
+
+/// Calls the router and reads the body frame by frame under the limit. No timeout here: the caller wraps it.
+async fn send_in_memory(router: Router, request: http::Request<Body>) -> Result<Answer, Error> {
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(infallible) => match infallible {},
+    };
+    if response.extensions().get::<ConnectionReset>().is_some() {
+        return Err(Error::new(ErrorClass::Network, "request failed: connection reset (in-memory)"));
+    }
+    let (parts, mut body) = response.into_parts();
+    let mut answer = answer_head(parts.status, &parts.headers)?;
+    // A router sets no content-length, but its body usually knows its size: fail before reading, as a
+    // declared length does over the network.
+    if body.size_hint().lower() > BODY_LIMIT_BYTES as u64 {
+        return Err(body_too_large(answer.status));
+    }
+    while let Some(frame) = std::future::poll_fn(|context| Pin::new(&mut body).poll_frame(context)).await {
+        let frame = frame.map_err(|_| {
+            Error::new(ErrorClass::Network, "reading the body failed: in-memory body error").with_status(answer.status)
+        })?;
+        // Trailers carry nothing the client reads.
+        if let Ok(chunk) = frame.into_data() {
+            append_chunk(&mut answer, &chunk)?;
+        }
+    }
+    Ok(answer)
+}
+
+#[cfg(test)]
+mod tests {
+    //! The real client against the real simulator in memory, on a paused clock: no socket is ever opened, so
+    //! tokio's auto-advance only ever skips over the simulator's own sleeps and the client's own timeout.
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::task::{Context, Poll};
+
+    use axum::body::Bytes;
+    use axum::extract::State;
+    use axum::routing::{get, post};
+    use hyper::body::Frame;
+    use tokio::sync::mpsc;
+    use tokio::time::Instant;
+
+    use super::*;
+    use crate::exchange::kraken::{Client, sign};
+    use crate::exchange::{Config, Credentials, Exchange, Kind, TradingStatus};
+    use crate::secret::Secret;
+    use crate::simulator::{self, DEFAULT_API_SECRET, IN_MEMORY_BASE_URL, Scenario, Simulator};
+
+    /// The over-HTTP scenario table's client timeout (tests/it/scenarios.rs).
+    const TIMEOUT: Duration = Duration::from_millis(400);
+
+    /// Nonces and the send lock are per API key and process-wide. A paused-clock test that waited on a lock
+    /// held by another test's runtime would see its timeout fire at once, so every client gets its own key.
+    fn unique_api_key() -> String {
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        format!("in-memory-transport-test-key-{}", NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    fn config(base_url: &str, credentials: Option<Credentials>) -> Config {
+        Config {
+            name: "kraken".to_owned(),
+            kind: Kind::Kraken,
+            base_url: Url::parse(base_url).unwrap(),
+            pair: "XBTAUD".to_owned(),
+            depth_count: 10,
+            credentials,
+        }
+    }
+
+    /// An in-memory simulator in `scenario` (public limiter off, as in the over-HTTP tests) and a client of it
+    /// with a key of its own.
+    fn simulator_and_client(scenario: Scenario) -> (Simulator, Client) {
+        let api_key = unique_api_key();
+        let options = simulator::Options {
+            scenario,
+            api_key: Secret::new(&api_key),
+            public_rate_limit: None,
+            ..simulator::Options::default()
+        };
+        let simulator = Simulator::in_memory(options).unwrap();
+        let credentials = Credentials { api_key: Secret::new(&api_key), api_secret: Secret::new(DEFAULT_API_SECRET) };
+        let client =
+            Client::in_memory(&config(&simulator.base_url(), Some(credentials)), TIMEOUT, simulator.router()).unwrap();
+        (simulator, client)
+    }
+
+    /// The class of one call, with SystemStatus's non-online answer counted as the poller counts it.
+    #[tokio::test(start_paused = true)]
+    async fn the_real_client_gets_healthy_answers_from_the_simulator_in_memory() {
+        let (simulator, client) = simulator_and_client(Scenario::Healthy);
+        assert_eq!(simulator.base_url(), IN_MEMORY_BASE_URL);
+        assert!(format!("{client:?}").contains("transport: \"in_memory\""), "{client:?}");
+
+        let status = client.system_status().await;
+        assert_eq!(status.result.unwrap().status, TradingStatus::Online);
+        assert_eq!(status.latency, Duration::ZERO, "nothing takes time on a paused clock without latency");
+        assert!(client.server_time().await.result.unwrap().unixtime > 0);
+        let ticker = client.ticker().await.result.unwrap();
+        assert_eq!(ticker.pair_key, "XBTAUD");
+        let book = client.depth().await.result.unwrap();
+        assert_eq!((book.asks.len(), book.bids.len()), (10, 10));
+        // Signed for real: the simulator checks the key, the signature and that nonces strictly increase.
+        for _ in 0..3 {
+            let balances = client.balance().await.result.unwrap();
+            assert!(balances.assets.contains_key("ZUSD"), "{balances:?}");
+        }
+        for (method, calls) in [("SystemStatus", 1), ("Time", 1), ("Ticker", 1), ("Depth", 1), ("Balance", 3)] {
+            assert_eq!(simulator.requests(method), calls, "{method}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_simulator_scenario_maps_to_its_class_in_memory() {
+        let (simulator, client) = simulator_and_client(Scenario::Healthy);
+        let mismatches = crate::simulator::conformance(&simulator, &client, Duration::from_millis(1500)).await;
+        assert!(mismatches.is_empty(), "scenario mismatches:\n{}", mismatches.join("\n"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_simulator_times_out_at_exactly_the_client_timeout_on_a_paused_clock() {
+        let (simulator, client) = simulator_and_client(Scenario::Slow);
+        simulator.set_latency(Duration::from_millis(1500));
+        let started = Instant::now();
+        let outcome = client.server_time().await;
+        let error = outcome.result.unwrap_err();
+        assert_eq!(error.class, ErrorClass::Timeout, "{error}");
+        assert_eq!(error.message, "no complete answer within 400ms");
+        assert_eq!(outcome.latency, TIMEOUT);
+        assert_eq!(started.elapsed(), TIMEOUT);
+        // A latency within the timeout is an answer, and the latency is measured on the same clock.
+        simulator.set_latency(Duration::from_millis(250));
+        let outcome = client.server_time().await;
+        assert!(outcome.result.is_ok());
+        assert_eq!(outcome.latency, Duration::from_millis(250));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_in_memory_is_a_network_failure_and_the_simulator_recovers() {
+        let (simulator, client) = simulator_and_client(Scenario::Reset);
+        for error in [client.system_status().await.result.unwrap_err(), client.balance().await.result.unwrap_err()] {
+            assert_eq!(error.class, ErrorClass::Network, "{error}");
+            assert_eq!(error.message, "request failed: connection reset (in-memory)");
+            assert_eq!(error.http_status, None);
+        }
+        assert_eq!(simulator.requests("SystemStatus"), 1);
+        simulator.set_scenario(Scenario::Healthy);
+        assert!(client.system_status().await.result.is_ok());
+        // The reset call never reached the Kraken checks; the next nonce is simply a larger one.
+        assert!(client.balance().await.result.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn private_calls_hit_the_rate_limit_and_recover_as_paused_time_lets_the_counter_decay() {
+        // The starter tier: at most 15 on the counter, 0.33 decay per second.
+        let (simulator, client) = simulator_and_client(Scenario::Healthy);
+        let mut classes = Vec::new();
+        for _ in 0..20 {
+            classes.push(client.balance().await.error().map(|error| error.class));
+        }
+        assert_eq!(classes[..15], [None; 15]);
+        assert_eq!(classes[15..], [Some(ErrorClass::RateLimited); 5]);
+        let error = client.balance().await.result.unwrap_err();
+        assert_eq!(error.exchange_errors, ["EAPI:Rate limit exceeded"]);
+
+        // A 30 s poll interval regains about ten calls; a minute regains them all.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        assert!(client.balance().await.result.is_ok());
+        tokio::time::advance(Duration::from_secs(60)).await;
+        for _ in 0..15 {
+            assert!(client.balance().await.result.is_ok());
+        }
+        assert_eq!(simulator.requests("Balance"), 37);
+    }
+
+    // -----------------------------------------------------------------------------------------------------------
+    // The in-memory transport on its own, against small routers
+    // -----------------------------------------------------------------------------------------------------------
+
+    type Seen = (Method, String, HeaderMap, String);
+
+    #[tokio::test(start_paused = true)]
+    async fn in_memory_requests_carry_what_the_network_path_sends() {
+        let (sender, mut receiver) = mpsc::unbounded_channel::<Seen>();
+        let record = |body: &'static str| {
+            move |State(sender): State<mpsc::UnboundedSender<Seen>>,
+                  method: Method,
+                  uri: http::Uri,
+                  headers: HeaderMap,
+                  request_body: String| async move {
+                sender.send((method, uri.to_string(), headers, request_body)).unwrap();
+                ([(CONTENT_TYPE, "application/json")], body)
+            }
+        };
+        let router = Router::new()
+            .route("/kraken/0/public/Depth", get(record(r#"{"error":[],"result":{"XBTAUD":{"asks":[],"bids":[]}}}"#)))
+            .route("/kraken/0/private/Balance", post(record(r#"{"error":[],"result":{"ZUSD":"1.0"}}"#)))
+            .with_state(sender);
+        let api_key = unique_api_key();
+        let credentials = Credentials { api_key: Secret::new(&api_key), api_secret: Secret::new(DEFAULT_API_SECRET) };
+        let client =
+            Client::in_memory(&config("http://exchange.invalid:8443/kraken/", Some(credentials)), TIMEOUT, router)
+                .unwrap();
+
+        assert!(client.depth().await.result.is_ok());
+        let (method, uri, headers, body) = receiver.recv().await.unwrap();
+        assert_eq!(
+            (method, uri.as_str(), body.as_str()),
+            (Method::GET, "/kraken/0/public/Depth?pair=XBTAUD&count=10", "")
+        );
+        assert_eq!(headers["host"], "exchange.invalid:8443");
+        assert!(headers["user-agent"].to_str().unwrap().starts_with("exwatch/"));
+        assert!(!headers.contains_key("api-key"));
+
+        assert!(client.balance().await.result.is_ok());
+        let (method, uri, headers, body) = receiver.recv().await.unwrap();
+        assert_eq!((method, uri.as_str()), (Method::POST, "/kraken/0/private/Balance"));
+        assert_eq!(headers["api-key"], api_key.as_str());
+        assert_eq!(headers["content-type"], "application/x-www-form-urlencoded");
+        assert_eq!(headers["content-length"], body.len().to_string().as_str());
+        let nonce: u64 = body.strip_prefix("nonce=").expect("a form body with the nonce").parse().unwrap();
+        let secret = base64::Engine::decode(&base64::engine::general_purpose::STANDARD, DEFAULT_API_SECRET).unwrap();
+        // Signed over Kraken's path: the prefix belongs to the base URL, not to the signature.
+        assert_eq!(headers["api-sign"], sign("/0/private/Balance", nonce, &body, &secret).as_str());
+    }
+
+    fn client_of(router: Router) -> Client {
+        Client::in_memory(&config("http://exchange.invalid", None), TIMEOUT, router).unwrap()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_in_memory_server_that_never_answers_is_a_timeout_at_the_configured_timeout() {
+        let router = Router::new().route("/0/public/Time", get(std::future::pending::<String>));
+        let outcome = client_of(router).server_time().await;
+        assert_eq!(outcome.result.unwrap_err().class, ErrorClass::Timeout);
+        assert_eq!(outcome.latency, TIMEOUT);
+    }
+
+    /// A body of endless 64 KiB chunks with no size hint, and a pause before each one.
+    struct EndlessBody {
+        pause: Option<Pin<Box<tokio::time::Sleep>>>,
+        pause_length: Duration,
+    }
+
+    impl axum::body::HttpBody for EndlessBody {
+        type Data = Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            context: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+            let pause_length = self.pause_length;
+            let pause = self.pause.get_or_insert_with(|| Box::pin(tokio::time::sleep(pause_length)));
+            if pause.as_mut().poll(context).is_pending() {
+                return Poll::Pending;
+            }
+            self.pause = None;
+            Poll::Ready(Some(Ok(Frame::data(Bytes::from(vec![b' '; 64 * 1024])))))
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn in_memory_bodies_larger_than_the_limit_are_bad_responses() {
+        let known_size = Router::new().route("/0/public/Time", get(|| async { vec![b' '; BODY_LIMIT_BYTES + 1] }));
+        let endless = Router::new().route(
+            "/0/public/Time",
+            get(|| async { Body::new(EndlessBody { pause: None, pause_length: Duration::ZERO }) }),
+        );
+        for router in [known_size, endless] {
+            let error = client_of(router).server_time().await.result.unwrap_err();
+            assert_eq!(error.class, ErrorClass::BadResponse, "{error}");
+            assert_eq!(error.http_status, Some(200));
+            assert!(error.message.contains("body larger than"), "{}", error.message);
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_in_memory_body_that_trickles_past_the_timeout_is_a_timeout() {
+        let router = Router::new().route(
+            "/0/public/Time",
+            get(|| async { Body::new(EndlessBody { pause: None, pause_length: Duration::from_millis(150) }) }),
+        );
+        let outcome = client_of(router).server_time().await;
+        assert_eq!(outcome.result.unwrap_err().class, ErrorClass::Timeout);
+        assert_eq!(outcome.latency, TIMEOUT);
+    }
+
+    #[test]
+    fn an_in_memory_client_refuses_the_same_configuration_as_a_network_client() {
+        let router = Router::new();
+        let error = Client::in_memory(&config("ftp://exchange.invalid", None), TIMEOUT, router).unwrap_err();
+        assert!(matches!(error, BuildError::UnsupportedBaseUrl { .. }), "{error}");
+    }
+}
