@@ -9,6 +9,7 @@
 //! - [`simulator`]: a fake Kraken, faults included, for tests, demos and drills.
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 
+pub mod alert;
 pub mod app;
 pub mod breaker;
 pub mod cli;
