@@ -1,5 +1,6 @@
-//! The command line: `run`, `check-config`, `simulate` and `probe`. Each command loads what it needs and maps its
-//! result to an exit code; the work itself lives in the library modules.
+//! The command line: `run`, `check-config`, `simulate`, `probe`, and the admin API's clients `breaker` and
+//! `rate-limit`. Each command loads what it needs and maps its result to an exit code; the work itself lives in the
+//! library modules (the admin commands only speak HTTP to a running daemon and print its answers).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -9,7 +10,9 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App};
+use crate::breaker;
 use crate::config::Config;
+use crate::secret::Secret;
 use crate::simulator::{self, Scenario};
 use crate::telemetry;
 
@@ -30,6 +33,10 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run the runbook's recovery verification once (Ticker, Balance, Depth); exit 0 only if all pass.
     Probe(ConfigArgs),
+    /// Read or force an exchange's circuit breaker through the running daemon's admin API.
+    Breaker(BreakerArgs),
+    /// Read or set an exchange's rate factor through the running daemon's admin API.
+    RateLimit(RateLimitArgs),
 }
 
 #[derive(Debug, Args)]
@@ -64,6 +71,65 @@ pub struct SimulateArgs {
     pub no_public_rate_limit: bool,
 }
 
+/// Where the admin API is and which exchange to act on; usable after the subcommand (`breaker status --url …`).
+#[derive(Debug, Args)]
+pub struct AdminArgs {
+    /// The exchange, as named in the daemon's configuration.
+    #[arg(long, global = true, default_value = "kraken")]
+    pub exchange: String,
+    /// The daemon's base URL; defaults to the configuration's `server.listen` (loopback when it listens on all).
+    #[arg(long, global = true)]
+    pub url: Option<url::Url>,
+    /// The TOML configuration file the token (and default URL) come from; EXWATCH__ADMIN__TOKEN also works.
+    #[arg(long, short = 'c', global = true, env = "EXWATCH_CONFIG")]
+    pub config: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct BreakerArgs {
+    #[command(subcommand)]
+    pub action: BreakerAction,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum BreakerAction {
+    /// Print the breaker's state, counters and timers.
+    Status,
+    /// Force HALF_OPEN: the daemon runs the recovery verification as the trial at once.
+    HalfOpen,
+    /// Force FORCED_OPEN: no calls until an operator changes it.
+    ForceOpen,
+    /// Force DISABLED: every call admitted, never trips, nothing recorded.
+    Disable,
+    /// Force METRICS_ONLY: every call admitted and recorded, never trips.
+    MetricsOnly,
+    /// Force CLOSED.
+    Close,
+    /// Back to CLOSED with every counter cleared.
+    Reset,
+}
+
+#[derive(Debug, Args)]
+pub struct RateLimitArgs {
+    #[command(subcommand)]
+    pub action: RateLimitAction,
+    #[command(flatten)]
+    pub admin: AdminArgs,
+}
+
+#[derive(Debug, Clone, Copy, Subcommand)]
+pub enum RateLimitAction {
+    /// Print the rate factor, the effective budgets and recent rate limiting.
+    Status,
+    /// Set the operator's factor, greater than 0 and at most 1 (0.5 = half the configured rate).
+    Set {
+        #[arg(allow_negative_numbers = true)]
+        factor: f64,
+    },
+}
+
 fn parse_duration(text: &str) -> Result<Duration, String> {
     humantime::parse_duration(text).map_err(|error| format!("invalid duration {text:?}: {error}"))
 }
@@ -82,6 +148,8 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::CheckConfig(args) => check_config(args),
         Command::Simulate(args) => simulate(args).await,
         Command::Probe(args) => probe(args).await,
+        Command::Breaker(args) => breaker(args).await,
+        Command::RateLimit(args) => rate_limit(args).await,
     };
     match result {
         Ok(code) => code,
@@ -148,6 +216,226 @@ async fn probe(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let mut stdout = std::io::stdout().lock();
     let passed = crate::probe::run(&exchanges, &mut stdout).await?;
     Ok(if passed { ExitCode::SUCCESS } else { ExitCode::FAILURE })
+}
+
+/// A client of the admin API: the base URL, the token and the exchange acted on.
+struct AdminClient {
+    http: reqwest::Client,
+    base: url::Url,
+    token: Secret,
+    exchange: String,
+}
+
+/// What an admin call failed with: the daemon's answer is exit 1, the CLI's own problems are exit 2 (`execute`).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct AdminFailure(String);
+
+impl AdminClient {
+    fn new(args: AdminArgs) -> anyhow::Result<AdminClient> {
+        let config = Config::load(args.config.as_deref())?;
+        let Some(token) = config.admin.token else {
+            anyhow::bail!(
+                "no admin token configured: set admin.token or admin.token_file in the configuration file, \
+                 or EXWATCH__ADMIN__TOKEN"
+            );
+        };
+        let base = match args.url {
+            Some(url) => url,
+            None => {
+                let mut listen = config.server.listen;
+                if listen.ip().is_unspecified() {
+                    listen.set_ip(match listen {
+                        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+                    });
+                }
+                url::Url::parse(&format!("http://{listen}"))?
+            }
+        };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(10))
+            .build()
+            .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
+        Ok(AdminClient { http, base, token, exchange: args.exchange })
+    }
+
+    /// Calls `method /api/admin/{resource}/{exchange}[/{action}]` with an optional JSON body; returns the JSON
+    /// answer of a 2xx, or the daemon's error message as an [`AdminFailure`].
+    async fn call(
+        &self,
+        method: reqwest::Method,
+        resource: &str,
+        action: Option<&str>,
+        body: Option<serde_json::Value>,
+    ) -> anyhow::Result<serde_json::Value> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| anyhow::anyhow!("--url {} cannot be a base URL", self.base))?
+            .pop_if_empty()
+            .extend(["api", "admin", resource, &self.exchange])
+            .extend(action);
+        let mut request = self.http.request(method, url.clone()).bearer_auth(self.token.expose());
+        if let Some(body) = body {
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_string());
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|error| AdminFailure(format!("cannot reach the admin API at {url}: {error}")))?;
+        let status = response.status();
+        let text = response
+            .text()
+            .await
+            .map_err(|error| AdminFailure(format!("cannot read the admin API's answer: {error}")))?;
+        let answer: Option<serde_json::Value> = serde_json::from_str(&text).ok();
+        if status.is_success() {
+            return answer.ok_or_else(|| {
+                AdminFailure(format!("the admin API answered {status} with a body that is not JSON")).into()
+            });
+        }
+        let message = answer
+            .as_ref()
+            .and_then(|answer| answer.get("error"))
+            .and_then(serde_json::Value::as_str)
+            .map_or_else(|| text.trim().to_owned(), str::to_owned);
+        let message = if message.is_empty() && status == reqwest::StatusCode::NOT_FOUND {
+            "not found (is admin.token configured on the daemon?)".to_owned()
+        } else {
+            message
+        };
+        Err(AdminFailure(format!("the admin API answered {status}: {message}")).into())
+    }
+
+    async fn force(&self, target: breaker::State) -> anyhow::Result<serde_json::Value> {
+        let body = serde_json::json!({"state": target.as_str()});
+        self.call(reqwest::Method::POST, "circuit-breaker", None, Some(body)).await
+    }
+}
+
+async fn breaker(args: BreakerArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(args.admin)?;
+    let answer = match args.action {
+        BreakerAction::Status => {
+            let status = client.call(reqwest::Method::GET, "circuit-breaker", None, None).await;
+            return admin_output(status.map(|status| breaker_line(&status)));
+        }
+        BreakerAction::Reset => client.call(reqwest::Method::POST, "circuit-breaker", Some("reset"), None).await,
+        BreakerAction::HalfOpen => client.force(breaker::State::HalfOpen).await,
+        BreakerAction::ForceOpen => client.force(breaker::State::ForcedOpen).await,
+        BreakerAction::Disable => client.force(breaker::State::Disabled).await,
+        BreakerAction::MetricsOnly => client.force(breaker::State::MetricsOnly).await,
+        BreakerAction::Close => client.force(breaker::State::Closed).await,
+    };
+    admin_output(answer.map(|change| {
+        let text = |key: &str| change.get(key).and_then(serde_json::Value::as_str).unwrap_or("?").to_owned();
+        let exchange = text("exchange");
+        let changed = change.get("changed").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let first = match (changed, args.action) {
+            (true, _) => format!("{exchange}: {} -> {}", text("from"), text("to")),
+            (false, BreakerAction::Reset) => format!("{exchange}: {} (counters cleared)", text("to")),
+            (false, _) => format!("{exchange}: already {}", text("to")),
+        };
+        match change.get("status") {
+            Some(status) => format!("{first}\n{}", breaker_line(status)),
+            None => first,
+        }
+    }))
+}
+
+async fn rate_limit(args: RateLimitArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(args.admin)?;
+    let answer = match args.action {
+        RateLimitAction::Status => client.call(reqwest::Method::GET, "rate-limit", None, None).await,
+        RateLimitAction::Set { factor } => {
+            let body = serde_json::json!({"factor": factor});
+            client.call(reqwest::Method::PUT, "rate-limit", None, Some(body)).await
+        }
+    };
+    admin_output(answer.map(|status| rate_limit_line(&status)))
+}
+
+/// Prints an admin command's output: exit 0, or the daemon's error on standard error with exit 1. The CLI's own
+/// problems (bad URL, no token) go on to `execute`, which exits 2.
+fn admin_output(result: anyhow::Result<String>) -> anyhow::Result<ExitCode> {
+    match result {
+        Ok(text) => {
+            println!("{text}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) if error.is::<AdminFailure>() => {
+            eprintln!("exwatch: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+        Err(error) => Err(error),
+    }
+}
+
+/// `kraken: OPEN since 2026-11-29T07:10:00Z (1m 5s); consecutive failures 3; failure rate 60.0% over 5 calls; …`
+fn breaker_line(status: &serde_json::Value) -> String {
+    let text = |key: &str| status.get(key).and_then(serde_json::Value::as_str);
+    let number = |key: &str| status.get(key).and_then(serde_json::Value::as_f64);
+    let mut line = format!(
+        "{}: {} since {} ({})",
+        text("exchange").unwrap_or("?"),
+        text("state").unwrap_or("?"),
+        text("since").map_or_else(|| "?".to_owned(), whole_second_time),
+        text("inStateFor").unwrap_or("?"),
+    );
+    line.push_str(&format!("; consecutive failures {}", number("consecutiveFailures").unwrap_or(0.0)));
+    let calls = number("callsInWindow").unwrap_or(0.0);
+    match number("failureRate") {
+        Some(rate) if rate >= 0.0 => line.push_str(&format!("; failure rate {rate:.1}% over {calls} calls")),
+        _ => {
+            let minimum = status.pointer("/config/minimum_calls").and_then(serde_json::Value::as_f64).unwrap_or(0.0);
+            line.push_str(&format!("; failure rate n/a ({calls} of {minimum} calls needed)"));
+        }
+    }
+    if let (Some(class), Some(time)) = (text("lastFailureClass"), text("lastFailureTime")) {
+        line.push_str(&format!(
+            "; last failure {class} at {} ({} ago)",
+            whole_second_time(time),
+            text("lastFailureAgo").unwrap_or("?")
+        ));
+    }
+    line.push_str(&format!("; not permitted {}", number("notPermittedCalls").unwrap_or(0.0)));
+    if let Some(half_open_in) = text("halfOpenIn") {
+        line.push_str(&format!("; half-open in {half_open_in}"));
+    }
+    line
+}
+
+/// `kraken: factor 0.5 (ceiling 0.5); public 0.50/s burst 1; private 0.17/s burst 7; rate limited 0 times recently`
+fn rate_limit_line(status: &serde_json::Value) -> String {
+    let text = |key: &str| status.get(key).and_then(serde_json::Value::as_str);
+    let number = |key: &str| status.get(key).and_then(serde_json::Value::as_f64).unwrap_or(f64::NAN);
+    let mut line = format!(
+        "{}: factor {} (ceiling {}); public {:.2}/s burst {}; private {:.2}/s burst {}; rate limited {} times recently",
+        text("exchange").unwrap_or("?"),
+        number("factor"),
+        number("ceiling"),
+        number("publicPerSecond"),
+        number("publicBurst"),
+        number("privatePerSecond"),
+        number("privateBurst"),
+        number("recentRateLimited"),
+    );
+    if let Some(ago) = text("lastRateLimitedAgo") {
+        line.push_str(&format!(", last {ago} ago"));
+    }
+    if let Some(paused_for) = text("privatePausedFor") {
+        let reason = text("privatePauseReason").unwrap_or("unknown reason");
+        line.push_str(&format!("; private calls paused for {paused_for} ({reason})"));
+    }
+    line
+}
+
+/// An RFC 3339 time to the second, for people to read.
+fn whole_second_time(time: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(time).map_or_else(
+        |_| time.to_owned(),
+        |time| time.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    )
 }
 
 /// Cancels `cancel` on the first SIGTERM or SIGINT; a second signal exits at once.

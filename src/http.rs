@@ -1,4 +1,5 @@
-//! The HTTP surface: `/health` (liveness), `/ready` (readiness) and `/metrics` (Prometheus).
+//! The HTTP surface: `/health` (liveness), `/ready` (readiness), `/metrics` (Prometheus) and, when a token is
+//! configured, the admin API under `/api/admin` ([`admin`]).
 //!
 //! [`router`] is pure: it builds an axum `Router` from [`State`] without binding anything, so tests drive it without
 //! a socket; [`App`](crate::app::App) serves it. Liveness reports the daemon's own health only: an exchange or
@@ -21,6 +22,8 @@ use crate::app::Control;
 use crate::poller::Heartbeat;
 use crate::secret::Secret;
 use crate::telemetry;
+
+pub mod admin;
 
 /// What the handlers read. Cheap to clone.
 #[derive(Clone)]
@@ -50,12 +53,14 @@ impl Readiness {
     }
 }
 
+/// Without an admin token the admin paths are not mounted at all, so they are 404 like any unknown path.
 pub fn router(state: State) -> axum::Router {
-    axum::Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .with_state(state)
+    let mut router =
+        axum::Router::new().route("/health", get(health)).route("/ready", get(ready)).route("/metrics", get(metrics));
+    if state.admin_token.is_some() {
+        router = router.merge(admin::routes(state.clone()));
+    }
+    router.with_state(state)
 }
 
 /// 200 while every poll loop ticked within three intervals; 503 with the stalled loops otherwise.

@@ -43,6 +43,20 @@ pub fn config(base_url: &str, interval: &str, timeout: &str, credentials: bool) 
     .expect("valid test configuration")
 }
 
+/// The admin token of [`admin_config`].
+pub const ADMIN_TOKEN: &str = "exwatch-test-admin-token";
+
+/// Like [`config`] without credentials, with the admin API on behind [`ADMIN_TOKEN`].
+pub fn admin_config(base_url: &str, interval: &str, timeout: &str) -> Config {
+    Config::from_toml(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+         [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n\
+         [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n\
+         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n"
+    ))
+    .expect("valid test configuration")
+}
+
 /// A running daemon. Dropping it cancels it.
 pub struct TestApp {
     pub address: SocketAddr,

@@ -4,6 +4,7 @@
 // Tests may unwrap: a panic with the failing value is the report.
 #![allow(clippy::unwrap_used)]
 
+mod admin;
 mod cli;
 mod daemon;
 mod helpers;

@@ -1,0 +1,338 @@
+//! The admin API, the runbook's manual controls over HTTP: read and force each exchange's circuit breaker, and read
+//! and set its rate factor (`adjustApiCallFrequency('kraken', 0.5)`).
+//!
+//! It is only mounted when `admin.token` is configured; every route then requires `Authorization: Bearer <token>`,
+//! compared in constant time. Every answer is JSON, errors included (`{"error": "..."}`): axum's plain-text
+//! rejections never reach a client. The breaker and the limiter own their rules (which states may be forced,
+//! which factors are valid); this module only translates HTTP to their calls, logs each change once and never
+//! logs a token, presented or configured.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Request, State as Extract};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use sha2::{Digest as _, Sha256};
+use subtle::ConstantTimeEq as _;
+use tokio::time::Instant;
+
+use super::State;
+use crate::app::Control;
+use crate::breaker;
+use crate::limiter;
+use crate::secret::Secret;
+
+/// The states an operator may force; plain OPEN is the breaker's own decision (use FORCED_OPEN).
+const FORCEABLE: [breaker::State; 5] = [
+    breaker::State::HalfOpen,
+    breaker::State::ForcedOpen,
+    breaker::State::Disabled,
+    breaker::State::MetricsOnly,
+    breaker::State::Closed,
+];
+
+/// The admin routes, each behind the bearer token. The caller mounts them only when a token is configured.
+pub fn routes(state: State) -> axum::Router<State> {
+    axum::Router::new()
+        .route("/api/admin/circuit-breaker/{exchange}", get(breaker_status).post(force_breaker))
+        .route("/api/admin/circuit-breaker/{exchange}/reset", post(reset_breaker))
+        .route("/api/admin/rate-limit/{exchange}", get(rate_limit_status).put(set_rate_factor))
+        .route_layer(middleware::from_fn_with_state(state, require_token))
+}
+
+/// An admin API error: a status and a message, answered as `{"error": message}`.
+#[derive(Debug)]
+struct Error {
+    status: StatusCode,
+    message: String,
+}
+
+impl Error {
+    fn new(status: StatusCode, message: impl Into<String>) -> Error {
+        Error { status, message: message.into() }
+    }
+
+    fn unprocessable(message: impl Into<String>) -> Error {
+        Error::new(StatusCode::UNPROCESSABLE_ENTITY, message)
+    }
+}
+
+impl IntoResponse for Error {
+    fn into_response(self) -> Response {
+        let body = Json(serde_json::json!({"error": self.message}));
+        if self.status == StatusCode::UNAUTHORIZED {
+            (self.status, [(header::WWW_AUTHENTICATE, "Bearer")], body).into_response()
+        } else {
+            (self.status, body).into_response()
+        }
+    }
+}
+
+/// Maps axum's JSON rejections to JSON errors: syntax, content type and unreadable bodies are the client's
+/// malformed request (400); well-formed JSON of the wrong shape is unprocessable (422).
+impl From<JsonRejection> for Error {
+    fn from(rejection: JsonRejection) -> Error {
+        match rejection {
+            JsonRejection::JsonDataError(error) => Error::unprocessable(error.body_text()),
+            JsonRejection::MissingJsonContentType(_) => {
+                Error::new(StatusCode::BAD_REQUEST, "expected a JSON body with content-type application/json")
+            }
+            other => Error::new(StatusCode::BAD_REQUEST, other.body_text()),
+        }
+    }
+}
+
+/// The one field of a request body, which must be a JSON object holding that field and no other. Checked by
+/// hand rather than by serde, which would also read a struct from an array and hides the field in its messages.
+fn only_field(body: Result<Json<Map<String, Value>>, JsonRejection>, key: &str) -> Result<Value, Error> {
+    let Json(mut object) = body?;
+    if let Some(unknown) = object.keys().find(|name| *name != key) {
+        return Err(Error::unprocessable(format!("unknown field `{unknown}`; expected {{\"{key}\": ...}}")));
+    }
+    object.remove(key).ok_or_else(|| Error::unprocessable(format!("missing field `{key}`")))
+}
+
+/// Refuses a call without the configured bearer token. The presented token is never logged.
+async fn require_token(Extract(state): Extract<State>, request: Request, next: Next) -> Response {
+    let Some(expected) = &state.admin_token else {
+        // `router` does not mount the admin API without a token; this only guards a future caller that does.
+        return Error::new(StatusCode::NOT_FOUND, "the admin API is not configured").into_response();
+    };
+    match authorize(request.headers(), expected) {
+        Ok(()) => next.run(request).await,
+        Err(reason) => {
+            tracing::warn!(
+                method = %request.method(),
+                path = request.uri().path(),
+                reason,
+                "Admin API call refused."
+            );
+            Error::new(StatusCode::UNAUTHORIZED, reason).into_response()
+        }
+    }
+}
+
+/// Checks `Authorization: Bearer <token>`. Both tokens are hashed first, so the comparison takes the same time
+/// whatever the presented token's length or content.
+fn authorize(headers: &HeaderMap, expected: &Secret) -> Result<(), &'static str> {
+    let value = headers.get(header::AUTHORIZATION).ok_or("missing bearer token in the Authorization header")?;
+    let malformed = "malformed Authorization header: expected `Bearer <token>`";
+    let value = value.to_str().map_err(|_| malformed)?;
+    let (scheme, token) = value.split_once(' ').ok_or(malformed)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(malformed);
+    }
+    let presented = Sha256::digest(token.as_bytes());
+    let configured = Sha256::digest(expected.expose().as_bytes());
+    if bool::from(presented.as_slice().ct_eq(configured.as_slice())) { Ok(()) } else { Err("invalid bearer token") }
+}
+
+/// The controls of `exchange`, or a 404 naming the known exchanges.
+fn control<'state>(state: &'state State, exchange: &str) -> Result<&'state Control, Error> {
+    state.controls.get(exchange).ok_or_else(|| {
+        let known = state.controls.keys().map(String::as_str).collect::<Vec<_>>().join(", ");
+        Error::new(StatusCode::NOT_FOUND, format!("unknown exchange {exchange:?}; known exchanges: {known}"))
+    })
+}
+
+/// The breaker's status: its snapshot with wall-clock times added and durations rounded to seconds.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BreakerStatus {
+    exchange: String,
+    /// When the breaker entered its state (RFC 3339).
+    since: String,
+    /// When the last failure was recorded (RFC 3339), if any.
+    last_failure_time: Option<String>,
+    #[serde(flatten)]
+    snapshot: breaker::Snapshot,
+    config: breaker::Config,
+}
+
+impl BreakerStatus {
+    fn read(exchange: &str, breaker: &breaker::Shared) -> BreakerStatus {
+        let mut snapshot = breaker.snapshot();
+        let now = Utc::now();
+        let since = rfc3339(now, snapshot.in_state_for);
+        let last_failure_time = snapshot.last_failure_ago.map(|ago| rfc3339(now, ago));
+        snapshot.in_state_for = whole_seconds(snapshot.in_state_for);
+        snapshot.last_failure_ago = snapshot.last_failure_ago.map(whole_seconds);
+        snapshot.half_open_in = snapshot.half_open_in.map(seconds_left);
+        BreakerStatus { exchange: exchange.to_owned(), since, last_failure_time, snapshot, config: breaker.config() }
+    }
+}
+
+/// The answer to a change of state: what it was, what it is, and the status afterwards.
+#[derive(Debug, Serialize)]
+struct BreakerChange {
+    exchange: String,
+    from: breaker::State,
+    to: breaker::State,
+    changed: bool,
+    status: BreakerStatus,
+}
+
+#[derive(Debug, Serialize)]
+struct RateLimitStatus {
+    exchange: String,
+    #[serde(flatten)]
+    snapshot: limiter::Snapshot,
+}
+
+impl RateLimitStatus {
+    fn read(exchange: &str, limiter: &limiter::Limiter) -> RateLimitStatus {
+        let mut snapshot = limiter.snapshot(Instant::now());
+        snapshot.last_rate_limited_ago = snapshot.last_rate_limited_ago.map(whole_seconds);
+        snapshot.private_paused_for = snapshot.private_paused_for.map(seconds_left);
+        RateLimitStatus { exchange: exchange.to_owned(), snapshot }
+    }
+}
+
+async fn breaker_status(Extract(state): Extract<State>, Path(exchange): Path<String>) -> Result<Response, Error> {
+    let control = control(&state, &exchange)?;
+    Ok(Json(BreakerStatus::read(&exchange, &control.breaker)).into_response())
+}
+
+async fn force_breaker(
+    Extract(state): Extract<State>,
+    Path(exchange): Path<String>,
+    body: Result<Json<Map<String, Value>>, JsonRejection>,
+) -> Result<Response, Error> {
+    let control = control(&state, &exchange)?;
+    let allowed = FORCEABLE.map(breaker::State::as_str).join(", ");
+    let state = only_field(body, "state")?;
+    let Some(state) = state.as_str() else {
+        return Err(Error::unprocessable(format!("state must be a string, got {state}; allowed: {allowed}")));
+    };
+    let target = match breaker::State::parse(state) {
+        Some(breaker::State::Open) => {
+            return Err(Error::unprocessable(format!(
+                "state OPEN cannot be forced (the breaker opens on its own); use FORCED_OPEN; allowed: {allowed}"
+            )));
+        }
+        Some(target) => target,
+        None => return Err(Error::unprocessable(format!("unknown state {state:?}; allowed: {allowed}"))),
+    };
+    let transition = control.breaker.force(target);
+    let change = change(&exchange, &control.breaker, transition, target);
+    tracing::info!(
+        action = "force",
+        exchange,
+        from = change.from.as_str(),
+        to = change.to.as_str(),
+        changed = change.changed,
+        "Admin API forced the circuit breaker."
+    );
+    Ok(Json(change).into_response())
+}
+
+async fn reset_breaker(Extract(state): Extract<State>, Path(exchange): Path<String>) -> Result<Response, Error> {
+    let control = control(&state, &exchange)?;
+    let transition = control.breaker.reset();
+    let change = change(&exchange, &control.breaker, transition, breaker::State::Closed);
+    tracing::info!(
+        action = "reset",
+        exchange,
+        from = change.from.as_str(),
+        to = change.to.as_str(),
+        changed = change.changed,
+        "Admin API reset the circuit breaker."
+    );
+    Ok(Json(change).into_response())
+}
+
+/// Describes an operator's change; without a transition the breaker already was in `target`.
+fn change(
+    exchange: &str,
+    breaker: &breaker::Shared,
+    transition: Option<breaker::Transition>,
+    target: breaker::State,
+) -> BreakerChange {
+    let (from, to) = transition.as_ref().map_or((target, target), |transition| (transition.from, transition.to));
+    BreakerChange {
+        exchange: exchange.to_owned(),
+        from,
+        to,
+        changed: transition.is_some(),
+        status: BreakerStatus::read(exchange, breaker),
+    }
+}
+
+async fn rate_limit_status(Extract(state): Extract<State>, Path(exchange): Path<String>) -> Result<Response, Error> {
+    let control = control(&state, &exchange)?;
+    Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
+}
+
+async fn set_rate_factor(
+    Extract(state): Extract<State>,
+    Path(exchange): Path<String>,
+    body: Result<Json<Map<String, Value>>, JsonRejection>,
+) -> Result<Response, Error> {
+    let control = control(&state, &exchange)?;
+    let factor = only_field(body, "factor")?;
+    let Some(factor) = factor.as_f64() else {
+        return Err(Error::unprocessable(format!(
+            "factor must be a number greater than 0 and at most 1, got {factor}"
+        )));
+    };
+    control.limiter.set_factor(factor).map_err(|error| Error::unprocessable(error.to_string()))?;
+    tracing::info!(action = "set_rate_factor", exchange, factor, "Admin API set the rate factor.");
+    Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
+}
+
+/// The wall-clock time `ago` before `now`, in RFC 3339 with milliseconds.
+fn rfc3339(now: DateTime<Utc>, ago: Duration) -> String {
+    let ago = chrono::Duration::from_std(ago).unwrap_or(chrono::Duration::zero());
+    (now - ago).to_rfc3339_opts(SecondsFormat::Millis, true)
+}
+
+/// An elapsed time as whole seconds, for people to read.
+fn whole_seconds(duration: Duration) -> Duration {
+    Duration::from_secs(duration.as_secs())
+}
+
+/// A remaining time rounded up, so it never reads `0s` while it still runs.
+fn seconds_left(duration: Duration) -> Duration {
+    Duration::from_secs(duration.as_secs() + u64::from(duration.subsec_nanos() > 0))
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::http::HeaderValue;
+
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, HeaderValue::from_str(value).unwrap());
+        headers
+    }
+
+    #[test]
+    fn only_the_exact_bearer_token_is_authorized() {
+        let expected = Secret::new("0123456789abcdef");
+        assert_eq!(authorize(&headers("Bearer 0123456789abcdef"), &expected), Ok(()));
+        assert_eq!(authorize(&headers("bearer 0123456789abcdef"), &expected), Ok(()));
+        assert_eq!(authorize(&headers("Bearer 0123456789abcdeX"), &expected), Err("invalid bearer token"));
+        assert_eq!(authorize(&headers("Bearer 0123456789abcdef0"), &expected), Err("invalid bearer token"));
+        assert!(authorize(&headers("Basic 0123456789abcdef"), &expected).unwrap_err().starts_with("malformed"));
+        assert!(authorize(&headers("Bearer"), &expected).unwrap_err().starts_with("malformed"));
+        assert!(authorize(&headers("Bearer "), &expected).unwrap_err().starts_with("malformed"));
+        assert!(authorize(&HeaderMap::new(), &expected).unwrap_err().starts_with("missing"));
+    }
+
+    #[test]
+    fn remaining_times_round_up_and_elapsed_times_down() {
+        assert_eq!(seconds_left(Duration::from_millis(54_100)), Duration::from_secs(55));
+        assert_eq!(seconds_left(Duration::from_secs(55)), Duration::from_secs(55));
+        assert_eq!(whole_seconds(Duration::from_millis(65_900)), Duration::from_secs(65));
+    }
+}
