@@ -1,6 +1,7 @@
-//! The command line: `run`, `check-config`, `simulate`, `probe`, and the admin API's clients `breaker` and
-//! `rate-limit`. Each command loads what it needs and maps its result to an exit code; the work itself lives in the
-//! library modules (the admin commands only speak HTTP to a running daemon and print its answers).
+//! The command line: `run`, `check-config`, `simulate`, `probe`; the admin API's clients `breaker` and
+//! `rate-limit`; and the store's `migrate`, `logs` and `incidents`. Each command loads what it needs and maps its
+//! result to an exit code (0 done, 1 failed, e.g. the database or the daemon cannot be reached, 2 bad arguments or
+//! configuration); the work itself lives in the library modules.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,6 +15,7 @@ use crate::breaker;
 use crate::config::Config;
 use crate::secret::Secret;
 use crate::simulator::{self, Scenario};
+use crate::store::{Database, report};
 use crate::telemetry;
 
 #[derive(Debug, Parser)]
@@ -37,6 +39,64 @@ pub enum Command {
     Breaker(BreakerArgs),
     /// Read or set an exchange's rate factor through the running daemon's admin API.
     RateLimit(RateLimitArgs),
+    /// Apply the database migrations (the daemon also applies them at start).
+    Migrate(ConfigArgs),
+    /// The runbook's query: recent calls to one exchange, newest first.
+    Logs(LogsArgs),
+    /// Recent incidents, or one incident's report.
+    Incidents(IncidentsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The exchange's configured name.
+    #[arg(long, default_value = "kraken")]
+    pub provider: String,
+    /// How far back to look, e.g. 30m, 2h, 1d.
+    #[arg(long, default_value = "30m", value_parser = parse_duration)]
+    pub since: Duration,
+    /// The most rows to show.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub limit: u32,
+    /// Only failed calls.
+    #[arg(long)]
+    pub failures: bool,
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct IncidentsArgs {
+    #[command(subcommand)]
+    pub action: Option<IncidentsAction>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Incidents started, resolved or open within this window, e.g. 7d.
+    #[arg(long, default_value = "7d", value_parser = parse_duration)]
+    pub since: Duration,
+    /// One JSON array instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IncidentsAction {
+    /// What happened during one incident: failures by class and endpoint, latency, first and last error.
+    Report(ReportArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ReportArgs {
+    /// The incident's id, as `exwatch incidents` lists it.
+    pub id: i64,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -150,6 +210,14 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Probe(args) => probe(args).await,
         Command::Breaker(args) => breaker(args).await,
         Command::RateLimit(args) => rate_limit(args).await,
+        Command::Migrate(args) => migrate(args).await,
+        Command::Logs(args) => logs(args).await,
+        Command::Incidents(IncidentsArgs { action: Some(IncidentsAction::Report(mut args)), config, .. }) => {
+            // `exwatch incidents --config x report 1` works too.
+            args.config.config = args.config.config.or(config.config);
+            incident_report(args).await
+        }
+        Command::Incidents(args) => incidents(args).await,
     };
     match result {
         Ok(code) => code,
@@ -436,6 +504,89 @@ fn whole_second_time(time: &str) -> String {
         |_| time.to_owned(),
         |time| time.with_timezone(&chrono::Utc).to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     )
+}
+
+/// Connects to the configured database (applying migrations). `Err` is the exit code after the message is printed:
+/// the error names the database by host, port and name only, never the URL's password.
+async fn connect(config: &Config) -> Result<Database, ExitCode> {
+    Database::connect(&config.database).await.map_err(|error| {
+        eprintln!("exwatch: {error}");
+        ExitCode::FAILURE
+    })
+}
+
+fn database_failure(error: crate::store::database::Error) -> ExitCode {
+    eprintln!("exwatch: {error}");
+    ExitCode::FAILURE
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
+    Ok(serde_json::to_string_pretty(value)? + "\n")
+}
+
+async fn migrate(args: ConfigArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args)?;
+    let database = match connect(&config).await {
+        Ok(database) => database,
+        Err(code) => return Ok(code),
+    };
+    println!("{} is migrated to schema version {}.", database.target(), database.schema_version());
+    database.close().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let database = match connect(&config).await {
+        Ok(database) => database,
+        Err(code) => return Ok(code),
+    };
+    let calls = match database.recent_calls(&args.provider, args.since, args.limit, args.failures).await {
+        Ok(calls) => calls,
+        Err(error) => return Ok(database_failure(error)),
+    };
+    database.close().await;
+    print!("{}", if args.json { to_json(&calls)? } else { report::render_calls(&calls) });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn incidents(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let database = match connect(&config).await {
+        Ok(database) => database,
+        Err(code) => return Ok(code),
+    };
+    let incidents = match database.list_incidents(args.since).await {
+        Ok(incidents) => incidents,
+        Err(error) => return Ok(database_failure(error)),
+    };
+    database.close().await;
+    let text = if args.json { to_json(&incidents)? } else { report::render_incidents(&incidents, chrono::Utc::now()) };
+    print!("{text}");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn incident_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let database = match connect(&config).await {
+        Ok(database) => database,
+        Err(code) => return Ok(code),
+    };
+    let report = match database.incident_report(args.id).await {
+        Ok(report) => report,
+        Err(error) => return Ok(database_failure(error)),
+    };
+    database.close().await;
+    match report {
+        Some(report) => {
+            print!("{}", if args.json { to_json(&report)? } else { report::render_incident_report(&report) });
+            Ok(ExitCode::SUCCESS)
+        }
+        None => {
+            eprintln!("exwatch: no incident with id {} in {}", args.id, database.target());
+            Ok(ExitCode::FAILURE)
+        }
+    }
 }
 
 /// Cancels `cancel` on the first SIGTERM or SIGINT; a second signal exits at once.

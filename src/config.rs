@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::Secret;
-use crate::{breaker, limiter};
+use crate::{breaker, limiter, store};
 
 /// The environment prefix: `EXWATCH__POLL__INTERVAL=45s` sets `poll.interval`.
 pub const ENV_PREFIX: &str = "EXWATCH";
@@ -31,7 +31,7 @@ pub struct Config {
     pub exchanges: Vec<ExchangeView>,
     pub breaker: breaker::Config,
     pub rate_limit: limiter::Config,
-    pub database: Database,
+    pub database: store::Config,
     pub admin: Admin,
     pub log: Log,
 }
@@ -39,6 +39,9 @@ pub struct Config {
 #[derive(Debug, Clone, Serialize)]
 pub struct Server {
     pub listen: SocketAddr,
+    /// This replica's name, written in the `instance` column of every call log (default: the host name, which is
+    /// the pod's name in Kubernetes).
+    pub instance: String,
     /// How long shutdown may take before exwatch exits anyway.
     #[serde(serialize_with = "human_duration")]
     pub shutdown_grace: Duration,
@@ -72,12 +75,6 @@ pub struct ExchangeView {
     pub api_secret: Option<Secret>,
     #[serde(skip)]
     pub exchange: exchange::Config,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Database {
-    /// A Postgres URL; unset means the embedded SQLite file.
-    pub url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -198,6 +195,17 @@ pub(crate) fn optional_human_duration<S: serde::Serializer>(
         Some(duration) => human_duration(duration, serializer),
         None => serializer.serialize_none(),
     }
+}
+
+/// The host name: `HOSTNAME` (set in every Kubernetes pod), else `/etc/hostname`, else `exwatch`.
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|name| !name.trim().is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|name| name.trim().to_owned())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "exwatch".to_owned())
 }
 
 fn read_file_layer(path: &Path) -> Result<Value, String> {
@@ -503,6 +511,74 @@ impl Reader {
         config
     }
 
+    /// The `[database]` section: the store's location and retention, and the writer's batching and spool limits.
+    fn database(&mut self, root: &mut Table) -> store::Config {
+        let defaults = store::Config::default();
+        let mut table = self.section(root, "database");
+        let url = self.secret(&mut table, "url");
+        if let Some(url) = &url
+            && !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://"))
+        {
+            // The value is never printed: it may hold a password.
+            let key = table.key("url");
+            self.problem(&key, "must be a postgres:// or postgresql:// URL (leave it unset for SQLite)");
+        }
+        let sqlite_path = self.path(&mut table, "sqlite_path", defaults.sqlite_path);
+        let retention = self.duration(&mut table, "retention", defaults.retention);
+        let retention_interval = self.duration(&mut table, "retention_interval", defaults.retention_interval);
+        let batch_size = self.integer(&mut table, "batch_size", defaults.batch_size as u32, (1, 10_000)) as usize;
+        let flush_interval = self.duration(&mut table, "flush_interval", defaults.flush_interval);
+        let memory_rows =
+            self.integer(&mut table, "memory_rows", defaults.memory_rows as u32, (1, 10_000_000)) as usize;
+        let spool_dir = self.path(&mut table, "spool_dir", defaults.spool_dir);
+        let spool_max_bytes =
+            self.big_integer(&mut table, "spool_max_bytes", defaults.spool_max_bytes, (1 << 20, 1 << 40));
+        if memory_rows < batch_size {
+            let key = table.key("memory_rows");
+            self.problem(&key, format!("{memory_rows} is less than `database.batch_size` {batch_size}"));
+        }
+        self.finish(table);
+        store::Config {
+            url,
+            sqlite_path,
+            retention,
+            retention_interval,
+            batch_size,
+            flush_interval,
+            memory_rows,
+            spool_dir,
+            spool_max_bytes,
+        }
+    }
+
+    /// A non-empty file system path.
+    fn path(&mut self, table: &mut Table, name: &str, default: PathBuf) -> PathBuf {
+        self.parsed(table, name, default, |text| {
+            if text.is_empty() { Err("must not be empty".to_owned()) } else { Ok(PathBuf::from(text)) }
+        })
+    }
+
+    /// A whole number within `range` (inclusive) that may exceed `u32` (byte counts).
+    fn big_integer(&mut self, table: &mut Table, name: &str, default: u64, range: (u64, u64)) -> u64 {
+        let key = table.key(name);
+        let value = match table.entries.remove(name) {
+            None => return default,
+            Some(Value::Number(number)) => number.as_u64(),
+            Some(Value::String(text)) => text.trim().parse::<u64>().ok(),
+            Some(other) => {
+                self.problem(&key, format!("expected a whole number, found {}", kind_of(&other)));
+                return default;
+            }
+        };
+        match value {
+            Some(value) if value >= range.0 && value <= range.1 => value,
+            _ => {
+                self.problem(&key, format!("expected a whole number from {} to {}", range.0, range.1));
+                default
+            }
+        }
+    }
+
     fn secret(&mut self, table: &mut Table, name: &str) -> Option<Secret> {
         let value = self.string(table, name)?;
         let trimmed = value.trim();
@@ -551,6 +627,7 @@ impl Reader {
                 .map_err(|error| format!("invalid socket address {text:?} ({error}); use host:port"))
         });
         let shutdown_grace = self.duration(&mut server, "shutdown_grace", Duration::from_secs(20));
+        let instance = self.string(&mut server, "instance").unwrap_or_else(host_name);
         self.finish(server);
 
         let mut poll_table = self.section(&mut root, "poll");
@@ -576,14 +653,7 @@ impl Reader {
         let breaker = self.breaker(&mut root);
         let rate_limit = self.rate_limit(&mut root);
 
-        let mut database = self.section(&mut root, "database");
-        let url = self.secret(&mut database, "url");
-        if let Some(url) = &url
-            && !(url.expose().starts_with("postgres://") || url.expose().starts_with("postgresql://"))
-        {
-            self.problem("database.url", "must be a postgres:// or postgresql:// URL (leave it unset for SQLite)");
-        }
-        self.finish(database);
+        let database = self.database(&mut root);
 
         let mut admin = self.section(&mut root, "admin");
         let token = self.secret_or_file(&mut admin, "token");
@@ -609,12 +679,12 @@ impl Reader {
 
         self.finish(root);
         Config {
-            server: Server { listen, shutdown_grace },
+            server: Server { listen, instance, shutdown_grace },
             poll,
             exchanges,
             breaker,
             rate_limit,
-            database: Database { url },
+            database,
             admin: Admin { token },
             log: Log { level, format },
         }
@@ -973,6 +1043,95 @@ mod tests {
         ] {
             assert!(text.contains(key), "missing {key} in:\n{text}");
         }
+    }
+
+    #[test]
+    fn database_defaults_match_what_the_writer_and_retention_expect() {
+        let database = Config::default().database;
+        assert_eq!(database, store::Config::default());
+        assert!(database.url.is_none());
+        assert_eq!(database.sqlite_path, PathBuf::from("exwatch.sqlite"));
+        assert_eq!(database.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(database.retention_interval, Duration::from_secs(3600));
+        assert_eq!((database.batch_size, database.memory_rows), (500, 10_000));
+        assert_eq!(database.flush_interval, Duration::from_secs(1));
+        assert_eq!(database.spool_dir, PathBuf::from("exwatch-spool"));
+        assert_eq!(database.spool_max_bytes, 268_435_456);
+    }
+
+    #[test]
+    fn database_settings_are_read_with_day_durations_and_the_url_stays_secret() {
+        let config = Config::from_toml(
+            r#"
+            [database]
+            url = "postgresql://exwatch:hunter2@db.internal:5433/exwatch"
+            sqlite_path = "/var/lib/exwatch/exwatch.sqlite"
+            retention = "30d"
+            retention_interval = "2h"
+            batch_size = 250
+            flush_interval = "500ms"
+            memory_rows = 5000
+            spool_dir = "/var/lib/exwatch/spool"
+            spool_max_bytes = 8589934592
+            "#,
+        )
+        .unwrap();
+        let database = &config.database;
+        assert_eq!(database.url.as_ref().unwrap().expose(), "postgresql://exwatch:hunter2@db.internal:5433/exwatch");
+        assert_eq!(database.retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(database.retention_interval, Duration::from_secs(7200));
+        assert_eq!((database.batch_size, database.memory_rows), (250, 5000));
+        assert_eq!(database.flush_interval, Duration::from_millis(500));
+        assert_eq!(database.spool_dir, PathBuf::from("/var/lib/exwatch/spool"));
+        assert_eq!(database.spool_max_bytes, 8 << 30);
+        let rendered = config.to_redacted_toml();
+        assert!(!rendered.contains("hunter2") && rendered.contains("retention = \"30days\""), "{rendered}");
+
+        let environment =
+            environment(&[("EXWATCH__DATABASE__RETENTION", "7d"), ("EXWATCH__DATABASE__BATCH_SIZE", "100")]);
+        let config = Config::load_from(None, Some(environment)).unwrap();
+        assert_eq!(config.database.retention, Duration::from_secs(7 * 86_400));
+        assert_eq!(config.database.batch_size, 100);
+    }
+
+    #[test]
+    fn database_errors_name_every_bad_key_and_never_print_the_url() {
+        let error = Config::from_toml(
+            r#"
+            [database]
+            url = "mysql://root:hunter2@db/exwatch"
+            sqlite_path = ""
+            retention = "forever"
+            retention_interval = "0s"
+            batch_size = 0
+            flush_interval = "soon"
+            memory_rows = "many"
+            spool_dir = ""
+            spool_max_bytes = 10
+            retention_days = 30
+            "#,
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        for key in [
+            "`database.url`",
+            "`database.sqlite_path`: must not be empty",
+            "`database.retention`",
+            "`database.retention_interval`: must be greater than zero",
+            "`database.batch_size`",
+            "`database.flush_interval`",
+            "`database.memory_rows`",
+            "`database.spool_dir`: must not be empty",
+            "`database.spool_max_bytes`",
+            "`database.retention_days`: unknown key",
+        ] {
+            assert!(text.contains(key), "missing {key} in:\n{text}");
+        }
+        assert_eq!(error.problems.len(), 10, "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+
+        let error = Config::from_toml("[database]\nbatch_size = 1000\nmemory_rows = 999\n").unwrap_err();
+        assert_eq!(error.problems, ["`database.memory_rows`: 999 is less than `database.batch_size` 1000"]);
     }
 
     #[test]

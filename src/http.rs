@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::app::Control;
 use crate::poller::Heartbeat;
 use crate::secret::Secret;
+use crate::store::writer;
 use crate::telemetry;
 
 pub mod admin;
@@ -35,6 +36,8 @@ pub struct State {
     pub controls: Arc<BTreeMap<String, Control>>,
     /// The admin API's bearer token; without one the admin API is not served.
     pub admin_token: Option<Secret>,
+    /// The call-log writer, whose state `/health` shows as information (never as a failure).
+    pub log: Option<writer::Handle>,
 }
 
 /// Readiness: true from the moment the daemon serves until shutdown begins.
@@ -73,8 +76,18 @@ async fn health(Extract(state): Extract<State>) -> Response {
         .into_iter()
         .map(|(exchange, age)| json!({"exchange": exchange, "seconds_since_tick": age}))
         .collect();
+    // The database's state is information for on-call, never a reason to fail liveness.
+    let database = state.log.as_ref().map(|log| {
+        let status = log.status();
+        json!({
+            "up": status.database_up,
+            "buffered_rows": status.buffered,
+            "spooled_rows": status.spooled,
+            "last_error": status.last_error,
+        })
+    });
     if stalls.is_empty() {
-        (StatusCode::OK, Json(json!({"status": "ok", "poll_loops": loops}))).into_response()
+        (StatusCode::OK, Json(json!({"status": "ok", "poll_loops": loops, "database": database}))).into_response()
     } else {
         let reason = stalls
             .iter()
@@ -86,8 +99,8 @@ async fn health(Extract(state): Extract<State>) -> Response {
             })
             .collect::<Vec<_>>()
             .join("; ");
-        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "stalled", "reason": reason, "poll_loops": loops})))
-            .into_response()
+        let body = json!({"status": "stalled", "reason": reason, "poll_loops": loops, "database": database});
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
@@ -133,6 +146,7 @@ mod tests {
             readiness: Arc::new(Readiness::default()),
             controls: Arc::new(BTreeMap::new()),
             admin_token: None,
+            log: None,
         }
     }
 

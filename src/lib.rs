@@ -7,6 +7,7 @@
 //! - [`poller`]: the poll loop and its metrics; [`probe`]: the runbook's recovery verification, once.
 //! - [`http`]: `/health`, `/ready`, `/metrics`; [`telemetry`]: logging and the metric registry.
 //! - [`simulator`]: a fake Kraken, faults included, for tests, demos and drills.
+//! - [`store`]: the only place with SQL: `api_call_logs` and `incidents` in Postgres or SQLite, retention, reports.
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 
 pub mod alert;
@@ -21,4 +22,5 @@ pub mod poller;
 pub mod probe;
 pub mod secret;
 pub mod simulator;
+pub mod store;
 pub mod telemetry;

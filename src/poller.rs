@@ -9,6 +9,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use chrono::Utc;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -17,6 +18,7 @@ use crate::breaker;
 use crate::config::Poll as Config;
 use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
 use crate::limiter::{Budget, Limiter};
+use crate::store::{CallRecord, writer};
 use crate::telemetry;
 
 /// The label value of `error_class` on successful calls.
@@ -258,6 +260,10 @@ pub struct Context {
     pub config: Config,
     pub metrics: Metrics,
     pub heartbeat: Arc<Heartbeat>,
+    /// Where every call's row goes (`api_call_logs`); pushing never waits on the database.
+    pub log: writer::Handle,
+    /// This replica's name for the `instance` column.
+    pub instance: String,
 }
 
 /// The poll loop of one exchange: limiter, then breaker, then the exchange, for every call.
@@ -350,10 +356,10 @@ impl Poller {
             Ok(permit) => permit,
             Err(state) => {
                 for endpoint in [Endpoint::Ticker, Endpoint::SystemStatus] {
-                    self.context.metrics.not_permitted(&name, endpoint, state);
+                    self.not_permitted(&name, endpoint, state);
                 }
                 if balance_now {
-                    self.context.metrics.not_permitted(&name, Endpoint::Balance, state);
+                    self.not_permitted(&name, Endpoint::Balance, state);
                 }
                 self.context.metrics.up(&name, false);
                 return;
@@ -405,7 +411,7 @@ impl Poller {
             let permit = match self.breaker.try_acquire() {
                 Ok(permit) => permit,
                 Err(state) => {
-                    self.context.metrics.not_permitted(&name, endpoint, state);
+                    self.not_permitted(&name, endpoint, state);
                     return;
                 }
             };
@@ -434,8 +440,15 @@ impl Poller {
         }
     }
 
+    fn not_permitted(&self, exchange: &str, endpoint: Endpoint, state: breaker::State) {
+        self.context.metrics.not_permitted(exchange, endpoint, state);
+        let row = CallRecord::not_permitted(exchange, &self.context.instance, endpoint, state.as_str(), Utc::now());
+        self.context.log.push(row);
+    }
+
     fn record(&self, exchange: &str, outcome: &Outcome<()>) {
         self.context.metrics.call(exchange, outcome, self.context.config.slow_call_threshold);
+        self.context.log.push(CallRecord::from_outcome(exchange, &self.context.instance, outcome, Utc::now()));
         let budget = if outcome.endpoint.is_private() { Budget::Private } else { Budget::Public };
         self.limiter.observe(budget, &outcome.result, Instant::now());
     }
@@ -580,14 +593,54 @@ mod tests {
         poller_with(exchange, breaker::Config::default())
     }
 
+    /// A sink that is never reached: the writer is not run, so rows stay in its buffer, where tests count them.
+    struct UnusedSink;
+
+    #[async_trait]
+    impl crate::store::Sink for UnusedSink {
+        async fn insert_batch(&self, _rows: &[CallRecord]) -> Result<(), crate::store::WriteError> {
+            Ok(())
+        }
+    }
+
     fn poller_with(exchange: Arc<FakeExchange>, breaker_config: breaker::Config) -> (Poller, Registry, Arc<Heartbeat>) {
+        let (poller, registry, heartbeat, _) = poller_with_log(exchange, breaker_config);
+        (poller, registry, heartbeat)
+    }
+
+    fn poller_with_log(
+        exchange: Arc<FakeExchange>,
+        breaker_config: breaker::Config,
+    ) -> (Poller, Registry, Arc<Heartbeat>, writer::Handle) {
         let registry = telemetry::registry();
         let heartbeat = Arc::new(Heartbeat::new());
-        let context = Context { config: config(), metrics: Metrics::new(&registry), heartbeat: heartbeat.clone() };
+        let spool_dir = std::env::temp_dir().join(format!("exwatch-poller-test-{}", uuid::Uuid::now_v7()));
+        let writer_config = writer::Config { spool_dir, ..writer::Config::default() };
+        let (_writer, log) =
+            writer::Writer::new(writer_config, Arc::new(UnusedSink), writer::Metrics::new(&registry)).unwrap();
+        let context = Context {
+            config: config(),
+            metrics: Metrics::new(&registry),
+            heartbeat: heartbeat.clone(),
+            log: log.clone(),
+            instance: "test".to_owned(),
+        };
         let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
         let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));
         let poller = Poller::new(exchange, context, breaker, limiter);
-        (poller, registry, heartbeat)
+        (poller, registry, heartbeat, log)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn every_call_and_every_refused_call_is_handed_to_the_log() {
+        let exchange = FakeExchange::new(false);
+        *exchange.status.lock().unwrap() = "maintenance";
+        let (mut poller, _, _, log) = poller_with_log(exchange, breaker::Config::default());
+        for _ in 0..4 {
+            poller.poll_once().await;
+        }
+        // Three polls of two calls, then one refused poll of two calls: eight rows.
+        assert_eq!(log.status().buffered, 8);
     }
 
     #[tokio::test(start_paused = true)]

@@ -35,12 +35,25 @@ pub fn config(base_url: &str, interval: &str, timeout: &str, credentials: bool) 
     } else {
         String::new()
     };
+    let database = scratch_database();
     Config::from_toml(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
          [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n\
-         [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n{credentials}"
+         [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n{credentials}{database}"
     ))
     .expect("valid test configuration")
+}
+
+/// A `[database]` section with the SQLite file and the spool in a directory of their own, so tests running in
+/// parallel never share a call log or replay each other's spool. The directory is left in the system's temp
+/// directory (one small file per test).
+pub fn scratch_database() -> String {
+    let directory = std::env::temp_dir().join(format!("exwatch-it-{}", uuid::Uuid::now_v7()));
+    format!(
+        "[database]\nsqlite_path = \"{}\"\nspool_dir = \"{}\"\n",
+        directory.join("exwatch.sqlite").display(),
+        directory.join("spool").display()
+    )
 }
 
 /// The admin token of [`admin_config`].
@@ -52,7 +65,8 @@ pub fn admin_config(base_url: &str, interval: &str, timeout: &str) -> Config {
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
          [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n\
          [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n\
-         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n"
+         [admin]\ntoken = \"{ADMIN_TOKEN}\"\n{}",
+        scratch_database()
     ))
     .expect("valid test configuration")
 }

@@ -10,3 +10,4 @@ mod daemon;
 mod helpers;
 mod paused;
 mod scenarios;
+mod store;

@@ -10,6 +10,7 @@ use exwatch::app::App;
 use exwatch::config::Config;
 use exwatch::exchange::kraken::Client;
 use exwatch::simulator::{self, Scenario, Simulator};
+use exwatch::store::MemorySink;
 use http_body_util::BodyExt as _;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
@@ -20,6 +21,8 @@ use crate::helpers::{SIMULATOR_API_SECRET, metric};
 /// are shared per key within a process.
 struct PausedDaemon {
     simulator: Simulator,
+    /// The call log, kept in memory.
+    log: Arc<MemorySink>,
     router: axum::Router,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -39,11 +42,12 @@ impl PausedDaemon {
         .unwrap();
         assert_eq!(config.poll.interval, Duration::from_secs(30), "the default interval");
         let client = Client::in_memory(&config.exchanges[0].exchange, config.poll.timeout, simulator.router()).unwrap();
-        let app = App::build_with_exchanges(config, vec![Arc::new(client)]).await.unwrap();
+        let log = Arc::new(MemorySink::default());
+        let app = App::build_with_sink(config, vec![Arc::new(client)], Some(log.clone())).await.unwrap();
         let router = app.router();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(app.run(cancel.clone()));
-        PausedDaemon { simulator, router, cancel, task }
+        PausedDaemon { simulator, log, router, cancel, task }
     }
 
     /// `/metrics`, read through the router in memory.
@@ -118,6 +122,14 @@ async fn maintenance_opens_the_breaker_after_three_polls_and_recovery_closes_it(
     // The next regular poll, at 210 s, is sent again and succeeds.
     at(start, Duration::from_secs(211)).await;
     assert_eq!(daemon.value("exwatch_exchange_up", &[]).await, 1.0);
+    // Every call, refused ones included, reached the call log within its flush interval.
+    at(start, Duration::from_secs(213)).await;
+    let rows = daemon.log.rows();
+    let classes = |class: &str| rows.iter().filter(|row| row.error_class.as_deref() == Some(class)).count();
+    // Ticker and SystemStatus refused at 90, 120 (the slot right after the failed verification) and 150 s.
+    assert_eq!(classes("not_permitted"), 6);
+    assert!(classes("maintenance") >= 6, "{rows:?}");
+    assert!(rows.iter().any(|row| row.endpoint == "Depth" && row.success));
     daemon.stop().await;
 }
 

@@ -1,0 +1,207 @@
+//! Storage: the only place with SQL. `api_call_logs` (every call, the runbook's columns and names) and `incidents`,
+//! in Postgres when `database.url` is set and in an embedded SQLite file otherwise, with the same behaviour.
+//!
+//! The poll loop never waits on the database: it hands each [`CallRecord`] to the [`writer`], which batches rows
+//! into multi-row inserts, keeps them in memory during an outage and then in an on-disk [`spool`], and writes them
+//! in order, exactly once (each row has a unique id; replays are idempotent). [`Database`] is the SQL itself.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+use crate::config::human_duration;
+use crate::exchange::{Endpoint, Outcome};
+use crate::secret::Secret;
+
+pub mod connector;
+pub mod database;
+pub mod report;
+pub mod spool;
+pub mod writer;
+
+pub use database::{Database, Incident, IncidentReport};
+
+/// The `[database]` section: where rows go, how long they stay, and how the writer batches and spools them.
+/// `config.rs` reads and validates it; [`Config::default`] is what an empty section gives.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    /// A `postgres://` or `postgresql://` URL; unset means the SQLite file at `sqlite_path`.
+    pub url: Option<Secret>,
+    /// The SQLite file used when `url` is unset, created if missing (relative to the working directory).
+    pub sqlite_path: PathBuf,
+    /// Rows in `api_call_logs` older than this are deleted.
+    #[serde(serialize_with = "human_duration")]
+    pub retention: Duration,
+    /// Time between two retention passes (the first runs shortly after start).
+    #[serde(serialize_with = "human_duration")]
+    pub retention_interval: Duration,
+    /// Rows per multi-row INSERT written by the writer.
+    pub batch_size: usize,
+    /// The longest a row waits in the writer's buffer before its batch is written.
+    #[serde(serialize_with = "human_duration")]
+    pub flush_interval: Duration,
+    /// Rows the writer keeps in memory during an outage before it spools to disk.
+    pub memory_rows: usize,
+    /// Where the writer spools rows it cannot keep in memory.
+    pub spool_dir: PathBuf,
+    /// The most the spool may hold on disk, in bytes; beyond it the oldest rows are dropped (and counted).
+    pub spool_max_bytes: u64,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            url: None,
+            sqlite_path: PathBuf::from("exwatch.sqlite"),
+            retention: Duration::from_secs(30 * 24 * 3600),
+            retention_interval: Duration::from_secs(3600),
+            batch_size: 500,
+            flush_interval: Duration::from_secs(1),
+            memory_rows: 10_000,
+            spool_dir: PathBuf::from("exwatch-spool"),
+            spool_max_bytes: 268_435_456,
+        }
+    }
+}
+
+/// One exchange call as logged: the runbook's columns (`provider`, `endpoint`, `success`, `response_time` in
+/// milliseconds, `error_message`, `created_at`) plus the evidence on-call needs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallRecord {
+    /// Unique per call, time-ordered (UUIDv7); the key that makes replays idempotent.
+    pub id: Uuid,
+    /// The exchange's configured name (`kraken`).
+    pub provider: String,
+    /// Kraken's method name (`Ticker`, `SystemStatus`, `Balance`, `Depth`).
+    pub endpoint: String,
+    pub success: bool,
+    /// Milliseconds from sending to the last byte (0 for calls the breaker refused).
+    pub response_time: i64,
+    pub error_message: Option<String>,
+    pub http_status: Option<i32>,
+    /// The taxonomy's class, or `not_permitted` for a call the breaker refused.
+    pub error_class: Option<String>,
+    /// The exchange's own error strings, comma-separated, as sent.
+    pub exchange_error: Option<String>,
+    /// Which replica wrote the row (its host name).
+    pub instance: String,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Why a batch was not written. The writer retries `Unavailable` (the row stays buffered or spooled) and sets
+/// `Rejected` rows aside, since retrying them can never succeed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum WriteError {
+    /// The database cannot be reached or did not answer in time: retry later.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database refused these rows (a constraint or type error): retrying cannot help.
+    #[error("database rejected the rows: {0}")]
+    Rejected(String),
+}
+
+impl WriteError {
+    /// The `kind` label of the write-error metric.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            WriteError::Unavailable(_) => "unavailable",
+            WriteError::Rejected(_) => "rejected",
+        }
+    }
+}
+
+/// Where the writer puts batches: the database in production, a fake in tests.
+#[async_trait::async_trait]
+pub trait Sink: Send + Sync + 'static {
+    /// Inserts the rows in one statement (or transaction). Rows whose id already exists are skipped, so a batch
+    /// written twice (a timeout after a commit) is still written once.
+    async fn insert_batch(&self, rows: &[CallRecord]) -> Result<(), WriteError>;
+}
+
+impl CallRecord {
+    /// The row of one call that was sent. `finished_at` is the wall-clock time the answer (or failure) came.
+    pub fn from_outcome(
+        provider: &str,
+        instance: &str,
+        outcome: &Outcome<()>,
+        finished_at: DateTime<Utc>,
+    ) -> CallRecord {
+        let (success, error_message, http_status, error_class, exchange_error) = match &outcome.result {
+            Ok(()) => (true, None, None, None, None),
+            Err(error) => (
+                false,
+                Some(error.message.clone()),
+                error.http_status.map(i32::from),
+                Some(error.class.as_str().to_owned()),
+                (!error.exchange_errors.is_empty()).then(|| error.exchange_errors.join(", ")),
+            ),
+        };
+        CallRecord {
+            id: Uuid::now_v7(),
+            provider: provider.to_owned(),
+            endpoint: outcome.endpoint.as_str().to_owned(),
+            success,
+            response_time: i64::try_from(outcome.latency.as_millis()).unwrap_or(i64::MAX),
+            error_message,
+            http_status,
+            error_class,
+            exchange_error,
+            instance: instance.to_owned(),
+            created_at: finished_at,
+        }
+    }
+
+    /// The row of a call the breaker refused: never sent, so not an exchange failure, but on record.
+    pub fn not_permitted(
+        provider: &str,
+        instance: &str,
+        endpoint: Endpoint,
+        state: &str,
+        at: DateTime<Utc>,
+    ) -> CallRecord {
+        CallRecord {
+            id: Uuid::now_v7(),
+            provider: provider.to_owned(),
+            endpoint: endpoint.as_str().to_owned(),
+            success: false,
+            response_time: 0,
+            error_message: Some(format!("not sent: circuit breaker {state}")),
+            http_status: None,
+            error_class: Some(NOT_PERMITTED.to_owned()),
+            exchange_error: None,
+            instance: instance.to_owned(),
+            created_at: at,
+        }
+    }
+}
+
+/// The `error_class` of a call the breaker refused.
+pub const NOT_PERMITTED: &str = "not_permitted";
+
+/// A sink that keeps rows in memory: for tests on a paused clock, where a database's I/O would let time jump.
+#[derive(Debug, Default)]
+pub struct MemorySink {
+    rows: std::sync::Mutex<Vec<CallRecord>>,
+}
+
+impl MemorySink {
+    pub fn rows(&self) -> Vec<CallRecord> {
+        self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for MemorySink {
+    async fn insert_batch(&self, rows: &[CallRecord]) -> Result<(), WriteError> {
+        let mut stored = self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for row in rows {
+            if !stored.iter().any(|existing| existing.id == row.id) {
+                stored.push(row.clone());
+            }
+        }
+        Ok(())
+    }
+}
