@@ -20,6 +20,9 @@ use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::Secret;
 use crate::{breaker, limiter, store};
 
+/// Public calls in one poll: Ticker and SystemStatus.
+const PUBLIC_CALLS_PER_POLL: f64 = 2.0;
+
 /// The environment prefix: `EXWATCH__POLL__INTERVAL=45s` sets `poll.interval`.
 pub const ENV_PREFIX: &str = "EXWATCH";
 
@@ -652,6 +655,18 @@ impl Reader {
         let exchanges = self.exchanges(root.entries.remove("exchanges"));
         let breaker = self.breaker(&mut root);
         let rate_limit = self.rate_limit(&mut root);
+        // Each poll makes two public calls; a budget below that would throttle every poll and stall the loop.
+        let needed = PUBLIC_CALLS_PER_POLL / poll.interval.as_secs_f64();
+        if needed > rate_limit.public_per_second {
+            self.problem(
+                "rate_limit.public_per_second",
+                format!(
+                    "{} is below the {needed:.2} public calls per second that poll.interval {} needs",
+                    rate_limit.public_per_second,
+                    humantime::format_duration(poll.interval)
+                ),
+            );
+        }
 
         let database = self.database(&mut root);
 
@@ -852,6 +867,8 @@ mod tests {
             [poll]
             interval = "250ms"
             timeout = "200ms"
+            [rate_limit]
+            public_per_second = 8
             [[exchanges]]
             name = "kraken"
             kind = "kraken"
@@ -1148,5 +1165,15 @@ mod tests {
         assert_eq!(config.breaker.consecutive_failures, 4);
         assert!(config.breaker.ignored_classes.contains(&ErrorClass::Auth));
         assert_eq!(config.rate_limit.min_factor, 0.25);
+    }
+
+    #[test]
+    fn a_poll_interval_faster_than_the_public_budget_is_refused() {
+        let error = Config::from_toml("[poll]\ninterval = \"1s\"\ntimeout = \"1s\"\n").unwrap_err();
+        assert_eq!(error.problems.len(), 1);
+        assert!(error.problems[0].starts_with("`rate_limit.public_per_second`: 1 is below the 2.00"), "{error}");
+        let config =
+            Config::from_toml("[poll]\ninterval = \"1s\"\ntimeout = \"1s\"\n[rate_limit]\npublic_per_second = 2\n");
+        assert!(config.is_ok());
     }
 }

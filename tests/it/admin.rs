@@ -316,7 +316,7 @@ async fn the_rate_factor_is_read_and_set_through_the_admin_api() {
     assert_eq!(answer.body["exchange"], "kraken");
     assert_eq!(answer.body["factor"], 1.0);
     assert_eq!(answer.body["ceiling"], 1.0);
-    assert_eq!(answer.body["publicPerSecond"], 1.0);
+    assert_eq!(answer.body["publicPerSecond"], 50.0, "the test configuration's budget");
     assert_eq!(answer.body["recentRateLimited"], 0);
     assert!(answer.body["privatePausedFor"].is_null(), "{}", answer.text);
 
@@ -325,7 +325,7 @@ async fn the_rate_factor_is_read_and_set_through_the_admin_api() {
     assert_eq!(answer.body["exchange"], "kraken");
     assert_eq!(answer.body["factor"], 0.5);
     assert_eq!(answer.body["ceiling"], 0.5);
-    assert_eq!(answer.body["publicPerSecond"], 0.5);
+    assert_eq!(answer.body["publicPerSecond"], 25.0);
     assert_eq!(get(&app, RATE_LIMIT).await.body["factor"], 0.5);
     let metrics = app.metrics().await;
     assert_eq!(metric(&metrics, "exwatch_rate_limit_factor", &[("exchange", "kraken")]), Some(0.5));
@@ -432,7 +432,7 @@ async fn the_cli_reads_and_forces_the_breaker_and_sets_the_rate_factor() {
 
     let output = exwatch(&["rate-limit", "set", "0.5", "--url", &url], Some(ADMIN_TOKEN)).await;
     assert_eq!(output.code, Some(0), "{}{}", output.stdout, output.stderr);
-    assert!(output.stdout.starts_with("kraken: factor 0.5 (ceiling 0.5); public 0.50/s"), "{}", output.stdout);
+    assert!(output.stdout.starts_with("kraken: factor 0.5 (ceiling 0.5); public 25.00/s"), "{}", output.stdout);
     let metrics = app.metrics().await;
     assert_eq!(metric(&metrics, "exwatch_rate_limit_factor", &[("exchange", "kraken")]), Some(0.5));
 

@@ -38,7 +38,7 @@ pub fn config(base_url: &str, interval: &str, timeout: &str, credentials: bool) 
     let database = scratch_database();
     Config::from_toml(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
-         [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n\
+         [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n{FAST_RATE_LIMIT}\
          [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n{credentials}{database}"
     ))
     .expect("valid test configuration")
@@ -56,6 +56,9 @@ pub fn scratch_database() -> String {
     )
 }
 
+/// Budgets for polling every 100 ms (the defaults allow Kraken's one public call per second).
+pub const FAST_RATE_LIMIT: &str = "[rate_limit]\npublic_per_second = 50\npublic_burst = 10\n";
+
 /// The admin token of [`admin_config`].
 pub const ADMIN_TOKEN: &str = "exwatch-test-admin-token";
 
@@ -63,7 +66,7 @@ pub const ADMIN_TOKEN: &str = "exwatch-test-admin-token";
 pub fn admin_config(base_url: &str, interval: &str, timeout: &str) -> Config {
     Config::from_toml(&format!(
         "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
-         [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n\
+         [poll]\ninterval = \"{interval}\"\ntimeout = \"{timeout}\"\n{FAST_RATE_LIMIT}\
          [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\npair = \"XBTAUD\"\n\
          [admin]\ntoken = \"{ADMIN_TOKEN}\"\n{}",
         scratch_database()

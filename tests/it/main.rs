@@ -8,6 +8,8 @@ mod admin;
 mod cli;
 mod daemon;
 mod helpers;
+mod outage;
 mod paused;
+mod proxy;
 mod scenarios;
 mod store;

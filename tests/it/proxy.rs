@@ -36,7 +36,7 @@ impl Proxy {
                     };
                     let Ok((client, _)) = accepted else { continue };
                     if !up.load(Ordering::SeqCst) {
-                        let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                        let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
                         drop(client);
                         continue;
                     }
@@ -48,7 +48,7 @@ impl Proxy {
                         tokio::select! {
                             _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                             _ = cut.changed() => {
-                                let _ = client.set_linger(Some(std::time::Duration::ZERO));
+                                let _ = socket2::SockRef::from(&client).set_linger(Some(std::time::Duration::ZERO));
                             }
                             () = stop.cancelled() => {}
                         }

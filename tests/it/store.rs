@@ -24,13 +24,13 @@ fn admin_url() -> String {
 }
 
 /// A migrated database of one backend that removes itself when dropped.
-struct TestDatabase {
+pub(crate) struct TestDatabase {
     database: Database,
     config: store::Config,
     _cleanup: Cleanup,
 }
 
-enum Cleanup {
+pub(crate) enum Cleanup {
     Postgres { admin_url: String, name: String },
     Sqlite(#[allow(dead_code)] tempfile::TempDir),
 }
@@ -60,7 +60,7 @@ impl Drop for Cleanup {
 
 impl TestDatabase {
     /// A fresh, empty Postgres database (not yet migrated) and the configuration pointing at it.
-    async fn postgres_config() -> (store::Config, Cleanup) {
+    pub(crate) async fn postgres_config() -> (store::Config, Cleanup) {
         let admin_url = admin_url();
         let mut admin = PgConnection::connect(&admin_url).await.unwrap_or_else(|error| {
             panic!("Postgres tests need a server at DATABASE_URL ({admin_url}); scripts/test.sh starts one: {error}")
