@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod call_log;
 mod cli;
 mod daemon;
 mod helpers;

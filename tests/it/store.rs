@@ -202,9 +202,9 @@ WHERE provider = 'kraken' AND created_at > NOW() - INTERVAL '30 minutes' ORDER B
 const RUNBOOK_SQLITE: &str = "SELECT endpoint, success, response_time, error_message, created_at FROM api_call_logs
 WHERE provider = 'kraken' AND created_at > datetime('now', '-30 minutes') ORDER BY created_at DESC LIMIT 50;";
 
-type RunbookRow = (String, bool, i64, Option<String>, String);
+pub(crate) type RunbookRow = (String, bool, i64, Option<String>, String);
 
-async fn runbook_query(database: &Database) -> Vec<RunbookRow> {
+pub(crate) async fn runbook_query(database: &Database) -> Vec<RunbookRow> {
     match database {
         Database::Postgres(pool) => sqlx::query(RUNBOOK_POSTGRES)
             .fetch_all(pool)
