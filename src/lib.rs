@@ -5,9 +5,12 @@
 //! - [`config`]: the only place that reads files or the environment for settings.
 //! - [`exchange`]: the `Exchange` trait, domain types and the error taxonomy; [`exchange::kraken`] is the client.
 //! - [`poller`]: the poll loop and its metrics; [`probe`]: the runbook's recovery verification, once.
-//! - [`http`]: `/health`, `/ready`, `/metrics`; [`telemetry`]: logging and the metric registry.
+//! - [`http`]: `/health`, `/ready`, `/metrics`, the admin API; [`telemetry`]: logging and the metric registry.
 //! - [`simulator`]: a fake Kraken, faults included, for tests, demos and drills.
-//! - [`store`]: the only place with SQL: `api_call_logs` and `incidents` in Postgres or SQLite, retention, reports.
+//! - [`breaker`], [`limiter`]: the circuit breaker and rate limiter every call passes through.
+//! - [`store`]: the only place with SQL: `api_call_logs` and `incidents` in Postgres or SQLite, a buffered, spooling
+//!   writer, retention, reports.
+//! - [`alert`]: the alert rules and the diagnosis of the runbook's scenarios.
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 
 pub mod alert;
