@@ -4,3 +4,209 @@
 
 pub mod diagnosis;
 pub mod rules;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use prometheus::{IntGaugeVec, Opts, Registry};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use crate::breaker;
+use crate::exchange::{ErrorClass, Outcome, TradingStatus};
+use crate::telemetry;
+
+use self::diagnosis::{Actions, Diagnosis, Evidence};
+use self::rules::{Change, DownRule, PollResult, SlowRule};
+
+/// The `[alerts]` section.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Config {
+    pub down: rules::DownConfig,
+    pub slow: rules::SlowConfig,
+    /// How far back the diagnosis looks.
+    #[serde(serialize_with = "crate::config::human_duration")]
+    pub evidence_window: Duration,
+    /// The `runbook_url` annotation.
+    pub runbook_url: String,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            down: rules::DownConfig::default(),
+            slow: rules::SlowConfig::default(),
+            evidence_window: Duration::from_secs(300),
+            runbook_url: "https://runbooks.example.com/exchange-api-failures".to_owned(),
+        }
+    }
+}
+
+pub const DOWN: &str = "exchange_api_down";
+pub const SLOW: &str = "exchange_api_slow";
+
+/// An alert that is firing now, as the status endpoint shows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ActiveAlert {
+    pub alertname: &'static str,
+    pub severity: &'static str,
+    pub since: DateTime<Utc>,
+    pub reason: String,
+    pub summary: String,
+    pub description: String,
+    pub scenario: String,
+    pub evidence: String,
+    pub runbook_url: String,
+}
+
+/// `exwatch_alerts_firing{alertname,exchange}`.
+#[derive(Clone)]
+pub struct Metrics {
+    firing: IntGaugeVec,
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Metrics {
+        let firing = IntGaugeVec::new(
+            Opts::new("exwatch_alerts_firing", "1 while the alert fires for the exchange."),
+            &["alertname", "exchange"],
+        )
+        .expect("valid metric definition");
+        Metrics { firing: telemetry::register(registry, firing) }
+    }
+}
+
+/// One exchange's alert state: the two rules, the evidence for the diagnosis, and the alerts firing now. It logs
+/// each firing and resolution with the scenario and evidence (delivery to Alertmanager and webhooks builds on it).
+pub struct Engine {
+    exchange: String,
+    config: Config,
+    down: DownRule,
+    slow: SlowRule,
+    evidence: Evidence,
+    active: BTreeMap<&'static str, ActiveAlert>,
+    metrics: Metrics,
+    last_status: Option<TradingStatus>,
+}
+
+impl Engine {
+    pub fn new(exchange: &str, config: Config, metrics: Metrics) -> Engine {
+        for alertname in [DOWN, SLOW] {
+            metrics.firing.with_label_values(&[alertname, exchange]).set(0);
+        }
+        Engine {
+            exchange: exchange.to_owned(),
+            down: DownRule::new(config.down.clone()),
+            slow: SlowRule::new(config.slow.clone()),
+            evidence: Evidence::new(config.evidence_window),
+            config,
+            active: BTreeMap::new(),
+            metrics,
+            last_status: None,
+        }
+    }
+
+    /// Feeds one poll (or verification step): its calls, the SystemStatus it read, and the breaker afterwards.
+    /// `refused` is a poll the breaker did not permit.
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        outcomes: &[Outcome<()>],
+        status: Option<&TradingStatus>,
+        refused: bool,
+        breaker: breaker::State,
+        actions: &Actions,
+    ) {
+        for outcome in outcomes {
+            self.evidence.record(now, outcome.endpoint, &outcome.result);
+        }
+        if let Some(status) = status {
+            self.evidence.record_status(status.clone());
+            self.last_status = Some(status.clone());
+        }
+        let result = if refused {
+            PollResult::NotPermitted
+        } else if outcomes.iter().filter_map(Outcome::error).any(|error| error.class != ErrorClass::InvalidRequest) {
+            PollResult::Failed
+        } else {
+            PollResult::Succeeded { latencies: outcomes.iter().map(|outcome| outcome.latency).collect() }
+        };
+        let down = self.down.observe(now, &result, breaker);
+        self.apply(DOWN, down, now, actions);
+        let slow = self.slow.observe(now, &result, self.down.is_firing());
+        self.apply(SLOW, slow, now, actions);
+        // A changed scenario during an incident shows in the status (and on the next resend).
+        if !self.active.is_empty() {
+            let diagnosis = self.evidence.diagnose(now, actions);
+            let average = self.slow.average(now);
+            for (alertname, alert) in self.active.iter_mut() {
+                if *alertname == DOWN {
+                    alert.scenario = diagnosis.scenario.as_str().to_owned();
+                    alert.description = diagnosis.summary.clone();
+                } else if let Some(average) = average {
+                    alert.description = format!("Kraken API response time elevated: {}ms", average.as_millis());
+                }
+                alert.evidence = diagnosis.evidence.clone();
+            }
+        }
+    }
+
+    /// The alerts firing now.
+    pub fn active(&self) -> Vec<ActiveAlert> {
+        self.active.values().cloned().collect()
+    }
+
+    pub fn last_status(&self) -> Option<&TradingStatus> {
+        self.last_status.as_ref()
+    }
+
+    fn apply(&mut self, alertname: &'static str, change: Option<Change>, now: Instant, actions: &Actions) {
+        let Some(change) = change else { return };
+        let exchange = self.exchange.clone();
+        match change {
+            Change::Fire { reason } => {
+                let diagnosis: Diagnosis = self.evidence.diagnose(now, actions);
+                let (severity, summary, description) = if alertname == DOWN {
+                    ("critical", format!("Exchange API down: {exchange}"), diagnosis.summary.clone())
+                } else {
+                    let average = self.slow.average(now).unwrap_or_default();
+                    (
+                        "warning",
+                        "Exchange API Response Time Warning".to_owned(),
+                        format!("Kraken API response time elevated: {}ms", average.as_millis()),
+                    )
+                };
+                tracing::warn!(
+                    alertname,
+                    severity,
+                    exchange,
+                    reason,
+                    scenario = diagnosis.scenario.as_str(),
+                    evidence = diagnosis.evidence,
+                    "Alert firing."
+                );
+                self.metrics.firing.with_label_values(&[alertname, &exchange]).set(1);
+                self.active.insert(
+                    alertname,
+                    ActiveAlert {
+                        alertname,
+                        severity,
+                        since: Utc::now(),
+                        reason,
+                        summary,
+                        description,
+                        scenario: diagnosis.scenario.as_str().to_owned(),
+                        evidence: diagnosis.evidence,
+                        runbook_url: self.config.runbook_url.clone(),
+                    },
+                );
+            }
+            Change::Resolve { reason } => {
+                tracing::info!(alertname, exchange, reason, "Alert resolved.");
+                self.metrics.firing.with_label_values(&[alertname, &exchange]).set(0);
+                self.active.remove(alertname);
+            }
+        }
+    }
+}

@@ -14,7 +14,6 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker;
 use crate::config::Config;
 use crate::exchange::{self, Exchange};
 use crate::http::{self, Readiness};
@@ -22,6 +21,7 @@ use crate::limiter::{self, Limiter};
 use crate::poller::{self, Heartbeat, Poller};
 use crate::store::{self, Sink, connector::Connector, writer};
 use crate::telemetry;
+use crate::{alert, breaker};
 
 pub struct App {
     config: Config,
@@ -40,6 +40,7 @@ pub struct App {
 pub struct Control {
     pub breaker: Arc<breaker::Shared>,
     pub limiter: Arc<Limiter>,
+    pub alerts: Arc<std::sync::Mutex<alert::Engine>>,
 }
 
 impl App {
@@ -69,6 +70,7 @@ impl App {
         let metrics = poller::Metrics::new(&registry);
         let breaker_metrics = breaker::Metrics::new(&registry);
         let limiter_metrics = limiter::Metrics::new(&registry);
+        let alert_metrics = alert::Metrics::new(&registry);
         let controls = exchanges
             .iter()
             .map(|exchange| {
@@ -76,6 +78,11 @@ impl App {
                 let control = Control {
                     breaker: breaker::Shared::new(&name, config.breaker.clone(), breaker_metrics.clone()),
                     limiter: Limiter::new(&name, config.rate_limit.clone(), limiter_metrics.clone()),
+                    alerts: Arc::new(std::sync::Mutex::new(alert::Engine::new(
+                        &name,
+                        config.alerts.clone(),
+                        alert_metrics.clone(),
+                    ))),
                 };
                 (name, control)
             })
@@ -144,7 +151,7 @@ impl App {
             let Some(control) = state.controls.get(exchange.name()) else {
                 anyhow::bail!("no controls for exchange {}", exchange.name());
             };
-            let poller = Poller::new(exchange, context.clone(), control.breaker.clone(), control.limiter.clone());
+            let poller = Poller::new(exchange, context.clone(), control.clone());
             pollers.spawn(poller.run(cancel.clone()));
         }
 

@@ -18,7 +18,7 @@ use serde_json::{Map, Value};
 
 use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::Secret;
-use crate::{breaker, limiter, store};
+use crate::{alert, breaker, limiter, store};
 
 /// Public calls in one poll: Ticker and SystemStatus.
 const PUBLIC_CALLS_PER_POLL: f64 = 2.0;
@@ -34,6 +34,7 @@ pub struct Config {
     pub exchanges: Vec<ExchangeView>,
     pub breaker: breaker::Config,
     pub rate_limit: limiter::Config,
+    pub alerts: alert::Config,
     pub database: store::Config,
     pub admin: Admin,
     pub log: Log,
@@ -482,6 +483,48 @@ impl Reader {
         }
     }
 
+    fn alerts(&mut self, root: &mut Table) -> alert::Config {
+        let defaults = alert::Config::default();
+        let mut table = self.section(root, "alerts");
+        let mut down_table = self.section(&mut table, "down");
+        let down = alert::rules::DownConfig {
+            consecutive_failures: self.integer(
+                &mut down_table,
+                "consecutive_failures",
+                defaults.down.consecutive_failures,
+                (1, 1000),
+            ),
+            recovery_successes: self.integer(
+                &mut down_table,
+                "recovery_successes",
+                defaults.down.recovery_successes,
+                (1, 1000),
+            ),
+        };
+        self.finish(down_table);
+        let mut slow_table = self.section(&mut table, "slow");
+        let slow = alert::rules::SlowConfig {
+            window: self.duration(&mut slow_table, "window", defaults.slow.window),
+            threshold: self.duration(&mut slow_table, "threshold", defaults.slow.threshold),
+            resolve_ratio: self.number(&mut slow_table, "resolve_ratio", defaults.slow.resolve_ratio, (0.1, 1.0)),
+            minimum_samples: self.integer(
+                &mut slow_table,
+                "minimum_samples",
+                defaults.slow.minimum_samples,
+                (1, 10_000),
+            ),
+        };
+        self.finish(slow_table);
+        let evidence_window = self.duration(&mut table, "evidence_window", defaults.evidence_window);
+        let runbook_url = self.string(&mut table, "runbook_url").unwrap_or(defaults.runbook_url);
+        if url::Url::parse(&runbook_url).is_err() {
+            let key = table.key("runbook_url");
+            self.problem(&key, format!("invalid URL {runbook_url:?}"));
+        }
+        self.finish(table);
+        alert::Config { down, slow, evidence_window, runbook_url }
+    }
+
     fn rate_limit(&mut self, root: &mut Table) -> limiter::Config {
         let defaults = limiter::Config::default();
         let mut table = self.section(root, "rate_limit");
@@ -655,6 +698,7 @@ impl Reader {
         let exchanges = self.exchanges(root.entries.remove("exchanges"));
         let breaker = self.breaker(&mut root);
         let rate_limit = self.rate_limit(&mut root);
+        let alerts = self.alerts(&mut root);
         // Each poll makes two public calls; a budget below that would throttle every poll and stall the loop.
         let needed = PUBLIC_CALLS_PER_POLL / poll.interval.as_secs_f64();
         if needed > rate_limit.public_per_second {
@@ -699,6 +743,7 @@ impl Reader {
             exchanges,
             breaker,
             rate_limit,
+            alerts,
             database,
             admin: Admin { token },
             log: Log { level, format },
@@ -1070,7 +1115,7 @@ mod tests {
         assert_eq!(database.sqlite_path, PathBuf::from("exwatch.sqlite"));
         assert_eq!(database.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(database.retention_interval, Duration::from_secs(3600));
-        assert_eq!((database.batch_size, database.memory_rows), (500, 10_000));
+        assert_eq!((database.batch_size, database.memory_rows), (5000, 10_000));
         assert_eq!(database.flush_interval, Duration::from_secs(1));
         assert_eq!(database.spool_dir, PathBuf::from("exwatch-spool"));
         assert_eq!(database.spool_max_bytes, 268_435_456);

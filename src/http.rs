@@ -58,8 +58,11 @@ impl Readiness {
 
 /// Without an admin token the admin paths are not mounted at all, so they are 404 like any unknown path.
 pub fn router(state: State) -> axum::Router {
-    let mut router =
-        axum::Router::new().route("/health", get(health)).route("/ready", get(ready)).route("/metrics", get(metrics));
+    let mut router = axum::Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/status", get(status));
     if state.admin_token.is_some() {
         router = router.merge(admin::routes(state.clone()));
     }
@@ -102,6 +105,33 @@ async fn health(Extract(state): Extract<State>) -> Response {
         let body = json!({"status": "stalled", "reason": reason, "poll_loops": loops, "database": database});
         (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
+}
+
+/// The exchanges' state for on-call, read-only and without a token: up or down, breaker, rate factor, SystemStatus,
+/// and the alerts firing with their scenario and evidence.
+async fn status(Extract(state): Extract<State>) -> Response {
+    let now = Instant::now();
+    let exchanges: Vec<_> = state
+        .controls
+        .iter()
+        .map(|(name, control)| {
+            let breaker = control.breaker.snapshot();
+            let limiter = control.limiter.snapshot(now);
+            let alerts = control.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let active = alerts.active();
+            let down = active.iter().any(|alert| alert.alertname == crate::alert::DOWN);
+            json!({
+                "exchange": name,
+                "up": !down,
+                "system_status": alerts.last_status().map(|status| status.as_text().to_owned()),
+                "breaker": {"state": breaker.state, "consecutiveFailures": breaker.consecutive_failures,
+                            "failureRate": breaker.failure_rate, "notPermittedCalls": breaker.not_permitted_calls},
+                "rate_limit": {"factor": limiter.factor, "privatePauseReason": limiter.private_pause_reason},
+                "active_alerts": active,
+            })
+        })
+        .collect();
+    (StatusCode::OK, Json(json!({"exchanges": exchanges}))).into_response()
 }
 
 /// 200 while serving, 503 once shutdown has begun so the load balancer stops sending traffic first.

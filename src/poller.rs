@@ -14,12 +14,13 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::breaker;
+use crate::app::Control;
 use crate::config::Poll as Config;
 use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
 use crate::limiter::{Budget, Limiter};
 use crate::store::{CallRecord, writer};
 use crate::telemetry;
+use crate::{alert, breaker};
 
 /// The label value of `error_class` on successful calls.
 const NO_ERROR: &str = "none";
@@ -272,16 +273,13 @@ pub struct Poller {
     context: Context,
     breaker: Arc<breaker::Shared>,
     limiter: Arc<Limiter>,
+    alerts: Arc<Mutex<alert::Engine>>,
     next_balance: Instant,
 }
 
 impl Poller {
-    pub fn new(
-        exchange: Arc<dyn Exchange>,
-        context: Context,
-        breaker: Arc<breaker::Shared>,
-        limiter: Arc<Limiter>,
-    ) -> Poller {
+    pub fn new(exchange: Arc<dyn Exchange>, context: Context, control: Control) -> Poller {
+        let Control { breaker, limiter, alerts } = control;
         let now = Instant::now();
         let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus, Endpoint::Depth];
         if exchange.has_credentials() {
@@ -289,7 +287,7 @@ impl Poller {
         }
         context.metrics.prepare(exchange.name(), &endpoints);
         context.heartbeat.register(exchange.name(), now, context.config.interval);
-        Poller { exchange, context, breaker, limiter, next_balance: now }
+        Poller { exchange, context, breaker, limiter, alerts, next_balance: now }
     }
 
     /// The time between polls now: the interval stretched by the rate factor.
@@ -362,6 +360,7 @@ impl Poller {
                     self.not_permitted(&name, Endpoint::Balance, state);
                 }
                 self.context.metrics.up(&name, false);
+                self.alert(&[], None, true);
                 return;
             }
         };
@@ -397,6 +396,18 @@ impl Poller {
         }
         self.context.metrics.up(&name, outcomes[0].result.is_ok() && outcomes[1].result.is_ok());
         self.breaker.record(permit, self.poll_verdict(&outcomes));
+        self.alert(&outcomes, trading_status.as_ref(), false);
+    }
+
+    /// Feeds the alert rules with a poll's calls and the breaker's state after it.
+    fn alert(&self, outcomes: &[Outcome<()>], status: Option<&TradingStatus>, refused: bool) {
+        let now = Instant::now();
+        let actions = alert::diagnosis::Actions {
+            rate_factor: self.limiter.factor(),
+            private_paused: self.limiter.private_paused(now),
+        };
+        let mut engine = self.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        engine.observe(now, outcomes, status, refused, self.breaker.state(), &actions);
     }
 
     /// The runbook's recovery verification as the HALF_OPEN trial: Ticker, Balance (with credentials, unless
@@ -407,11 +418,13 @@ impl Poller {
         let private_paused = self.limiter.private_paused(Instant::now()).is_some();
         let steps = crate::probe::verification_steps(self.exchange.has_credentials() && !private_paused);
         tracing::info!(exchange = name, steps = ?steps, "Running the recovery verification.");
+        let mut outcomes = Vec::new();
         for endpoint in steps {
             let permit = match self.breaker.try_acquire() {
                 Ok(permit) => permit,
                 Err(state) => {
                     self.not_permitted(&name, endpoint, state);
+                    self.alert(&outcomes, None, outcomes.is_empty());
                     return;
                 }
             };
@@ -422,12 +435,15 @@ impl Poller {
             let verdict = self.poll_verdict(std::slice::from_ref(&outcome));
             let passed = matches!(verdict, breaker::Call::Success(_));
             self.breaker.record(permit, verdict);
+            outcomes.push(outcome);
             if !passed {
                 tracing::warn!(exchange = name, endpoint = endpoint.as_str(), "Recovery verification failed.");
+                self.alert(&outcomes, None, false);
                 return;
             }
         }
         self.breaker.trial_passed();
+        self.alert(&outcomes, None, false);
         tracing::info!(exchange = name, state = self.breaker.state().as_str(), "Recovery verification passed.");
     }
 
@@ -627,7 +643,9 @@ mod tests {
         };
         let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
         let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));
-        let poller = Poller::new(exchange, context, breaker, limiter);
+        let alerts = alert::Engine::new("fake", alert::Config::default(), alert::Metrics::new(&registry));
+        let control = Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)) };
+        let poller = Poller::new(exchange, context, control);
         (poller, registry, heartbeat, log)
     }
 

@@ -58,7 +58,7 @@ impl Default for Config {
             sqlite_path: PathBuf::from("exwatch.sqlite"),
             retention: Duration::from_secs(30 * 24 * 3600),
             retention_interval: Duration::from_secs(3600),
-            batch_size: 500,
+            batch_size: 5000,
             flush_interval: Duration::from_secs(1),
             memory_rows: 10_000,
             spool_dir: PathBuf::from("exwatch-spool"),

@@ -46,7 +46,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            batch_size: 500,
+            batch_size: 5000,
             flush_interval: Duration::from_secs(1),
             memory_rows: 10_000,
             spool_dir: PathBuf::from("exwatch-spool"),
@@ -122,7 +122,7 @@ impl Metrics {
             .expect("valid metric definition");
         let batch_rows = Histogram::with_opts(
             HistogramOpts::new("exwatch_store_batch_rows", "Rows per insert attempt.")
-                .buckets(vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0]),
+                .buckets(vec![1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0]),
         )
         .expect("valid metric definition");
         let batch_duration = Histogram::with_opts(
@@ -969,7 +969,7 @@ mod tests {
     }
 
     fn config(dir: &Path) -> Config {
-        Config { spool_dir: dir.join("spool"), ..Config::default() }
+        Config { spool_dir: dir.join("spool"), batch_size: 500, ..Config::default() }
     }
 
     struct Running {

@@ -57,6 +57,15 @@ impl PausedDaemon {
         String::from_utf8(response.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap()
     }
 
+    /// `/api/v1/status`'s entry for kraken.
+    async fn status(&self) -> serde_json::Value {
+        let request = axum::http::Request::get("/api/v1/status").body(Body::empty()).unwrap();
+        let response = self.router.clone().oneshot(request).await.unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
+        status["exchanges"][0].clone()
+    }
+
     async fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric(&self.metrics().await, name, labels).unwrap_or(0.0)
     }
@@ -103,6 +112,20 @@ async fn maintenance_opens_the_breaker_after_three_polls_and_recovery_closes_it(
     let refused = [("endpoint", "Ticker"), ("outcome", "not_permitted")];
     assert_eq!(daemon.value("exwatch_exchange_calls_total", &refused).await, 1.0);
     assert_eq!(daemon.simulator.requests("Ticker"), 3);
+    // exchange_api_down fired with the breaker, diagnosed as the runbook's scenario A.
+    let firing = [("alertname", "exchange_api_down")];
+    assert_eq!(daemon.value("exwatch_alerts_firing", &firing).await, 1.0);
+    let status = daemon.status().await;
+    assert_eq!(status["up"], false, "{status}");
+    assert_eq!(status["system_status"], "maintenance", "{status}");
+    let alert = &status["active_alerts"][0];
+    assert_eq!(
+        (alert["alertname"].as_str(), alert["severity"].as_str()),
+        (Some("exchange_api_down"), Some("critical"))
+    );
+    assert_eq!(alert["scenario"], "maintenance", "{alert}");
+    assert!(alert["evidence"].as_str().unwrap().contains("EService:Unavailable"), "{alert}");
+    assert!(alert["description"].as_str().unwrap().starts_with("Scenario A, maintenance"), "{alert}");
 
     // After the 60 s wait (at 120 s) the timer moves it to HALF_OPEN; the verification fails: OPEN again.
     at(start, Duration::from_secs(121)).await;
@@ -119,9 +142,12 @@ async fn maintenance_opens_the_breaker_after_three_polls_and_recovery_closes_it(
     assert_eq!(daemon.simulator.requests("Depth"), 1);
     let verified = [("endpoint", "Balance"), ("outcome", "success")];
     assert!(daemon.value("exwatch_exchange_calls_total", &verified).await >= 1.0);
-    // The next regular poll, at 210 s, is sent again and succeeds.
+    // The next regular poll, at 210 s, is sent again and succeeds; with the verification that is two successes
+    // with the breaker closed, and exchange_api_down resolves.
     at(start, Duration::from_secs(211)).await;
     assert_eq!(daemon.value("exwatch_exchange_up", &[]).await, 1.0);
+    assert_eq!(daemon.value("exwatch_alerts_firing", &firing).await, 0.0);
+    assert_eq!(daemon.status().await["active_alerts"], serde_json::json!([]));
     // Every call, refused ones included, reached the call log within its flush interval.
     at(start, Duration::from_secs(213)).await;
     let rows = daemon.log.rows();
