@@ -99,7 +99,7 @@ impl App {
                 (connector.clone(), Some(connector))
             }
         };
-        let (writer, log) = writer::Writer::new(writer_config(&config.database), sink, writer::Metrics::new(&registry))
+        let (writer, log) = writer::Writer::new(config.database.writer.clone(), sink, writer::Metrics::new(&registry))
             .context("cannot open the call-log spool (database.spool_dir)")?;
         let state = http::State {
             registry,
@@ -216,17 +216,6 @@ impl App {
             Some(reason) => Err(anyhow::anyhow!(reason)),
             None => Ok(()),
         }
-    }
-}
-
-/// The writer's settings from the `[database]` section.
-fn writer_config(database: &store::Config) -> writer::Config {
-    writer::Config {
-        batch_size: database.batch_size,
-        flush_interval: database.flush_interval,
-        memory_rows: database.memory_rows,
-        spool_dir: database.spool_dir.clone(),
-        spool_max_bytes: database.spool_max_bytes,
     }
 }
 

@@ -572,13 +572,13 @@ impl Reader {
         let sqlite_path = self.path(&mut table, "sqlite_path", defaults.sqlite_path);
         let retention = self.duration(&mut table, "retention", defaults.retention);
         let retention_interval = self.duration(&mut table, "retention_interval", defaults.retention_interval);
-        let batch_size = self.integer(&mut table, "batch_size", defaults.batch_size as u32, (1, 10_000)) as usize;
-        let flush_interval = self.duration(&mut table, "flush_interval", defaults.flush_interval);
-        let memory_rows =
-            self.integer(&mut table, "memory_rows", defaults.memory_rows as u32, (1, 10_000_000)) as usize;
-        let spool_dir = self.path(&mut table, "spool_dir", defaults.spool_dir);
+        let writer = defaults.writer;
+        let batch_size = self.integer(&mut table, "batch_size", writer.batch_size as u32, (1, 10_000)) as usize;
+        let flush_interval = self.duration(&mut table, "flush_interval", writer.flush_interval);
+        let memory_rows = self.integer(&mut table, "memory_rows", writer.memory_rows as u32, (1, 10_000_000)) as usize;
+        let spool_dir = self.path(&mut table, "spool_dir", writer.spool_dir);
         let spool_max_bytes =
-            self.big_integer(&mut table, "spool_max_bytes", defaults.spool_max_bytes, (1 << 20, 1 << 40));
+            self.big_integer(&mut table, "spool_max_bytes", writer.spool_max_bytes, (1 << 20, 1 << 40));
         if memory_rows < batch_size {
             let key = table.key("memory_rows");
             self.problem(&key, format!("{memory_rows} is less than `database.batch_size` {batch_size}"));
@@ -589,11 +589,7 @@ impl Reader {
             sqlite_path,
             retention,
             retention_interval,
-            batch_size,
-            flush_interval,
-            memory_rows,
-            spool_dir,
-            spool_max_bytes,
+            writer: store::writer::Config { batch_size, flush_interval, memory_rows, spool_dir, spool_max_bytes },
         }
     }
 
@@ -1115,10 +1111,10 @@ mod tests {
         assert_eq!(database.sqlite_path, PathBuf::from("exwatch.sqlite"));
         assert_eq!(database.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(database.retention_interval, Duration::from_secs(3600));
-        assert_eq!((database.batch_size, database.memory_rows), (5000, 10_000));
-        assert_eq!(database.flush_interval, Duration::from_secs(1));
-        assert_eq!(database.spool_dir, PathBuf::from("exwatch-spool"));
-        assert_eq!(database.spool_max_bytes, 268_435_456);
+        assert_eq!((database.writer.batch_size, database.writer.memory_rows), (5000, 10_000));
+        assert_eq!(database.writer.flush_interval, Duration::from_secs(1));
+        assert_eq!(database.writer.spool_dir, PathBuf::from("exwatch-spool"));
+        assert_eq!(database.writer.spool_max_bytes, 268_435_456);
     }
 
     #[test]
@@ -1142,10 +1138,10 @@ mod tests {
         assert_eq!(database.url.as_ref().unwrap().expose(), "postgresql://exwatch:hunter2@db.internal:5433/exwatch");
         assert_eq!(database.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(database.retention_interval, Duration::from_secs(7200));
-        assert_eq!((database.batch_size, database.memory_rows), (250, 5000));
-        assert_eq!(database.flush_interval, Duration::from_millis(500));
-        assert_eq!(database.spool_dir, PathBuf::from("/var/lib/exwatch/spool"));
-        assert_eq!(database.spool_max_bytes, 8 << 30);
+        assert_eq!((database.writer.batch_size, database.writer.memory_rows), (250, 5000));
+        assert_eq!(database.writer.flush_interval, Duration::from_millis(500));
+        assert_eq!(database.writer.spool_dir, PathBuf::from("/var/lib/exwatch/spool"));
+        assert_eq!(database.writer.spool_max_bytes, 8 << 30);
         let rendered = config.to_redacted_toml();
         assert!(!rendered.contains("hunter2") && rendered.contains("retention = \"30days\""), "{rendered}");
 
@@ -1153,7 +1149,7 @@ mod tests {
             environment(&[("EXWATCH__DATABASE__RETENTION", "7d"), ("EXWATCH__DATABASE__BATCH_SIZE", "100")]);
         let config = Config::load_from(None, Some(environment)).unwrap();
         assert_eq!(config.database.retention, Duration::from_secs(7 * 86_400));
-        assert_eq!(config.database.batch_size, 100);
+        assert_eq!(config.database.writer.batch_size, 100);
     }
 
     #[test]
@@ -1193,7 +1189,7 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
 
         let error = Config::from_toml("[database]\nbatch_size = 1000\nmemory_rows = 999\n").unwrap_err();
-        assert_eq!(error.problems, ["`database.memory_rows`: 999 is less than `database.batch_size` 1000"]);
+        assert_eq!(error.problems, ["`database.memory_rows`: 999 is less than `database.writer.batch_size` 1000"]);
     }
 
     #[test]

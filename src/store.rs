@@ -38,17 +38,9 @@ pub struct Config {
     /// Time between two retention passes (the first runs shortly after start).
     #[serde(serialize_with = "human_duration")]
     pub retention_interval: Duration,
-    /// Rows per multi-row INSERT written by the writer.
-    pub batch_size: usize,
-    /// The longest a row waits in the writer's buffer before its batch is written.
-    #[serde(serialize_with = "human_duration")]
-    pub flush_interval: Duration,
-    /// Rows the writer keeps in memory during an outage before it spools to disk.
-    pub memory_rows: usize,
-    /// Where the writer spools rows it cannot keep in memory.
-    pub spool_dir: PathBuf,
-    /// The most the spool may hold on disk, in bytes; beyond it the oldest rows are dropped (and counted).
-    pub spool_max_bytes: u64,
+    /// The writer's batching and spool limits, keys of the same `[database]` section.
+    #[serde(flatten)]
+    pub writer: writer::Config,
 }
 
 impl Default for Config {
@@ -58,11 +50,7 @@ impl Default for Config {
             sqlite_path: PathBuf::from("exwatch.sqlite"),
             retention: Duration::from_secs(30 * 24 * 3600),
             retention_interval: Duration::from_secs(3600),
-            batch_size: 5000,
-            flush_interval: Duration::from_secs(1),
-            memory_rows: 10_000,
-            spool_dir: PathBuf::from("exwatch-spool"),
-            spool_max_bytes: 268_435_456,
+            writer: writer::Config::default(),
         }
     }
 }

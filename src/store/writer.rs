@@ -28,12 +28,13 @@ use super::spool::{Spool, SpoolError};
 use super::{CallRecord, Sink, WriteError};
 use crate::telemetry;
 
-/// The writer's settings. `database` configuration carries the same keys and converts into this.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The writer's settings: keys of the `[database]` section (`store::Config` holds them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Config {
     /// The most rows in one insert; a full batch is written at once.
     pub batch_size: usize,
     /// How long a row may wait for its batch to fill.
+    #[serde(serialize_with = "crate::config::human_duration")]
     pub flush_interval: Duration,
     /// Rows kept in memory before the oldest move to the spool.
     pub memory_rows: usize,

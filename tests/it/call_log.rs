@@ -15,11 +15,9 @@ async fn polls_then_runbook_query(database: store::Config) {
     let simulator = start_simulator().await;
     let mut config = config(&simulator.base_url(), "200ms", "150ms", false);
     let spool = tempfile::tempdir().unwrap();
-    config.database = store::Config {
-        flush_interval: Duration::from_millis(50),
-        spool_dir: spool.path().join("spool"),
-        ..database.clone()
-    };
+    config.database = database.clone();
+    config.database.writer.flush_interval = Duration::from_millis(50);
+    config.database.writer.spool_dir = spool.path().join("spool");
     let app = spawn_app(config).await;
     let calls = |metrics: &str, outcome: &str, class: &str| {
         let labels = [("endpoint", "Ticker"), ("outcome", outcome), ("error_class", class)];

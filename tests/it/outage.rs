@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use exwatch::secret::Secret;
-use exwatch::store::{self, Database};
+use exwatch::store::{self, Database, writer};
 use sqlx::Row;
 
 use crate::helpers::{TestApp, config, eventually, metric, spawn_app, start_simulator};
@@ -23,14 +23,14 @@ async fn proxied_database(spool_dir: &std::path::Path) -> (store::Config, Databa
     let upstream: SocketAddr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432)).parse().unwrap();
     let proxy = Proxy::start(upstream).await;
     url.set_port(Some(proxy.address.port())).unwrap();
-    let proxied = store::Config {
-        url: Some(Secret::new(url.to_string())),
+    let writer = writer::Config {
         batch_size: 5,
         flush_interval: Duration::from_millis(50),
         memory_rows: 5,
         spool_dir: spool_dir.to_owned(),
-        ..store::Config::default()
+        ..writer::Config::default()
     };
+    let proxied = store::Config { url: Some(Secret::new(url.to_string())), writer, ..store::Config::default() };
     (proxied, direct, proxy, cleanup)
 }
 
