@@ -1189,7 +1189,7 @@ mod tests {
         assert!(!text.contains("hunter2"), "{text}");
 
         let error = Config::from_toml("[database]\nbatch_size = 1000\nmemory_rows = 999\n").unwrap_err();
-        assert_eq!(error.problems, ["`database.memory_rows`: 999 is less than `database.writer.batch_size` 1000"]);
+        assert_eq!(error.problems, ["`database.memory_rows`: 999 is less than `database.batch_size` 1000"]);
     }
 
     #[test]
