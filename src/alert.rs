@@ -15,6 +15,7 @@ use tokio::time::Instant;
 
 use crate::breaker;
 use crate::exchange::{ErrorClass, Outcome, TradingStatus};
+use crate::store::incidents;
 use crate::telemetry;
 
 use self::diagnosis::{Actions, Diagnosis, Evidence};
@@ -88,10 +89,12 @@ pub struct Engine {
     active: BTreeMap<&'static str, ActiveAlert>,
     metrics: Metrics,
     last_status: Option<TradingStatus>,
+    /// Where `exchange_api_down`'s openings and resolutions become `incidents` rows, when a database is configured.
+    incidents: Option<incidents::Handle>,
 }
 
 impl Engine {
-    pub fn new(exchange: &str, config: Config, metrics: Metrics) -> Engine {
+    pub fn new(exchange: &str, config: Config, metrics: Metrics, incidents: Option<incidents::Handle>) -> Engine {
         for alertname in [DOWN, SLOW] {
             metrics.firing.with_label_values(&[alertname, exchange]).set(0);
         }
@@ -104,6 +107,7 @@ impl Engine {
             active: BTreeMap::new(),
             metrics,
             last_status: None,
+            incidents,
         }
     }
 
@@ -132,10 +136,15 @@ impl Engine {
         } else {
             PollResult::Succeeded { latencies: outcomes.iter().map(|outcome| outcome.latency).collect() }
         };
+        let first_error =
+            outcomes.iter().filter_map(Outcome::error).next().map(|error| match error.exchange_errors.is_empty() {
+                true => format!("{}: {}", error.class, error.message),
+                false => format!("{} {}: {}", error.class, error.exchange_errors.join(", "), error.message),
+            });
         let down = self.down.observe(now, &result, breaker);
-        self.apply(DOWN, down, now, actions);
+        self.apply(DOWN, down, now, actions, first_error.clone());
         let slow = self.slow.observe(now, &result, self.down.is_firing());
-        self.apply(SLOW, slow, now, actions);
+        self.apply(SLOW, slow, now, actions, first_error);
         // A changed scenario during an incident shows in the status (and on the next resend).
         if !self.active.is_empty() {
             let diagnosis = self.evidence.diagnose(now, actions);
@@ -161,7 +170,14 @@ impl Engine {
         self.last_status.as_ref()
     }
 
-    fn apply(&mut self, alertname: &'static str, change: Option<Change>, now: Instant, actions: &Actions) {
+    fn apply(
+        &mut self,
+        alertname: &'static str,
+        change: Option<Change>,
+        now: Instant,
+        actions: &Actions,
+        first_error: Option<String>,
+    ) {
         let Some(change) = change else { return };
         let exchange = self.exchange.clone();
         match change {
@@ -187,6 +203,15 @@ impl Engine {
                     "Alert firing."
                 );
                 self.metrics.firing.with_label_values(&[alertname, &exchange]).set(1);
+                if let Some(incidents) = self.incidents.as_ref().filter(|_| alertname == DOWN) {
+                    incidents.send(incidents::Event::Opened {
+                        provider: exchange.clone(),
+                        alertname: alertname.to_owned(),
+                        scenario: diagnosis.scenario.as_str().to_owned(),
+                        at: Utc::now(),
+                        first_error,
+                    });
+                }
                 self.active.insert(
                     alertname,
                     ActiveAlert {
@@ -206,6 +231,13 @@ impl Engine {
                 tracing::info!(alertname, exchange, reason, "Alert resolved.");
                 self.metrics.firing.with_label_values(&[alertname, &exchange]).set(0);
                 self.active.remove(alertname);
+                if let Some(incidents) = self.incidents.as_ref().filter(|_| alertname == DOWN) {
+                    incidents.send(incidents::Event::Resolved {
+                        provider: exchange.clone(),
+                        alertname: alertname.to_owned(),
+                        at: Utc::now(),
+                    });
+                }
             }
         }
     }

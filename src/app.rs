@@ -33,6 +33,7 @@ pub struct App {
     log: writer::Handle,
     /// The configured database; `None` when a test supplied its own sink.
     connector: Option<Arc<Connector>>,
+    incidents_receiver: Option<store::incidents::Receiver>,
 }
 
 /// The run-time controls of one exchange, shared by its poll loop and the admin API.
@@ -71,6 +72,14 @@ impl App {
         let breaker_metrics = breaker::Metrics::new(&registry);
         let limiter_metrics = limiter::Metrics::new(&registry);
         let alert_metrics = alert::Metrics::new(&registry);
+        // Incident rows need the configured database; a test's own sink has none.
+        let (incidents, incidents_receiver) = match sink {
+            Some(_) => (None, None),
+            None => {
+                let (handle, receiver) = store::incidents::channel();
+                (Some(handle), Some(receiver))
+            }
+        };
         let controls = exchanges
             .iter()
             .map(|exchange| {
@@ -82,6 +91,7 @@ impl App {
                         &name,
                         config.alerts.clone(),
                         alert_metrics.clone(),
+                        incidents.clone(),
                     ))),
                 };
                 (name, control)
@@ -109,7 +119,7 @@ impl App {
             admin_token: config.admin.token.clone(),
             log: Some(log.clone()),
         };
-        Ok(App { config, listener, exchanges, state, metrics, writer, log, connector })
+        Ok(App { config, listener, exchanges, state, metrics, writer, log, connector, incidents_receiver })
     }
 
     /// The HTTP surface this daemon serves, for in-memory requests (tests on a paused clock use it, never sockets).
@@ -123,7 +133,7 @@ impl App {
 
     /// Runs until `cancel` fires (a signal) or a poll loop dies. Returns an error in the second case.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let App { config, listener, exchanges, state, metrics, writer, log, connector } = self;
+        let App { config, listener, exchanges, state, metrics, writer, log, connector, incidents_receiver } = self;
         let address = listener.local_addr().context("listener has no local address")?;
 
         // The writer outlives the poll loops: it stops only after they have, and gets half the grace to drain.
@@ -131,10 +141,18 @@ impl App {
         let writer_task = tokio::spawn(writer.run(writer_stop.clone(), config.server.shutdown_grace / 2));
         let retention_stop = CancellationToken::new();
         let retention_task = tokio::spawn({
-            let (database, stop) = (config.database.clone(), retention_stop.clone());
+            let (database, stop, connector) = (config.database.clone(), retention_stop.clone(), connector.clone());
             async move {
                 if let Some(connector) = connector {
                     retention(connector, database, stop).await;
+                }
+            }
+        });
+        let incidents_task = tokio::spawn({
+            let stop = retention_stop.clone();
+            async move {
+                if let (Some(connector), Some(receiver)) = (connector, incidents_receiver) {
+                    store::incidents::run(connector, receiver, stop).await;
                 }
             }
         });
@@ -205,6 +223,7 @@ impl App {
             Err(error) => tracing::error!(error = %error, "Call-log writer task failed."),
         }
         let _ = retention_task.await;
+        let _ = incidents_task.await;
         http_stop.cancel();
         match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
             Ok(Ok(Ok(()))) => tracing::info!("Shutdown complete."),

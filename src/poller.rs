@@ -643,7 +643,7 @@ mod tests {
         };
         let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
         let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));
-        let alerts = alert::Engine::new("fake", alert::Config::default(), alert::Metrics::new(&registry));
+        let alerts = alert::Engine::new("fake", alert::Config::default(), alert::Metrics::new(&registry), None);
         let control = Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)) };
         let poller = Poller::new(exchange, context, control);
         (poller, registry, heartbeat, log)

@@ -18,6 +18,7 @@ use crate::secret::Secret;
 
 pub mod connector;
 pub mod database;
+pub mod incidents;
 pub mod report;
 pub mod spool;
 pub mod writer;

@@ -66,3 +66,55 @@ async fn sqlite_holds_every_polled_call_for_the_runbook_query() {
     let database = store::Config { sqlite_path: directory.path().join("exwatch.sqlite"), ..store::Config::default() };
     polls_then_runbook_query(database).await;
 }
+
+/// Maintenance opens the breaker and fires exchange_api_down, which opens an incident; recovery resolves both.
+async fn an_outage_is_an_incident_with_start_end_and_scenario(database: store::Config) {
+    let simulator = start_simulator().await;
+    let mut config = config(&simulator.base_url(), "200ms", "150ms", false);
+    let spool = tempfile::tempdir().unwrap();
+    config.database = database.clone();
+    config.database.writer.spool_dir = spool.path().join("spool");
+    config.breaker.wait_duration_in_open = Duration::from_secs(1);
+    let app = spawn_app(config).await;
+    let firing = |metrics: &str| metric(metrics, "exwatch_alerts_firing", &[("alertname", "exchange_api_down")]);
+    simulator.set_scenario(Scenario::Maintenance);
+    eventually(WAIT, "exchange_api_down firing", || async {
+        (firing(&app.metrics().await) == Some(1.0)).then_some(())
+    })
+    .await;
+    simulator.set_scenario(Scenario::Healthy);
+    eventually(WAIT, "exchange_api_down resolved", || async {
+        (firing(&app.metrics().await) == Some(0.0)).then_some(())
+    })
+    .await;
+    let database = Database::connect(&database).await.unwrap();
+    let incidents = eventually(WAIT, "the incident closed in the database", || async {
+        let incidents = database.list_incidents(Duration::from_secs(3600)).await.unwrap();
+        incidents
+            .iter()
+            .all(|incident| incident.resolved_at.is_some())
+            .then_some(incidents)
+            .filter(|list| !list.is_empty())
+    })
+    .await;
+    app.shutdown().await.unwrap();
+    assert_eq!(incidents.len(), 1, "{incidents:#?}");
+    let incident = &incidents[0];
+    assert_eq!((incident.provider.as_str(), incident.alertname.as_str()), ("kraken", "exchange_api_down"));
+    assert_eq!(incident.scenario, "maintenance");
+    assert!(incident.resolved_at.unwrap() > incident.started_at);
+    assert!(incident.first_error.as_deref().unwrap_or_default().contains("maintenance"), "{incident:?}");
+}
+
+#[tokio::test]
+async fn postgres_records_an_outage_as_an_incident() {
+    let (database, _cleanup) = TestDatabase::postgres_config().await;
+    an_outage_is_an_incident_with_start_end_and_scenario(database).await;
+}
+
+#[tokio::test]
+async fn sqlite_records_an_outage_as_an_incident() {
+    let directory = tempfile::tempdir().unwrap();
+    let database = store::Config { sqlite_path: directory.path().join("exwatch.sqlite"), ..store::Config::default() };
+    an_outage_is_an_incident_with_start_end_and_scenario(database).await;
+}
