@@ -352,46 +352,48 @@ impl Reader {
         })
     }
 
-    /// A number within `range` (inclusive).
-    fn number(&mut self, table: &mut Table, name: &str, default: f64, range: (f64, f64)) -> f64 {
+    /// A value within `range` (inclusive), given as a number or, from the environment, as text.
+    fn ranged<T>(
+        &mut self,
+        table: &mut Table,
+        name: &str,
+        default: T,
+        range: (T, T),
+        what: &str,
+        from_number: impl Fn(&serde_json::Number) -> Option<T>,
+    ) -> T
+    where
+        T: std::str::FromStr + PartialOrd + Copy + fmt::Display,
+    {
         let key = table.key(name);
         let value = match table.entries.remove(name) {
             None => return default,
-            Some(Value::Number(number)) => number.as_f64(),
-            Some(Value::String(text)) => text.trim().parse::<f64>().ok(),
+            Some(Value::Number(number)) => from_number(&number),
+            Some(Value::String(text)) => text.trim().parse::<T>().ok(),
             Some(other) => {
-                self.problem(&key, format!("expected a number, found {}", kind_of(&other)));
+                self.problem(&key, format!("expected {what}, found {}", kind_of(&other)));
                 return default;
             }
         };
         match value {
             Some(value) if value >= range.0 && value <= range.1 => value,
             _ => {
-                self.problem(&key, format!("expected a number from {} to {}", range.0, range.1));
+                self.problem(&key, format!("expected {what} from {} to {}", range.0, range.1));
                 default
             }
         }
     }
 
+    /// A number within `range` (inclusive).
+    fn number(&mut self, table: &mut Table, name: &str, default: f64, range: (f64, f64)) -> f64 {
+        self.ranged(table, name, default, range, "a number", serde_json::Number::as_f64)
+    }
+
     /// A whole number within `range` (inclusive).
     fn integer(&mut self, table: &mut Table, name: &str, default: u32, range: (u32, u32)) -> u32 {
-        let key = table.key(name);
-        let value = match table.entries.remove(name) {
-            None => return default,
-            Some(Value::Number(number)) => number.as_u64(),
-            Some(Value::String(text)) => text.trim().parse::<u64>().ok(),
-            Some(other) => {
-                self.problem(&key, format!("expected a whole number, found {}", kind_of(&other)));
-                return default;
-            }
-        };
-        match value.and_then(|value| u32::try_from(value).ok()) {
-            Some(value) if value >= range.0 && value <= range.1 => value,
-            _ => {
-                self.problem(&key, format!("expected a whole number from {} to {}", range.0, range.1));
-                default
-            }
-        }
+        self.ranged(table, name, default, range, "a whole number", |number| {
+            number.as_u64().and_then(|value| u32::try_from(value).ok())
+        })
     }
 
     /// A list of strings; the environment gives it comma-separated.
@@ -602,23 +604,7 @@ impl Reader {
 
     /// A whole number within `range` (inclusive) that may exceed `u32` (byte counts).
     fn big_integer(&mut self, table: &mut Table, name: &str, default: u64, range: (u64, u64)) -> u64 {
-        let key = table.key(name);
-        let value = match table.entries.remove(name) {
-            None => return default,
-            Some(Value::Number(number)) => number.as_u64(),
-            Some(Value::String(text)) => text.trim().parse::<u64>().ok(),
-            Some(other) => {
-                self.problem(&key, format!("expected a whole number, found {}", kind_of(&other)));
-                return default;
-            }
-        };
-        match value {
-            Some(value) if value >= range.0 && value <= range.1 => value,
-            _ => {
-                self.problem(&key, format!("expected a whole number from {} to {}", range.0, range.1));
-                default
-            }
-        }
+        self.ranged(table, name, default, range, "a whole number", serde_json::Number::as_u64)
     }
 
     fn secret(&mut self, table: &mut Table, name: &str) -> Option<Secret> {
