@@ -35,6 +35,8 @@ pub enum Command {
     Simulate(SimulateArgs),
     /// Run the runbook's recovery verification once (Ticker, Balance, Depth); exit 0 only if all pass.
     Probe(ConfigArgs),
+    /// What a running daemon sees now: each exchange up or down, and the alerts firing with scenario and evidence.
+    Status(StatusArgs),
     /// Read or force an exchange's circuit breaker through the running daemon's admin API.
     Breaker(BreakerArgs),
     /// Read or set an exchange's rate factor through the running daemon's admin API.
@@ -146,6 +148,18 @@ pub struct AdminArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The daemon's base URL; defaults to the configuration's `server.listen` (loopback when it listens on all).
+    #[arg(long)]
+    pub url: Option<url::Url>,
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// The daemon's JSON answer instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
 pub struct BreakerArgs {
     #[command(subcommand)]
     pub action: BreakerAction,
@@ -208,6 +222,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::CheckConfig(args) => check_config(args),
         Command::Simulate(args) => simulate(args).await,
         Command::Probe(args) => probe(args).await,
+        Command::Status(args) => status(args).await,
         Command::Breaker(args) => breaker(args).await,
         Command::RateLimit(args) => rate_limit(args).await,
         Command::Migrate(args) => migrate(args).await,
@@ -302,25 +317,13 @@ struct AdminFailure(String);
 impl AdminClient {
     fn new(args: AdminArgs) -> anyhow::Result<AdminClient> {
         let config = Config::load(args.config.as_deref())?;
-        let Some(token) = config.admin.token else {
+        let Some(token) = config.admin.token.clone() else {
             anyhow::bail!(
                 "no admin token configured: set admin.token or admin.token_file in the configuration file, \
                  or EXWATCH__ADMIN__TOKEN"
             );
         };
-        let base = match args.url {
-            Some(url) => url,
-            None => {
-                let mut listen = config.server.listen;
-                if listen.ip().is_unspecified() {
-                    listen.set_ip(match listen {
-                        std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
-                        std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
-                    });
-                }
-                url::Url::parse(&format!("http://{listen}"))?
-            }
-        };
+        let base = daemon_url(args.url, &config)?;
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -379,6 +382,79 @@ impl AdminClient {
         let body = serde_json::json!({"state": target.as_str()});
         self.call(reqwest::Method::POST, "circuit-breaker", None, Some(body)).await
     }
+}
+
+/// The daemon's base URL: `--url`, else `server.listen` (on loopback when it listens on every address).
+fn daemon_url(url: Option<url::Url>, config: &Config) -> anyhow::Result<url::Url> {
+    if let Some(url) = url {
+        return Ok(url);
+    }
+    let mut listen = config.server.listen;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(match listen {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(url::Url::parse(&format!("http://{listen}"))?)
+}
+
+/// `exwatch status`: `/api/v1/status` for people. Exit 0 when the daemon answered, 1 when it could not be reached.
+async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let url = daemon_url(args.url, &config)?.join("api/v1/status")?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
+    let body = match http.get(url.clone()).send().await {
+        Ok(response) if response.status().is_success() => response.text().await.map_err(|error| error.to_string()),
+        Ok(response) => Err(format!("answered {}", response.status())),
+        Err(error) => Err(error.to_string()),
+    };
+    let answer =
+        body.and_then(|body| serde_json::from_str::<serde_json::Value>(&body).map_err(|error| error.to_string()));
+    let answer = match answer {
+        Ok(answer) => answer,
+        Err(error) => {
+            eprintln!("exwatch: cannot read the status at {url}: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if args.json {
+        println!("{answer:#}");
+    } else {
+        print!("{}", render_status(&answer));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// One paragraph per exchange: up or down, SystemStatus, breaker, rate factor, then each alert with its evidence.
+fn render_status(answer: &serde_json::Value) -> String {
+    let text = |value: &serde_json::Value| value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+    let mut output = String::new();
+    for exchange in answer["exchanges"].as_array().into_iter().flatten() {
+        let up = if exchange["up"].as_bool() == Some(true) { "UP" } else { "DOWN" };
+        output.push_str(&format!(
+            "{}: {up}; SystemStatus {}; breaker {}; rate factor {}\n",
+            text(&exchange["exchange"]),
+            text(&exchange["system_status"]),
+            text(&exchange["breaker"]["state"]),
+            text(&exchange["rate_limit"]["factor"]),
+        ));
+        for alert in exchange["active_alerts"].as_array().into_iter().flatten() {
+            output.push_str(&format!(
+                "  FIRING {} ({}) since {}: scenario {}\n    {}\n    evidence: {}\n",
+                text(&alert["alertname"]),
+                text(&alert["severity"]),
+                text(&alert["since"]),
+                text(&alert["scenario"]),
+                text(&alert["description"]),
+                text(&alert["evidence"]),
+            ));
+        }
+    }
+    output
 }
 
 async fn breaker(args: BreakerArgs) -> anyhow::Result<ExitCode> {

@@ -147,3 +147,37 @@ echo "healthy=$healthy exit=$?"
     assert!(health.contains("\"status\":\"ok\""), "{health}");
     assert!(log.contains("Shutdown complete"), "{log}");
 }
+
+#[tokio::test]
+async fn status_names_the_scenario_of_a_firing_alert_and_fails_when_the_daemon_is_unreachable() {
+    let simulator = start_simulator().await;
+    let app = crate::helpers::spawn_app(crate::helpers::config(&simulator.base_url(), "200ms", "150ms", false)).await;
+    let directory = tempfile::tempdir().unwrap();
+    let url = app.url("");
+    let output = exwatch(&["status", "--url", &url], directory.path()).await;
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(output.stdout.starts_with("kraken: UP; SystemStatus"), "{}", output.stdout);
+
+    simulator.set_scenario(Scenario::Maintenance);
+    crate::helpers::eventually(Duration::from_secs(15), "exchange_api_down firing", || async {
+        let metrics = app.metrics().await;
+        let firing = crate::helpers::metric(&metrics, "exwatch_alerts_firing", &[("alertname", "exchange_api_down")]);
+        (firing == Some(1.0)).then_some(())
+    })
+    .await;
+    let output = exwatch(&["status", "--url", &url], directory.path()).await;
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(output.stdout.starts_with("kraken: DOWN; SystemStatus maintenance"), "{}", output.stdout);
+    assert!(output.stdout.contains("FIRING exchange_api_down (critical)"), "{}", output.stdout);
+    assert!(output.stdout.contains("scenario maintenance"), "{}", output.stdout);
+    assert!(output.stdout.contains("evidence: last 5m:"), "{}", output.stdout);
+
+    let json = exwatch(&["status", "--url", &url, "--json"], directory.path()).await;
+    let answer: serde_json::Value = serde_json::from_str(&json.stdout).unwrap();
+    assert_eq!(answer["exchanges"][0]["active_alerts"][0]["scenario"], "maintenance");
+
+    app.shutdown().await.unwrap();
+    let output = exwatch(&["status", "--url", &url], directory.path()).await;
+    assert_eq!(output.code, Some(1), "{}", output.stdout);
+    assert!(output.stderr.contains("cannot read the status"), "{}", output.stderr);
+}
