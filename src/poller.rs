@@ -595,14 +595,7 @@ mod tests {
     }
 
     fn sample(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let text = telemetry::encode(registry).unwrap();
-        let wanted: Vec<String> = labels.iter().map(|(key, value)| format!("{key}=\"{value}\"")).collect();
-        text.lines()
-            .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
-            .find(|line| wanted.iter().all(|label| line.contains(label.as_str())))
-            .and_then(|line| line.rsplit(' ').next())
-            .map(|value| value.parse().unwrap())
-            .unwrap_or(f64::NAN)
+        telemetry::sample(&telemetry::encode(registry).unwrap(), name, labels).unwrap_or(f64::NAN)
     }
 
     fn poller(exchange: Arc<FakeExchange>) -> (Poller, Registry, Arc<Heartbeat>) {

@@ -53,6 +53,18 @@ pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
     String::from_utf8(buffer).map_err(|error| prometheus::Error::Msg(error.to_string()))
 }
 
+/// The value of the first sample of `name` whose labels include all of `labels`, read from the text exposition
+/// (tests, benchmarks and scripts read `/metrics` with it).
+pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let wanted: Vec<String> = labels.iter().map(|(key, value)| format!("{key}=\"{value}\"")).collect();
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(&format!("{name}{{")) || line.starts_with(&format!("{name} ")))
+        .find(|line| wanted.iter().all(|label| line.contains(label.as_str())))
+        .and_then(|line| line.rsplit(' ').next())
+        .and_then(|value| value.parse().ok())
+}
+
 /// The latency buckets every exchange histogram uses. They include the runbook's thresholds: 3 s (slow alert)
 /// and 5 s ("Slow API response" warning), so both are exact in PromQL.
 pub const LATENCY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0];

@@ -10,13 +10,14 @@ use crate::helpers::{SIMULATOR_API_KEY, SIMULATOR_API_SECRET, start_simulator};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_exwatch");
 
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Output {
+    pub(crate) code: Option<i32>,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
-async fn exwatch(arguments: &[&str], directory: &std::path::Path) -> Output {
+/// Runs the binary in `directory` with an empty environment (PATH only), as a fresh shell would.
+pub(crate) async fn exwatch(arguments: &[&str], directory: &std::path::Path) -> Output {
     let output = Command::new(BINARY)
         .args(arguments)
         .current_dir(directory)

@@ -4,7 +4,6 @@
 //! Each test creates its own database `exwatch_test_<uuid>` through that admin connection and drops it afterwards,
 //! even when the test fails. An unreachable server fails the tests; they never skip. SQLite: a file in a temp dir.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
@@ -516,22 +515,9 @@ async fn a_wrong_postgres_password_is_reported_without_the_password() {
 
 // The binary's store commands against a SQLite file, as on-call would type them.
 
-const BINARY: &str = env!("CARGO_BIN_EXE_exwatch");
-
 async fn exwatch(arguments: &[&str], directory: &std::path::Path) -> (Option<i32>, String, String) {
-    let output = tokio::process::Command::new(BINARY)
-        .args(arguments)
-        .current_dir(directory)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .output();
-    let output = tokio::time::timeout(Duration::from_secs(60), output).await.expect("the command finishes").unwrap();
-    (
-        output.status.code(),
-        String::from_utf8_lossy(&output.stdout).into_owned(),
-        String::from_utf8_lossy(&output.stderr).into_owned(),
-    )
+    let output = crate::cli::exwatch(arguments, directory).await;
+    (output.code, output.stdout, output.stderr)
 }
 
 #[tokio::test]
