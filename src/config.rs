@@ -1295,4 +1295,62 @@ mod tests {
             Config::from_toml("[poll]\ninterval = \"1s\"\ntimeout = \"1s\"\n[rate_limit]\npublic_per_second = 2\n");
         assert!(config.is_ok());
     }
+
+    #[test]
+    fn alert_sinks_are_read_and_every_bad_one_is_named() {
+        let config = Config::load_from(
+            None,
+            Some(environment(&[
+                ("EXWATCH__ALERTS__SINKS__0__KIND", "webhook"),
+                ("EXWATCH__ALERTS__SINKS__0__URL", "https://hooks.example.com/T0/secret-path"),
+                ("EXWATCH__ALERTS__SINKS__1__KIND", "alertmanager"),
+                ("EXWATCH__ALERTS__SINKS__1__URLS", "http://am-0:9093,http://am-1:9093"),
+            ])),
+        )
+        .unwrap();
+        let sinks = &config.alerts.sinks;
+        assert_eq!(sinks.iter().map(|sink| sink.name.as_str()).collect::<Vec<_>>(), ["webhook", "alertmanager"]);
+        assert_eq!(sinks[1].urls.len(), 2);
+        assert_eq!(sinks[1].kind, alert::sink::SinkKind::Alertmanager { resend_interval: Duration::from_secs(60) });
+        assert!(!config.to_redacted_toml().contains("secret-path"), "webhook URLs are secrets");
+
+        let error = Config::from_toml(
+            r#"
+            [alerts.delivery]
+            initial_backoff = "1m"
+            max_backoff = "1s"
+            [[alerts.sinks]]
+            kind = "pagerduty"
+            [[alerts.sinks]]
+            kind = "webhook"
+            url = "ftp://example.com/x-secret"
+            headers = { "bad header" = "v", "X-Ok" = 3 }
+            bearer_token = "t"
+            bearer_token_file = "/nonexistent"
+            [[alerts.sinks]]
+            kind = "webhook"
+            [[alerts.sinks]]
+            kind = "alertmanager"
+            urls = []
+            resend = "1m"
+            "#,
+        )
+        .unwrap_err();
+        let text = error.to_string();
+        for key in [
+            "`alerts.delivery.max_backoff`",
+            "`alerts.sinks[0].kind`: unknown sink kind \"pagerduty\"",
+            "`alerts.sinks[1].url`: must be an http:// or https:// URL",
+            "`alerts.sinks[1].headers.bad header`",
+            "`alerts.sinks[1].headers.X-Ok`: expected a string",
+            "`alerts.sinks[1].bearer_token`: set either",
+            "`alerts.sinks[2].url`: missing",
+            "`alerts.sinks[2].name`: duplicate sink name \"webhook\"",
+            "`alerts.sinks[3].urls`: list at least one Alertmanager URL",
+            "`alerts.sinks[3].resend`: unknown key",
+        ] {
+            assert!(text.contains(key), "missing {key} in:\n{text}");
+        }
+        assert!(!text.contains("x-secret"), "{text}");
+    }
 }

@@ -20,8 +20,8 @@ use crate::secret::Secret;
 
 use super::notification::{self, Alert, Kind};
 
-/// One `[[alerts.sinks]]` entry.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+/// One `[[alerts.sinks]]` entry. It prints (in `exwatch check-config`) in the shape it is written, secrets redacted.
+#[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     /// Names the sink in metrics and logs; unique.
     pub name: String,
@@ -29,16 +29,13 @@ pub struct Config {
     /// One URL for a webhook; one per cluster member for Alertmanager.
     pub urls: Vec<Secret>,
     /// How long one delivery attempt may take.
-    #[serde(serialize_with = "crate::config::human_duration")]
     pub timeout: Duration,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+#[derive(Debug, Clone, PartialEq)]
 pub enum SinkKind {
     Alertmanager {
         /// How often a firing alert is re-sent; `endsAt` is four of these ahead.
-        #[serde(serialize_with = "crate::config::human_duration")]
         resend_interval: Duration,
     },
     Webhook {
@@ -49,6 +46,34 @@ pub enum SinkKind {
         /// Added to every request; values are secrets (they often carry API keys).
         headers: Vec<(String, Secret)>,
     },
+}
+
+impl Serialize for Config {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap as _;
+        let human = |duration: Duration| humantime::format_duration(duration).to_string();
+        let mut map = serializer.serialize_map(None)?;
+        map.serialize_entry("name", &self.name)?;
+        map.serialize_entry("timeout", &human(self.timeout))?;
+        match &self.kind {
+            SinkKind::Alertmanager { resend_interval } => {
+                map.serialize_entry("kind", "alertmanager")?;
+                map.serialize_entry("resend_interval", &human(*resend_interval))?;
+                map.serialize_entry("urls", &self.urls)?;
+            }
+            SinkKind::Webhook { bearer_token, hmac_secret, signature_header, headers } => {
+                map.serialize_entry("kind", "webhook")?;
+                map.serialize_entry("url", &self.urls.first())?;
+                map.serialize_entry("bearer_token", bearer_token)?;
+                map.serialize_entry("hmac_secret", hmac_secret)?;
+                map.serialize_entry("signature_header", signature_header)?;
+                let headers: std::collections::BTreeMap<&str, &Secret> =
+                    headers.iter().map(|(name, value)| (name.as_str(), value)).collect();
+                map.serialize_entry("headers", &headers)?;
+            }
+        }
+        map.end()
+    }
 }
 
 pub const DEFAULT_SIGNATURE_HEADER: &str = "X-Exwatch-Signature";
