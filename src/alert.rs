@@ -197,7 +197,7 @@ impl Engine {
             self.evidence.record(now, outcome.endpoint, &outcome.result);
         }
         if let Some(status) = status {
-            self.evidence.record_status(status.clone());
+            self.evidence.record_status(now, status.clone());
             self.last_status = Some(status.clone());
         }
         // While private calls are paused (a lockout, or invalid keys) the exchange cannot be traded on, even

@@ -78,7 +78,9 @@ pub struct Diagnosis {
 pub struct Evidence {
     window: Duration,
     calls: VecDeque<Observation>,
-    last_status: Option<TradingStatus>,
+    /// The last SystemStatus read within the window, and when: a status older than the window says nothing
+    /// about now (while the breaker is open no SystemStatus is read at all).
+    last_status: Option<(Instant, TradingStatus)>,
 }
 
 /// A share of the failures at or above which one cause is named.
@@ -96,14 +98,21 @@ impl Evidence {
         self.evict(now);
     }
 
-    pub fn record_status(&mut self, status: TradingStatus) {
-        self.last_status = Some(status);
+    pub fn record_status(&mut self, now: Instant, status: TradingStatus) {
+        self.last_status = Some((now, status));
     }
 
     fn evict(&mut self, now: Instant) {
         while self.calls.front().is_some_and(|call| now.saturating_duration_since(call.at) >= self.window) {
             self.calls.pop_front();
         }
+        if self.last_status.as_ref().is_some_and(|(at, _)| now.saturating_duration_since(*at) >= self.window) {
+            self.last_status = None;
+        }
+    }
+
+    fn status(&self) -> Option<&TradingStatus> {
+        self.last_status.as_ref().map(|(_, status)| status)
     }
 
     pub fn diagnose(&mut self, now: Instant, actions: &Actions) -> Diagnosis {
@@ -124,7 +133,7 @@ impl Evidence {
         let private_auth = failures
             .iter()
             .any(|call| call.endpoint.is_private() && matches!(call.failure, Some((ErrorClass::Auth, _, _))));
-        let status_down = self.last_status.as_ref().is_some_and(|status| *status != TradingStatus::Online);
+        let status_down = self.status().is_some_and(|status| *status != TradingStatus::Online);
 
         let scenario = if status_down || (!failures.is_empty() && share(&[ErrorClass::Maintenance]) >= DOMINANT_SHARE) {
             Scenario::Maintenance
@@ -143,7 +152,7 @@ impl Evidence {
     }
 
     fn summary(&self, scenario: Scenario, actions: &Actions) -> String {
-        let status = self.last_status.as_ref().map(TradingStatus::as_text).unwrap_or("unknown");
+        let status = self.status().map(TradingStatus::as_text).unwrap_or("unknown");
         match scenario {
             Scenario::Maintenance => format!(
                 "Scenario A, maintenance: Kraken's SystemStatus is {status}; calls answer EService:Unavailable. \
@@ -208,7 +217,7 @@ impl Evidence {
                 statuses.iter().map(|(status, count)| format!("{status}×{count}")).collect::<Vec<_>>().join(", ");
             text.push_str(&format!("; HTTP statuses: {statuses}"));
         }
-        if let Some(status) = &self.last_status {
+        if let Some(status) = self.status() {
             text.push_str(&format!("; SystemStatus {}", status.as_text()));
         }
         text
@@ -234,7 +243,7 @@ mod tests {
     fn maintenance_is_scenario_a() {
         let mut evidence = Evidence::new(Duration::from_secs(300));
         let now = Instant::now();
-        evidence.record_status(TradingStatus::Maintenance);
+        evidence.record_status(now, TradingStatus::Maintenance);
         evidence.record(now, Endpoint::Ticker, &failure(ErrorClass::Maintenance, &["EService:Unavailable"], Some(200)));
         let diagnosis = evidence.diagnose(now, &actions());
         assert_eq!(diagnosis.scenario, Scenario::Maintenance);
@@ -263,7 +272,7 @@ mod tests {
     fn private_auth_failures_with_healthy_public_calls_are_scenario_c() {
         let mut evidence = Evidence::new(Duration::from_secs(300));
         let now = Instant::now();
-        evidence.record_status(TradingStatus::Online);
+        evidence.record_status(now, TradingStatus::Online);
         evidence.record(now, Endpoint::Ticker, &Ok(()));
         evidence.record(now, Endpoint::SystemStatus, &Ok(()));
         evidence.record(now, Endpoint::Balance, &failure(ErrorClass::Auth, &["EAPI:Invalid key"], None));

@@ -203,3 +203,27 @@ async fn a_receiver_down_for_minutes_gets_the_notification_once_it_is_back() {
     assert_eq!(daemon.value("exwatch_notifications_sent_total", &ops).await, 1.0);
     daemon.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_scenario_change_during_an_incident_shows_on_the_next_resend() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-scenario-change-key", &sinks()).await;
+    daemon.simulator.set_scenario(Scenario::Maintenance);
+    at(start, Duration::from_secs(90)).await;
+    let first = alertmanager_posts(&daemon.capture.received());
+    assert_eq!(first[0].0["annotations"]["scenario"], "maintenance");
+
+    // Connections now reset: the breaker's verifications fail on the network, and once the maintenance answers
+    // have left the five-minute evidence window the diagnosis is network; the next re-send says so.
+    daemon.simulator.set_scenario(Scenario::Reset);
+    at(start, Duration::from_secs(90 + 420)).await;
+    assert_eq!(daemon.status().await["active_alerts"][0]["scenario"], "network");
+    let posts = alertmanager_posts(&daemon.capture.received());
+    let (last, leased) = posts.last().unwrap();
+    assert!(leased, "still firing");
+    assert_eq!(last["annotations"]["scenario"], "network", "{last}");
+    assert_eq!(last["startsAt"], first[0].0["startsAt"], "the same alert");
+    // Webhooks get no re-sends: still the one firing notification.
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
+    daemon.stop().await;
+}
