@@ -21,14 +21,14 @@ RUN mkdir -p src benches \
  && echo 'fn main() {}' > benches/breaker.rs \
  && echo 'fn main() {}' > benches/inserts.rs \
  && scripts/build-release.sh \
- && rm -rf src benches target/release/exwatch target/release/deps/exwatch-* target/release/deps/libexwatch-* \
-           target/release/.fingerprint/exwatch-*
+ && rm -rf src benches target/dist/exwatch target/dist/deps/exwatch-* target/dist/deps/libexwatch-* \
+           target/dist/.fingerprint/exwatch-*
 
 # The application; .dockerignore keeps target/, .git and local databases out of the context.
 COPY . .
 RUN scripts/build-release.sh \
  && mkdir -p /out/var/lib/exwatch \
- && cp target/release/exwatch /out/exwatch \
+ && cp target/dist/exwatch /out/exwatch \
  && cp "$(gcc -print-file-name=libgcc_s.so.1)" /out/libgcc_s.so.1
 
 # base-nossl has glibc, CA certificates, tzdata and the nonroot user; exwatch speaks TLS through rustls, so
@@ -46,7 +46,7 @@ EXPOSE 9750
 # exwatch shuts down in order on SIGTERM (readiness 503, polls finish, the call log drains, HTTP last) within
 # server.shutdown_grace; a second signal exits at once.
 STOPSIGNAL SIGTERM
-ENV EXWATCH__SERVER__LISTEN=0.0.0.0:9750 \
-    EXWATCH__LOG__FORMAT=json
+# No ENV defaults: EXWATCH__* variables override the configuration file, so the image leaves them to the deployment.
+# exwatch's own defaults already listen on 0.0.0.0:9750 and log JSON when standard error is not a terminal.
 ENTRYPOINT ["/usr/local/bin/exwatch"]
 CMD ["run"]
