@@ -1,0 +1,110 @@
+//! The files under `deploy/` (dashboard, Prometheus rules and their tests, the PrometheusRule) name only metrics
+//! that exwatch exports. The list of exported names comes from a running daemon's `/metrics`, so it cannot drift
+//! from the code; the daemon is driven through a maintenance outage first, so series that appear only on an event
+//! (breaker transitions) exist too.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use exwatch::simulator::Scenario;
+
+use crate::helpers::{config, eventually, metric, spawn_app, start_simulator};
+
+/// Every metric name `/metrics` declares, with the `_bucket`, `_sum` and `_count` series of histograms.
+fn exported_names(text: &str) -> BTreeSet<String> {
+    let mut names = BTreeSet::new();
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        if let (Some("#"), Some("TYPE"), Some(name), Some(kind)) =
+            (words.next(), words.next(), words.next(), words.next())
+        {
+            names.insert(name.to_owned());
+            if kind == "histogram" || kind == "summary" {
+                for suffix in ["_bucket", "_sum", "_count"] {
+                    names.insert(format!("{name}{suffix}"));
+                }
+            }
+        }
+    }
+    names
+}
+
+/// The `exwatch_…` metric names in `text`: a lowercase word starting with `exwatch_`, not part of a longer name or
+/// of a recording rule's `level:metric:operation`.
+fn used_names(text: &str) -> BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let mut names = BTreeSet::new();
+    let mut from = 0;
+    while let Some(offset) = text[from..].find("exwatch_") {
+        let start = from + offset;
+        let joined = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || b"_:".contains(&bytes[start - 1]));
+        let end = text[start..]
+            .find(|character: char| !(character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_'))
+            .map_or(text.len(), |length| start + length);
+        if !joined {
+            names.insert(text[start..end].to_owned());
+        }
+        from = end.max(start + 1);
+    }
+    names
+}
+
+fn files_under(directory: &Path, files: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(directory).expect("deploy/ is readable") {
+        let path = entry.expect("a directory entry").path();
+        if path.is_dir() { files_under(&path, files) } else { files.push(path) }
+    }
+}
+
+#[test]
+fn used_names_finds_metric_names_and_skips_longer_words() {
+    let text =
+        r#"rate(exwatch_exchange_calls_total{x="1"}[5m]) exwatch_up> EXWATCH__DB my_exwatch_x job:exwatch_y:sum"#;
+    assert_eq!(used_names(text), BTreeSet::from(["exwatch_exchange_calls_total".to_owned(), "exwatch_up".to_owned()]));
+}
+
+#[tokio::test]
+async fn deploy_files_name_only_metrics_exwatch_exports() {
+    let simulator = start_simulator().await;
+    // A sink, so the delivery metrics (labelled by sink) have series; nothing listens on port 1.
+    let mut config = config(&simulator.base_url(), "100ms", "90ms", true);
+    let sink = "[[alerts.sinks]]\nkind = \"webhook\"\nurl = \"http://127.0.0.1:1/hook\"\n";
+    config.alerts.sinks = exwatch::config::Config::from_toml(sink).unwrap().alerts.sinks;
+    let app = spawn_app(config).await;
+    let wait = Duration::from_secs(15);
+    eventually(wait, "a successful poll", || async {
+        let metrics = app.metrics().await;
+        (metric(&metrics, "exwatch_exchange_up", &[("exchange", "kraken")]) == Some(1.0)).then_some(())
+    })
+    .await;
+    simulator.set_scenario(Scenario::Maintenance);
+    let metrics = eventually(wait, "the breaker to open (transitions are exported from then on)", || async {
+        let metrics = app.metrics().await;
+        metric(&metrics, "exwatch_circuit_breaker_transitions_total", &[("to", "open")]).is_some().then_some(metrics)
+    })
+    .await;
+    let exported = exported_names(&metrics);
+
+    let deploy = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+    let mut files = Vec::new();
+    files_under(&deploy, &mut files);
+    let mut unknown: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut checked = BTreeSet::new();
+    for file in &files {
+        let text = std::fs::read_to_string(file).expect("deploy files are text");
+        for name in used_names(&text) {
+            if !exported.contains(&name) {
+                let relative = file.strip_prefix(&deploy).unwrap_or(file).display().to_string();
+                unknown.entry(name.clone()).or_default().insert(relative);
+            }
+            checked.insert(name);
+        }
+    }
+    assert!(
+        checked.len() >= 20 && checked.contains("exwatch_exchange_call_duration_seconds_bucket"),
+        "the scan found too few names to be looking at the dashboard and rules: {checked:?}"
+    );
+    assert!(unknown.is_empty(), "deploy/ names metrics exwatch does not export: {unknown:#?}\nexported: {exported:#?}");
+    app.shutdown().await.expect("an orderly shutdown");
+}
