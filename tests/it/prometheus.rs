@@ -165,9 +165,10 @@ async fn prometheus_scrapes_exwatch_and_the_backup_down_rule_fires_when_kraken_g
     let labels = firing["labels"].as_object().unwrap();
     let mut keys: Vec<&str> = labels.keys().map(String::as_str).collect();
     keys.sort_unstable();
-    assert_eq!(keys, ["alertname", "exchange", "severity"], "{firing}");
+    assert_eq!(keys, ["alertname", "exchange", "service", "severity"], "{firing}");
     assert_eq!(firing["labels"]["exchange"], "kraken");
     assert_eq!(firing["labels"]["severity"], "critical");
+    assert_eq!(firing["labels"]["service"], "exwatch");
     assert_eq!(pending_or_firing["activeAt"], firing["activeAt"], "one alert went pending, then fired");
     assert!(
         !prometheus.query(r#"exwatch_exchange_calls_total{error_class="maintenance"} > 0"#).await.is_empty(),
