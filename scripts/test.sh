@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs the tools the tests use (promtool, curl, unshare,
-# PostgreSQL), finds or starts a PostgreSQL for the database tests, then runs every test with cargo-nextest.
+# Runs the whole test suite on a fresh machine: installs the tools the tests use (promtool, Alertmanager, curl,
+# unshare, PostgreSQL), finds or starts a PostgreSQL for the database tests, then runs every test with cargo-nextest.
 #
 # PostgreSQL: DATABASE_URL if set; else the local server on 127.0.0.1:5432 if it answers; else a throwaway
 # cluster started here (and stopped on exit).
@@ -9,6 +9,7 @@ cd "$(dirname "$0")/.."
 
 need_packages=()
 command -v promtool >/dev/null || need_packages+=(prometheus)
+command -v prometheus-alertmanager >/dev/null || need_packages+=(prometheus-alertmanager)
 command -v curl >/dev/null || need_packages+=(curl)
 command -v unshare >/dev/null || need_packages+=(util-linux)
 command -v ip >/dev/null || need_packages+=(iproute2)

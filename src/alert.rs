@@ -1,9 +1,13 @@
 //! Alerting: [`rules`] decide when `exchange_api_down` and `exchange_api_slow` fire and resolve, and [`diagnosis`]
-//! names the runbook scenario with its evidence; both are pure state machines that take `now`. Delivery
-//! (Alertmanager, webhooks) and the durable outbox build on them.
+//! names the runbook scenario with its evidence; both are pure state machines that take `now`. The [`Engine`]
+//! of each exchange feeds them every poll and turns their changes into [`notification::Alert`]s for the
+//! [`outbox`], which delivers them to the [`sink`]s (Alertmanager, webhooks), durably.
 
 pub mod diagnosis;
+pub mod notification;
+pub mod outbox;
 pub mod rules;
+pub mod sink;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -15,7 +19,6 @@ use tokio::time::Instant;
 
 use crate::breaker;
 use crate::exchange::{ErrorClass, Outcome, TradingStatus};
-use crate::store::incidents;
 use crate::telemetry;
 
 use self::diagnosis::{Actions, Diagnosis, Evidence};
@@ -31,6 +34,8 @@ pub struct Config {
     pub evidence_window: Duration,
     /// The `runbook_url` annotation.
     pub runbook_url: String,
+    pub delivery: outbox::Config,
+    pub sinks: Vec<sink::Config>,
 }
 
 impl Default for Config {
@@ -40,6 +45,8 @@ impl Default for Config {
             slow: rules::SlowConfig::default(),
             evidence_window: Duration::from_secs(300),
             runbook_url: "https://runbooks.example.com/exchange-api-failures".to_owned(),
+            delivery: outbox::Config::default(),
+            sinks: Vec::new(),
         }
     }
 }
@@ -61,6 +68,52 @@ pub struct ActiveAlert {
     pub runbook_url: String,
 }
 
+impl ActiveAlert {
+    /// The alert as sinks see it: labels `alertname`, `severity`, `exchange`, `service`; the rest annotations.
+    pub fn notification(&self, exchange: &str) -> notification::Alert {
+        let labels = [
+            ("alertname", self.alertname),
+            ("severity", self.severity),
+            ("exchange", exchange),
+            ("service", "exwatch"),
+        ];
+        let annotations = [
+            ("summary", &self.summary),
+            ("description", &self.description),
+            ("runbook_url", &self.runbook_url),
+            ("scenario", &self.scenario),
+            ("evidence", &self.evidence),
+        ];
+        notification::Alert {
+            labels: labels.into_iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
+            annotations: annotations.into_iter().map(|(name, value)| (name.to_owned(), value.clone())).collect(),
+            starts_at: self.since,
+            ends_at: None,
+        }
+    }
+
+    /// A firing alert a previous run left in `alert_state`; `None` for an alert this version does not make.
+    fn restored(alert: &notification::Alert) -> Option<ActiveAlert> {
+        let (alertname, severity) = match alert.label("alertname") {
+            DOWN => (DOWN, "critical"),
+            SLOW => (SLOW, "warning"),
+            _ => return None,
+        };
+        let annotation = |name: &str| alert.annotations.get(name).cloned().unwrap_or_default();
+        Some(ActiveAlert {
+            alertname,
+            severity,
+            since: alert.starts_at,
+            reason: "firing before exwatch restarted".to_owned(),
+            summary: annotation("summary"),
+            description: annotation("description"),
+            scenario: annotation("scenario"),
+            evidence: annotation("evidence"),
+            runbook_url: annotation("runbook_url"),
+        })
+    }
+}
+
 /// `exwatch_alerts_firing{alertname,exchange}`.
 #[derive(Clone)]
 pub struct Metrics {
@@ -79,7 +132,7 @@ impl Metrics {
 }
 
 /// One exchange's alert state: the two rules, the evidence for the diagnosis, and the alerts firing now. It logs
-/// each firing and resolution with the scenario and evidence (delivery to Alertmanager and webhooks builds on it).
+/// each firing and resolution with the scenario and evidence and hands it to the outbox.
 pub struct Engine {
     exchange: String,
     config: Config,
@@ -89,12 +142,12 @@ pub struct Engine {
     active: BTreeMap<&'static str, ActiveAlert>,
     metrics: Metrics,
     last_status: Option<TradingStatus>,
-    /// Where `exchange_api_down`'s openings and resolutions become `incidents` rows, when a database is configured.
-    incidents: Option<incidents::Handle>,
+    /// Where firings, changes and resolutions go (sinks, `alert_state`, `incidents`); `None` in unit tests.
+    outbox: Option<outbox::Outbox>,
 }
 
 impl Engine {
-    pub fn new(exchange: &str, config: Config, metrics: Metrics, incidents: Option<incidents::Handle>) -> Engine {
+    pub fn new(exchange: &str, config: Config, metrics: Metrics, outbox: Option<outbox::Outbox>) -> Engine {
         for alertname in [DOWN, SLOW] {
             metrics.firing.with_label_values(&[alertname, exchange]).set(0);
         }
@@ -107,8 +160,26 @@ impl Engine {
             active: BTreeMap::new(),
             metrics,
             last_status: None,
-            incidents,
+            outbox,
         }
+    }
+
+    /// Resumes an alert that was firing before a restart, without notifying: the rule fires on silently and
+    /// resolves (and notifies) as usual.
+    pub fn restore(&mut self, alert: &notification::Alert) {
+        let Some(active) = ActiveAlert::restored(alert) else {
+            tracing::warn!(alertname = alert.label("alertname"), "Ignoring a restored alert of an unknown name.");
+            return;
+        };
+        let now = Instant::now();
+        if active.alertname == DOWN {
+            self.down.restore_firing(now);
+        } else {
+            self.slow.restore_firing(now);
+        }
+        self.metrics.firing.with_label_values(&[active.alertname, &self.exchange]).set(1);
+        tracing::info!(alertname = active.alertname, exchange = self.exchange, since = %active.since, "Alert restored as firing.");
+        self.active.insert(active.alertname, active);
     }
 
     /// Feeds one poll (or verification step): its calls, the SystemStatus it read, and the breaker afterwards.
@@ -129,9 +200,13 @@ impl Engine {
             self.evidence.record_status(status.clone());
             self.last_status = Some(status.clone());
         }
+        // While private calls are paused (a lockout, or invalid keys) the exchange cannot be traded on, even
+        // with public calls healthy: every poll counts as failed until they resume and succeed (scenario C).
         let result = if refused {
             PollResult::NotPermitted
-        } else if outcomes.iter().filter_map(Outcome::error).any(|error| error.class != ErrorClass::InvalidRequest) {
+        } else if outcomes.iter().filter_map(Outcome::error).any(|error| error.class != ErrorClass::InvalidRequest)
+            || actions.private_paused.is_some()
+        {
             PollResult::Failed
         } else {
             PollResult::Succeeded { latencies: outcomes.iter().map(|outcome| outcome.latency).collect() }
@@ -157,6 +232,9 @@ impl Engine {
                     alert.description = format!("Kraken API response time elevated: {}ms", average.as_millis());
                 }
                 alert.evidence = diagnosis.evidence.clone();
+                if let Some(outbox) = &self.outbox {
+                    outbox.update(alert.notification(&self.exchange));
+                }
             }
         }
     }
@@ -203,40 +281,29 @@ impl Engine {
                     "Alert firing."
                 );
                 self.metrics.firing.with_label_values(&[alertname, &exchange]).set(1);
-                if let Some(incidents) = self.incidents.as_ref().filter(|_| alertname == DOWN) {
-                    incidents.send(incidents::Event::Opened {
-                        provider: exchange.clone(),
-                        alertname: alertname.to_owned(),
-                        scenario: diagnosis.scenario.as_str().to_owned(),
-                        at: Utc::now(),
-                        first_error,
-                    });
-                }
-                self.active.insert(
+                let active = ActiveAlert {
                     alertname,
-                    ActiveAlert {
-                        alertname,
-                        severity,
-                        since: Utc::now(),
-                        reason,
-                        summary,
-                        description,
-                        scenario: diagnosis.scenario.as_str().to_owned(),
-                        evidence: diagnosis.evidence,
-                        runbook_url: self.config.runbook_url.clone(),
-                    },
-                );
+                    severity,
+                    since: Utc::now(),
+                    reason,
+                    summary,
+                    description,
+                    scenario: diagnosis.scenario.as_str().to_owned(),
+                    evidence: diagnosis.evidence,
+                    runbook_url: self.config.runbook_url.clone(),
+                };
+                if let Some(outbox) = &self.outbox {
+                    outbox.fire(active.notification(&exchange), &active.scenario, first_error);
+                }
+                self.active.insert(alertname, active);
             }
             Change::Resolve { reason } => {
                 tracing::info!(alertname, exchange, reason, "Alert resolved.");
                 self.metrics.firing.with_label_values(&[alertname, &exchange]).set(0);
-                self.active.remove(alertname);
-                if let Some(incidents) = self.incidents.as_ref().filter(|_| alertname == DOWN) {
-                    incidents.send(incidents::Event::Resolved {
-                        provider: exchange.clone(),
-                        alertname: alertname.to_owned(),
-                        at: Utc::now(),
-                    });
+                if let (Some(active), Some(outbox)) = (self.active.remove(alertname), &self.outbox) {
+                    let mut alert = active.notification(&exchange);
+                    alert.ends_at = Some(Utc::now());
+                    outbox.resolve(alert);
                 }
             }
         }

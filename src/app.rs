@@ -33,7 +33,9 @@ pub struct App {
     log: writer::Handle,
     /// The configured database; `None` when a test supplied its own sink.
     connector: Option<Arc<Connector>>,
-    incidents_receiver: Option<store::incidents::Receiver>,
+    outbox: alert::outbox::Outbox,
+    /// Where the outbox's rows, the alert state and incident rows are written, with a database.
+    recorder: Option<store::alerts::Receiver>,
 }
 
 /// The run-time controls of one exchange, shared by its poll loop and the admin API.
@@ -72,14 +74,16 @@ impl App {
         let breaker_metrics = breaker::Metrics::new(&registry);
         let limiter_metrics = limiter::Metrics::new(&registry);
         let alert_metrics = alert::Metrics::new(&registry);
-        // Incident rows need the configured database; a test's own sink has none.
-        let (incidents, incidents_receiver) = match sink {
+        // The outbox's rows, alert state and incident rows need the configured database; a test's sink has none.
+        let (recorder, recorder_receiver) = match sink {
             Some(_) => (None, None),
             None => {
-                let (handle, receiver) = store::incidents::channel();
+                let (handle, receiver) = store::alerts::channel();
                 (Some(handle), Some(receiver))
             }
         };
+        let outbox =
+            alert::outbox::Outbox::new(&config.alerts.sinks, config.alerts.delivery.clone(), &registry, recorder)?;
         let controls = exchanges
             .iter()
             .map(|exchange| {
@@ -91,7 +95,7 @@ impl App {
                         &name,
                         config.alerts.clone(),
                         alert_metrics.clone(),
-                        incidents.clone(),
+                        Some(outbox.clone()),
                     ))),
                 };
                 (name, control)
@@ -103,8 +107,13 @@ impl App {
                 let connector = Connector::new(config.database.clone());
                 // Connecting here runs the migrations before the first poll; when the database is down the daemon
                 // starts anyway, and the writer connects at its first chance while rows wait in memory and spool.
-                if let Err(error) = connector.database().await {
-                    tracing::error!(error = %error, "Database unavailable at start; call logs are kept until it answers.");
+                match connector.database().await {
+                    Ok(database) => restore_alerts(&database, &config.server.instance, &outbox, &controls).await,
+                    Err(error) => tracing::error!(
+                        error = %error,
+                        "Database unavailable at start; call logs are kept until it answers, and alerts firing \
+                         before this start could not be restored (one may page again)."
+                    ),
                 }
                 (connector.clone(), Some(connector))
             }
@@ -119,7 +128,23 @@ impl App {
             admin_token: config.admin.token.clone(),
             log: Some(log.clone()),
         };
-        Ok(App { config, listener, exchanges, state, metrics, writer, log, connector, incidents_receiver })
+        Ok(App {
+            config,
+            listener,
+            exchanges,
+            state,
+            metrics,
+            writer,
+            log,
+            connector,
+            outbox,
+            recorder: recorder_receiver,
+        })
+    }
+
+    /// The delivery side of alerting (tests route it to an in-memory receiver).
+    pub fn outbox(&self) -> &alert::outbox::Outbox {
+        &self.outbox
     }
 
     /// The HTTP surface this daemon serves, for in-memory requests (tests on a paused clock use it, never sockets).
@@ -133,7 +158,7 @@ impl App {
 
     /// Runs until `cancel` fires (a signal) or a poll loop dies. Returns an error in the second case.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let App { config, listener, exchanges, state, metrics, writer, log, connector, incidents_receiver } = self;
+        let App { config, listener, exchanges, state, metrics, writer, log, connector, outbox, recorder } = self;
         let address = listener.local_addr().context("listener has no local address")?;
 
         // The writer outlives the poll loops: it stops only after they have, and gets half the grace to drain.
@@ -148,14 +173,18 @@ impl App {
                 }
             }
         });
-        let incidents_task = tokio::spawn({
-            let stop = retention_stop.clone();
+        let recorder_stop = CancellationToken::new();
+        let recorder_task = tokio::spawn({
+            let (stop, instance) = (recorder_stop.clone(), config.server.instance.clone());
             async move {
-                if let (Some(connector), Some(receiver)) = (connector, incidents_receiver) {
-                    store::incidents::run(connector, receiver, stop).await;
+                if let (Some(connector), Some(receiver)) = (connector, recorder) {
+                    store::alerts::run(connector, instance, receiver, stop).await;
                 }
             }
         });
+        // Delivery outlives the poll loops too, so a resolve made by the last poll still goes out.
+        let outbox_stop = CancellationToken::new();
+        let outbox_task = tokio::spawn(outbox.run(outbox_stop.clone(), config.server.shutdown_grace / 4));
 
         let mut pollers = JoinSet::new();
         let context = poller::Context {
@@ -213,6 +242,7 @@ impl App {
         drop(pollers);
         retention_stop.cancel();
         writer_stop.cancel();
+        outbox_stop.cancel();
         match writer_task.await {
             Ok(summary) => tracing::info!(
                 written = summary.written,
@@ -223,7 +253,12 @@ impl App {
             Err(error) => tracing::error!(error = %error, "Call-log writer task failed."),
         }
         let _ = retention_task.await;
-        let _ = incidents_task.await;
+        let _ = outbox_task.await;
+        // The recorder writes what delivery left (deliveries done, rows still owed) while the database answers.
+        recorder_stop.cancel();
+        if tokio::time::timeout(config.server.shutdown_grace / 4, recorder_task).await.is_err() {
+            tracing::warn!("Alert writes did not finish in time; undelivered notifications may be sent again.");
+        }
         http_stop.cancel();
         match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
             Ok(Ok(Ok(()))) => tracing::info!("Shutdown complete."),
@@ -234,6 +269,50 @@ impl App {
         match failure {
             Some(reason) => Err(anyhow::anyhow!(reason)),
             None => Ok(()),
+        }
+    }
+}
+
+/// Resumes the alerts this replica had firing before it restarted, and queues what it had not delivered. An
+/// alert of an exchange no longer configured can never resolve by itself, so it is resolved now.
+async fn restore_alerts(
+    database: &store::database::Database,
+    instance: &str,
+    outbox: &alert::outbox::Outbox,
+    controls: &BTreeMap<String, Control>,
+) {
+    let stored = async {
+        Ok::<_, store::database::Error>((database.alert_state(instance).await?, database.outbox(instance).await?))
+    };
+    let (states, rows) = match stored.await {
+        Ok(stored) => stored,
+        Err(error) => {
+            tracing::error!(error = %error, "Cannot read the alert state of the previous run; one may page again.");
+            return;
+        }
+    };
+    let firing = states
+        .into_iter()
+        .filter_map(|(exchange, alertname, payload)| match serde_json::from_str(&payload) {
+            Ok(alert) => Some(alert),
+            Err(error) => {
+                tracing::error!(exchange, alertname, error = %error, "Unreadable stored alert state; ignoring it.");
+                None
+            }
+        })
+        .collect();
+    for alert in outbox.restore(firing, rows) {
+        match controls.get(alert.label("exchange")) {
+            Some(control) => control.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).restore(&alert),
+            None => {
+                tracing::warn!(
+                    exchange = alert.label("exchange"),
+                    "Resolving an alert of an exchange no longer watched."
+                );
+                let mut resolved: alert::notification::Alert = alert;
+                resolved.ends_at = Some(chrono::Utc::now());
+                outbox.resolve(resolved);
+            }
         }
     }
 }

@@ -11,12 +11,12 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App};
-use crate::breaker;
 use crate::config::Config;
 use crate::secret::Secret;
 use crate::simulator::{self, Scenario};
 use crate::store::{Database, report};
 use crate::telemetry;
+use crate::{alert, breaker};
 
 #[derive(Debug, Parser)]
 #[command(name = "exwatch", version, about = "Watches exchange APIs (Kraken first) and pages on-call when they fail")]
@@ -47,6 +47,30 @@ pub enum Command {
     Logs(LogsArgs),
     /// Recent incidents, or one incident's report.
     Incidents(IncidentsArgs),
+    /// Alert delivery: `alerts test` sends a test alert through every configured sink.
+    Alerts(AlertsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsArgs {
+    #[command(subcommand)]
+    pub action: AlertsAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AlertsAction {
+    /// Send a test alert (alertname exwatch_test, severity info) to every sink now and report each result; exit
+    /// 0 only if every sink took it.
+    Test(AlertsTestArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct AlertsTestArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// One JSON array instead of text.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -233,6 +257,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
             incident_report(args).await
         }
         Command::Incidents(args) => incidents(args).await,
+        Command::Alerts(AlertsArgs { action: AlertsAction::Test(args) }) => alerts_test(args).await,
     };
     match result {
         Ok(code) => code,
@@ -624,6 +649,39 @@ async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     database.close().await;
     print!("{}", if args.json { to_json(&calls)? } else { report::render_calls(&calls) });
     Ok(ExitCode::SUCCESS)
+}
+
+async fn alerts_test(args: AlertsTestArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    if config.alerts.sinks.is_empty() {
+        eprintln!("exwatch: no sinks are configured ([[alerts.sinks]]); nothing to test.");
+        return Ok(ExitCode::FAILURE);
+    }
+    let registry = prometheus::Registry::new();
+    let outbox = alert::outbox::Outbox::new(&config.alerts.sinks, config.alerts.delivery.clone(), &registry, None)?;
+    let instance = &config.server.instance;
+    let labels = [("alertname", "exwatch_test"), ("severity", "info"), ("exchange", "none"), ("service", "exwatch")];
+    let annotations = [
+        ("summary", "exwatch test notification".to_owned()),
+        ("description", format!("Sent by `exwatch alerts test` on {instance}; no action is needed.")),
+        ("runbook_url", config.alerts.runbook_url.clone()),
+    ];
+    let test = alert::notification::Alert {
+        labels: labels.into_iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
+        annotations: annotations.into_iter().map(|(name, value)| (name.to_owned(), value)).collect(),
+        starts_at: chrono::Utc::now(),
+        ends_at: None,
+    };
+    let reports = outbox.test(&test).await;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&reports)?);
+    } else {
+        for report in &reports {
+            let verdict = if report.ok { "ok" } else { "FAILED" };
+            println!("{}: {verdict} in {} ms: {}", report.sink, report.latency_ms, report.detail);
+        }
+    }
+    Ok(if reports.iter().all(|report| report.ok) { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn incidents(args: IncidentsArgs) -> anyhow::Result<ExitCode> {

@@ -523,8 +523,114 @@ impl Reader {
             let key = table.key("runbook_url");
             self.problem(&key, format!("invalid URL {runbook_url:?}"));
         }
+        let mut delivery_table = self.section(&mut table, "delivery");
+        let delivery = alert::outbox::Config {
+            initial_backoff: self.duration(&mut delivery_table, "initial_backoff", defaults.delivery.initial_backoff),
+            max_backoff: self.duration(&mut delivery_table, "max_backoff", defaults.delivery.max_backoff),
+            expire_after: self.duration(&mut delivery_table, "expire_after", defaults.delivery.expire_after),
+        };
+        if delivery.max_backoff < delivery.initial_backoff {
+            let key = delivery_table.key("max_backoff");
+            self.problem(&key, "is shorter than `alerts.delivery.initial_backoff`");
+        }
+        self.finish(delivery_table);
+        let sinks_key = table.key("sinks");
+        let mut sinks: Vec<alert::sink::Config> = Vec::new();
+        for (index, entry) in self.table_list(&sinks_key, table.entries.remove("sinks")).into_iter().enumerate() {
+            let mut sink_table = self.table(format!("{sinks_key}[{index}]"), Some(entry));
+            if let Some(sink) = self.sink(&mut sink_table) {
+                if sinks.iter().any(|other| other.name == sink.name) {
+                    let key = sink_table.key("name");
+                    self.problem(&key, format!("duplicate sink name {:?}; give each sink its own `name`", sink.name));
+                }
+                sinks.push(sink);
+            }
+            self.finish(sink_table);
+        }
         self.finish(table);
-        alert::Config { down, slow, evidence_window, runbook_url }
+        alert::Config { down, slow, evidence_window, runbook_url, delivery, sinks }
+    }
+
+    /// One `[[alerts.sinks]]` entry.
+    fn sink(&mut self, table: &mut Table) -> Option<alert::sink::Config> {
+        use alert::sink::{Config as Sink, DEFAULT_SIGNATURE_HEADER, SinkKind};
+        let kind_key = table.key("kind");
+        let Some(kind) = self.string(table, "kind") else {
+            self.problem(&kind_key, "missing; expected \"alertmanager\" or \"webhook\"");
+            return None;
+        };
+        let name = self.string(table, "name").unwrap_or_else(|| kind.clone());
+        let timeout = self.duration(table, "timeout", Duration::from_secs(10));
+        let (kind, urls) = match kind.as_str() {
+            "alertmanager" => {
+                let resend_interval = self.duration(table, "resend_interval", Duration::from_secs(60));
+                let urls_key = table.key("urls");
+                let urls = self.string_list(table, "urls").unwrap_or_default();
+                if urls.is_empty() {
+                    self.problem(&urls_key, "list at least one Alertmanager URL");
+                }
+                (SinkKind::Alertmanager { resend_interval }, urls)
+            }
+            "webhook" => {
+                let url_key = table.key("url");
+                let url = self.string(table, "url");
+                if url.is_none() {
+                    self.problem(&url_key, "missing; the webhook's URL");
+                }
+                let bearer_token = self.secret_or_file(table, "bearer_token");
+                let hmac_secret = self.secret_or_file(table, "hmac_secret");
+                let signature_header =
+                    self.string(table, "signature_header").unwrap_or_else(|| DEFAULT_SIGNATURE_HEADER.to_owned());
+                let headers_key = table.key("headers");
+                let mut headers = Vec::new();
+                let headers_table = self.table(headers_key.clone(), table.entries.remove("headers"));
+                for (header, value) in headers_table.entries {
+                    let Value::String(value) = value else {
+                        self.problem(&format!("{headers_key}.{header}"), "expected a string");
+                        continue;
+                    };
+                    match alert::sink::check_header(&header, &value) {
+                        Ok(()) => headers.push((header, Secret::new(value))),
+                        Err(message) => self.problem(&format!("{headers_key}.{header}"), message),
+                    }
+                }
+                if let Err(message) = alert::sink::check_header(&signature_header, "sha256=0") {
+                    let key = table.key("signature_header");
+                    self.problem(&key, message);
+                }
+                (SinkKind::Webhook { bearer_token, hmac_secret, signature_header, headers }, url.into_iter().collect())
+            }
+            other => {
+                self.problem(&kind_key, format!("unknown sink kind {other:?}; expected alertmanager or webhook"));
+                return None;
+            }
+        };
+        let url_key = table.key(if matches!(kind, SinkKind::Alertmanager { .. }) { "urls" } else { "url" });
+        for url in &urls {
+            // The URL is never printed: a webhook URL is often itself a credential.
+            if !url::Url::parse(url).is_ok_and(|parsed| matches!(parsed.scheme(), "http" | "https")) {
+                self.problem(&url_key, "must be an http:// or https:// URL");
+            }
+        }
+        Some(Sink { name, kind, urls: urls.into_iter().map(Secret::new).collect(), timeout })
+    }
+
+    /// A list of tables (`[[name]]`); the environment alone gives `name.0.*` as a table keyed by index.
+    fn table_list(&mut self, key: &str, value: Option<Value>) -> Vec<Value> {
+        match value {
+            None => Vec::new(),
+            Some(Value::Array(entries)) => entries,
+            Some(Value::Object(table)) if table.keys().all(|key| key.parse::<usize>().is_ok()) => {
+                let mut indexed: Vec<(usize, Value)> =
+                    table.into_iter().map(|(key, value)| (key.parse().unwrap_or(usize::MAX), value)).collect();
+                indexed.sort_by_key(|(index, _)| *index);
+                indexed.into_iter().map(|(_, value)| value).collect()
+            }
+            Some(other) => {
+                self.problem(key, format!("expected a list of [[{key}]] tables, found {}", kind_of(&other)));
+                Vec::new()
+            }
+        }
     }
 
     fn rate_limit(&mut self, root: &mut Table) -> limiter::Config {
@@ -739,21 +845,7 @@ impl Reader {
                 self.problem("exchanges", "must list at least one exchange (omit it for the default Kraken)");
                 Vec::new()
             }
-            Some(Value::Array(entries)) => entries,
-            // The environment alone gives `exchanges.0.*` as a table keyed by index.
-            Some(Value::Object(table)) if table.keys().all(|key| key.parse::<usize>().is_ok()) => {
-                let mut indexed: Vec<(usize, Value)> =
-                    table.into_iter().map(|(key, value)| (key.parse().unwrap_or(usize::MAX), value)).collect();
-                indexed.sort_by_key(|(index, _)| *index);
-                indexed.into_iter().map(|(_, value)| value).collect()
-            }
-            Some(other) => {
-                self.problem(
-                    "exchanges",
-                    format!("expected a list of [[exchanges]] tables, found {}", kind_of(&other)),
-                );
-                Vec::new()
-            }
+            value => self.table_list("exchanges", value),
         };
         let mut names = BTreeSet::new();
         let mut views = Vec::new();

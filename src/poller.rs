@@ -385,6 +385,11 @@ impl Poller {
         };
         let (ticker, status, balance) = tokio::join!(ticker, status, balance);
 
+        // A failed Balance is tried again at the next poll, not a whole balance_interval later, so an
+        // authentication failure is confirmed (and private calls paused) within polls, not minutes.
+        if balance.as_ref().is_some_and(|outcome| outcome.result.is_err()) {
+            self.next_balance = started;
+        }
         let (status, trading_status) = status_as_call(&status);
         let mut outcomes = vec![ticker, status];
         outcomes.extend(balance);

@@ -16,9 +16,9 @@ use crate::config::human_duration;
 use crate::exchange::{Endpoint, Outcome};
 use crate::secret::Secret;
 
+pub mod alerts;
 pub mod connector;
 pub mod database;
-pub mod incidents;
 pub mod report;
 pub mod spool;
 pub mod writer;

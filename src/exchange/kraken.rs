@@ -13,7 +13,7 @@
 //! socket. Everything but the transport (URLs, signing, nonces, the body limit, classification, parsing) is
 //! the same code for both.
 
-mod transport;
+pub(crate) mod transport;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
@@ -349,11 +349,11 @@ fn key_state_for(api_key: &str) -> Arc<KeyState> {
 
 /// A complete HTTP answer, body included.
 #[derive(Debug, Clone)]
-struct Answer {
-    status: u16,
-    content_type: Option<String>,
-    server: Option<String>,
-    body: Vec<u8>,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) content_type: Option<String>,
+    pub(crate) server: Option<String>,
+    pub(crate) body: Vec<u8>,
 }
 
 /// A Kraken envelope without `E...` errors: its `result` and any `W...` warnings.

@@ -863,7 +863,7 @@ fn is_unavailable(error: &sqlx::Error) -> bool {
     }
 }
 
-fn query_error(error: sqlx::Error) -> Error {
+pub(crate) fn query_error(error: sqlx::Error) -> Error {
     if is_unavailable(&error) { Error::Unavailable(error.to_string()) } else { Error::Query(error.to_string()) }
 }
 

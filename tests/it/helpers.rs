@@ -144,3 +144,74 @@ where
 pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     exwatch::telemetry::sample(text, name, labels)
 }
+
+/// One request a [`Capture`] received.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub path: String,
+    pub headers: axum::http::HeaderMap,
+    pub body: serde_json::Value,
+    pub raw: String,
+}
+
+/// A notification receiver that keeps every POST; while `down` it answers 503 and keeps nothing. Served in
+/// memory (paused-clock tests) or on 127.0.0.1:0.
+#[derive(Clone, Default)]
+pub struct Capture {
+    received: std::sync::Arc<std::sync::Mutex<Vec<Received>>>,
+    down: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Capture {
+    pub fn router(&self) -> axum::Router {
+        let capture = self.clone();
+        axum::Router::new().fallback(move |request: axum::extract::Request| {
+            let capture = capture.clone();
+            async move {
+                use axum::http::StatusCode;
+                if capture.down.load(std::sync::atomic::Ordering::SeqCst) {
+                    return StatusCode::SERVICE_UNAVAILABLE;
+                }
+                let (parts, body) = request.into_parts();
+                let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+                let raw = String::from_utf8_lossy(&bytes).into_owned();
+                let body = serde_json::from_str(&raw).unwrap_or(serde_json::Value::Null);
+                let path = parts.uri.path().to_owned();
+                capture.received.lock().unwrap().push(Received { path, headers: parts.headers, body, raw });
+                StatusCode::OK
+            }
+        })
+    }
+
+    /// Serves on 127.0.0.1:0 until the returned token is cancelled or dropped with the test's runtime.
+    pub async fn serve(&self) -> (SocketAddr, CancellationToken) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let router = self.router();
+        let shutdown = stop.clone().cancelled_owned();
+        tokio::spawn(async move { axum::serve(listener, router).with_graceful_shutdown(shutdown).await });
+        (address, stop)
+    }
+
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    /// Webhook payloads received on `path`, as (status, alertname) pairs.
+    pub fn webhooks(&self, path: &str) -> Vec<(String, String)> {
+        self.received()
+            .iter()
+            .filter(|received| received.path == path)
+            .map(|received| {
+                let status = received.body["status"].as_str().unwrap_or_default().to_owned();
+                let alertname = received.body["alerts"][0]["labels"]["alertname"].as_str().unwrap_or_default();
+                (status, alertname.to_owned())
+            })
+            .collect()
+    }
+}

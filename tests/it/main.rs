@@ -5,9 +5,11 @@
 #![allow(clippy::unwrap_used)]
 
 mod admin;
+mod alerting;
 mod call_log;
 mod cli;
 mod daemon;
+mod delivery;
 mod helpers;
 mod outage;
 mod paused;

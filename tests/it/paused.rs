@@ -15,14 +15,15 @@ use http_body_util::BodyExt as _;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use crate::helpers::{SIMULATOR_API_SECRET, metric};
+use crate::helpers::{Capture, SIMULATOR_API_SECRET, metric};
 
 /// A daemon with default settings polling an in-memory simulator; each test names its own API key because nonces
-/// are shared per key within a process.
-struct PausedDaemon {
-    simulator: Simulator,
+/// are shared per key within a process. Its alert sinks, if any, deliver to `capture` in memory.
+pub(crate) struct PausedDaemon {
+    pub(crate) simulator: Simulator,
     /// The call log, kept in memory.
     log: Arc<MemorySink>,
+    pub(crate) capture: Capture,
     router: axum::Router,
     cancel: CancellationToken,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
@@ -30,6 +31,12 @@ struct PausedDaemon {
 
 impl PausedDaemon {
     async fn start(api_key: &str) -> PausedDaemon {
+        PausedDaemon::start_with(api_key, "").await
+    }
+
+    /// Starts with `extra` appended to the configuration (alert sinks, say).
+    pub(crate) async fn start_with(api_key: &str, extra: &str) -> PausedDaemon {
+        crate::helpers::install_tls_provider();
         let options = simulator::Options {
             api_key: exwatch::secret::Secret::new(api_key),
             public_rate_limit: None,
@@ -37,17 +44,19 @@ impl PausedDaemon {
         };
         let simulator = Simulator::in_memory(options).unwrap();
         let config = Config::from_toml(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[[exchanges]]\nname = \"kraken\"\napi_key = \"{api_key}\"\napi_secret = \"{SIMULATOR_API_SECRET}\"\n"
+            "[server]\nlisten = \"127.0.0.1:0\"\n[[exchanges]]\nname = \"kraken\"\napi_key = \"{api_key}\"\napi_secret = \"{SIMULATOR_API_SECRET}\"\n{extra}"
         ))
         .unwrap();
         assert_eq!(config.poll.interval, Duration::from_secs(30), "the default interval");
         let client = Client::in_memory(&config.exchanges[0].exchange, config.poll.timeout, simulator.router()).unwrap();
         let log = Arc::new(MemorySink::default());
         let app = App::build_with_sink(config, vec![Arc::new(client)], Some(log.clone())).await.unwrap();
+        let capture = Capture::default();
+        app.outbox().deliver_in_memory(capture.router());
         let router = app.router();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(app.run(cancel.clone()));
-        PausedDaemon { simulator, log, router, cancel, task }
+        PausedDaemon { simulator, log, capture, router, cancel, task }
     }
 
     /// `/metrics`, read through the router in memory.
@@ -58,7 +67,7 @@ impl PausedDaemon {
     }
 
     /// `/api/v1/status`'s entry for kraken.
-    async fn status(&self) -> serde_json::Value {
+    pub(crate) async fn status(&self) -> serde_json::Value {
         let request = axum::http::Request::get("/api/v1/status").body(Body::empty()).unwrap();
         let response = self.router.clone().oneshot(request).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
@@ -66,7 +75,7 @@ impl PausedDaemon {
         status["exchanges"][0].clone()
     }
 
-    async fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) async fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         metric(&self.metrics().await, name, labels).unwrap_or(0.0)
     }
 
@@ -82,14 +91,14 @@ impl PausedDaemon {
         self.value("exwatch_circuit_breaker_transitions_total", &[("from", from), ("to", to)]).await
     }
 
-    async fn stop(self) {
+    pub(crate) async fn stop(self) {
         self.cancel.cancel();
         self.task.await.unwrap().unwrap();
     }
 }
 
 /// Advances the paused clock to `at` after the daemon's start.
-async fn at(start: tokio::time::Instant, at: Duration) {
+pub(crate) async fn at(start: tokio::time::Instant, at: Duration) {
     tokio::time::sleep_until(start + at).await;
 }
 
@@ -152,8 +161,9 @@ async fn maintenance_opens_the_breaker_after_three_polls_and_recovery_closes_it(
     at(start, Duration::from_secs(213)).await;
     let rows = daemon.log.rows();
     let classes = |class: &str| rows.iter().filter(|row| row.error_class.as_deref() == Some(class)).count();
-    // Ticker and SystemStatus refused at 90, 120 (the slot right after the failed verification) and 150 s.
-    assert_eq!(classes("not_permitted"), 6);
+    // Ticker and SystemStatus refused at 90, 120 (the slot right after the failed verification) and 150 s, and
+    // Balance at 90 s (a failed Balance is tried again at the next poll).
+    assert_eq!(classes("not_permitted"), 7);
     assert!(classes("maintenance") >= 6, "{rows:?}");
     assert!(rows.iter().any(|row| row.endpoint == "Depth" && row.success));
     daemon.stop().await;

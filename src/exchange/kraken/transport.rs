@@ -35,7 +35,7 @@ pub struct ConnectionReset;
 
 /// One request as the client means it, before either transport turns it into its own type.
 #[derive(Debug)]
-pub(super) struct Request {
+pub(crate) struct Request {
     method: Method,
     url: Url,
     headers: HeaderMap,
@@ -43,26 +43,32 @@ pub(super) struct Request {
 }
 
 impl Request {
-    pub(super) fn get(url: &Url) -> Request {
+    pub(crate) fn get(url: &Url) -> Request {
         Request { method: Method::GET, url: url.clone(), headers: HeaderMap::new(), body: None }
     }
 
     /// A form POST; `headers` are added to the form content type.
-    pub(super) fn post_form(url: &Url, mut headers: HeaderMap, body: String) -> Request {
+    pub(crate) fn post_form(url: &Url, mut headers: HeaderMap, body: String) -> Request {
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/x-www-form-urlencoded"));
+        Request { method: Method::POST, url: url.clone(), headers, body: Some(body) }
+    }
+
+    /// A JSON POST; `headers` are added to the JSON content type.
+    pub(crate) fn post_json(url: &Url, mut headers: HeaderMap, body: String) -> Request {
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Request { method: Method::POST, url: url.clone(), headers, body: Some(body) }
     }
 }
 
 /// Where requests go. Chosen once, when the client is built.
-pub(super) enum Transport {
+pub(crate) enum Transport {
     Http(reqwest::Client),
     /// Each request is one `oneshot` call on a clone of the router (clones share the router's state).
     InMemory(Router),
 }
 
 impl Transport {
-    pub(super) fn http(timeout: Duration) -> Result<Transport, BuildError> {
+    pub(crate) fn http(timeout: Duration) -> Result<Transport, BuildError> {
         reqwest::Client::builder()
             .timeout(timeout)
             .connect_timeout(timeout.min(CONNECT_TIMEOUT_CAP))
@@ -72,7 +78,7 @@ impl Transport {
             .map_err(BuildError::HttpClient)
     }
 
-    pub(super) fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         match self {
             Transport::Http(_) => "http",
             Transport::InMemory(_) => "in_memory",
@@ -80,7 +86,7 @@ impl Transport {
     }
 
     /// Sends and reads the whole body, never more than [`BODY_LIMIT_BYTES`], all within `timeout`.
-    pub(super) async fn send(&self, request: Request, timeout: Duration) -> Result<Answer, Error> {
+    pub(crate) async fn send(&self, request: Request, timeout: Duration) -> Result<Answer, Error> {
         match self {
             Transport::Http(client) => send_over_http(client, request, timeout).await,
             Transport::InMemory(router) => {

@@ -1,0 +1,205 @@
+//! Alert delivery on a paused clock: the daemon at its default 30 s interval against the in-memory simulator, its
+//! Alertmanager and webhook sinks delivering to an in-memory receiver. Minutes of outage run in milliseconds.
+
+use std::time::Duration;
+
+use exwatch::alert::sink::signature;
+use exwatch::secret::Secret;
+use exwatch::simulator::Scenario;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::helpers::Received;
+use crate::paused::{PausedDaemon, at};
+
+const HMAC_SECRET: &str = "webhook-hmac-secret";
+const BEARER: &str = "webhook-bearer-token-123";
+
+/// An Alertmanager sink re-sending every minute and a signed webhook sink with a bearer token and a header.
+fn sinks() -> String {
+    format!(
+        "[[alerts.sinks]]\nkind = \"alertmanager\"\nname = \"am\"\nurls = [\"http://alertmanager.test:9093\"]\n\
+         resend_interval = \"1m\"\n\
+         [[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"http://hooks.test/hook\"\n\
+         bearer_token = \"{BEARER}\"\nhmac_secret = \"{HMAC_SECRET}\"\nheaders = {{ \"X-Team\" = \"payments\" }}\n"
+    )
+}
+
+fn webhook_only() -> &'static str {
+    "[[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"http://hooks.test/hook\"\n"
+}
+
+/// Alertmanager posts: (alert, whether it is a lease renewal, i.e. `endsAt` well ahead, rather than a resolve).
+fn alertmanager_posts(received: &[Received]) -> Vec<(Value, bool)> {
+    let lease_floor = chrono::Utc::now() + chrono::Duration::seconds(60);
+    received
+        .iter()
+        .filter(|received| received.path == "/api/v2/alerts")
+        .map(|received| {
+            let alert = received.body[0].clone();
+            let ends_at: chrono::DateTime<chrono::Utc> = alert["endsAt"].as_str().unwrap().parse().unwrap();
+            (alert, ends_at > lease_floor)
+        })
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_two_minute_outage_gives_one_firing_and_one_resolved_notification_per_sink() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-outage-key", &sinks()).await;
+    daemon.simulator.set_scenario(Scenario::Maintenance);
+    // Kraken is back just before the breaker's HALF_OPEN verification at 120 s; the poll at 150 s is the second
+    // success with the breaker closed, and the alert resolves.
+    at(start, Duration::from_secs(119)).await;
+    daemon.simulator.set_scenario(Scenario::Healthy);
+    at(start, Duration::from_secs(200)).await;
+    let received = daemon.capture.received();
+
+    assert_eq!(
+        daemon.capture.webhooks("/hook"),
+        [
+            ("firing".to_owned(), "exchange_api_down".to_owned()),
+            ("resolved".to_owned(), "exchange_api_down".to_owned())
+        ]
+    );
+    let firing = received.iter().find(|received| received.path == "/hook").unwrap();
+    let alert = &firing.body["alerts"][0];
+    assert_eq!(
+        alert["labels"],
+        serde_json::json!({"alertname": "exchange_api_down", "severity": "critical", "exchange": "kraken", "service": "exwatch"})
+    );
+    assert_eq!(alert["annotations"]["scenario"], "maintenance");
+    assert_eq!(alert["annotations"]["runbook_url"], "https://runbooks.example.com/exchange-api-failures");
+    assert!(alert["annotations"]["summary"].as_str().unwrap().contains("kraken"), "{alert}");
+    let evidence = alert["annotations"]["evidence"].as_str().unwrap();
+    assert!(evidence.contains("maintenance") && evidence.contains("failed"), "{evidence}");
+    // Signed, authenticated and with the configured header.
+    let headers = &firing.headers;
+    assert_eq!(headers["authorization"], format!("Bearer {BEARER}").as_str());
+    assert_eq!(headers["x-team"], "payments");
+    assert_eq!(headers["x-exwatch-signature"], signature(&Secret::new(HMAC_SECRET), &firing.raw).as_str());
+
+    // Alertmanager: the firing alert, its renewals with endsAt ahead, then one resolve, all one episode.
+    let posts = alertmanager_posts(&received);
+    let resolves = posts.iter().filter(|(_, leased)| !leased).count();
+    assert_eq!(resolves, 1, "{posts:?}");
+    assert!(!posts.last().unwrap().1, "the resolve comes last");
+    assert!(posts.len() >= 2, "{posts:?}");
+    assert!(
+        posts.iter().all(|(post, _)| post["labels"] == alert["labels"] && post["startsAt"] == posts[0].0["startsAt"])
+    );
+
+    // Nothing more after the resolve: no renewal, no second page.
+    at(start, Duration::from_secs(600)).await;
+    assert_eq!(daemon.capture.received().len(), received.len());
+    let ops = [("sink", "ops")];
+    assert_eq!(daemon.value("exwatch_notifications_sent_total", &ops).await, 2.0);
+    assert_eq!(daemon.value("exwatch_alert_outbox_depth", &ops).await, 0.0);
+    assert_eq!(daemon.value("exwatch_notifications_failed_total", &ops).await, 0.0);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn one_failed_poll_never_pages() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-one-failure-key", &sinks()).await;
+    daemon.simulator.set_scenario(Scenario::Maintenance);
+    at(start, Duration::from_secs(1)).await;
+    let failures = [("endpoint", "Ticker"), ("outcome", "failure")];
+    assert_eq!(daemon.value("exwatch_exchange_calls_total", &failures).await, 1.0, "the first poll failed");
+    daemon.simulator.set_scenario(Scenario::Healthy);
+    at(start, Duration::from_secs(600)).await;
+    assert!(daemon.capture.received().is_empty(), "{:?}", daemon.capture.received());
+    assert_eq!(daemon.value("exwatch_alerts_firing", &[("alertname", "exchange_api_down")]).await, 0.0);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn slow_answers_for_six_minutes_fire_exchange_api_slow_not_down() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-slow-key", webhook_only()).await;
+    daemon.simulator.set_latency(Duration::from_millis(3500));
+    at(start, Duration::from_secs(360)).await;
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_slow".to_owned())]);
+    let received = daemon.capture.received();
+    let alert = &received[0].body["alerts"][0];
+    assert_eq!(alert["labels"]["severity"], "warning");
+    assert_eq!(alert["annotations"]["summary"], "Exchange API Response Time Warning");
+    let description = alert["annotations"]["description"].as_str().unwrap();
+    assert!(description.starts_with("Kraken API response time elevated: 35"), "{description}");
+    assert!(description.ends_with("ms"), "{description}");
+
+    // Fast again: the five-minute average falls below the hysteresis and it resolves.
+    daemon.simulator.set_latency(Duration::ZERO);
+    at(start, Duration::from_secs(360 + 600)).await;
+    assert_eq!(
+        daemon.capture.webhooks("/hook"),
+        [
+            ("firing".to_owned(), "exchange_api_slow".to_owned()),
+            ("resolved".to_owned(), "exchange_api_slow".to_owned())
+        ]
+    );
+    daemon.stop().await;
+}
+
+/// Runs `scenario` until exchange_api_down's firing notification arrives and returns its annotations.
+async fn diagnosed(api_key: &str, scenario: Scenario) -> Value {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with(api_key, webhook_only()).await;
+    daemon.simulator.set_scenario(scenario);
+    let mut waited = Duration::ZERO;
+    let annotations = loop {
+        let received = daemon.capture.received();
+        if let Some(firing) = received.iter().find(|received| received.body["status"] == "firing") {
+            break firing.body["alerts"][0]["annotations"].clone();
+        }
+        assert!(waited < Duration::from_secs(1200), "{scenario:?} never paged in 20 minutes");
+        waited += Duration::from_secs(30);
+        at(start, waited).await;
+    };
+    daemon.stop().await;
+    annotations
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_runbook_scenario_is_diagnosed() {
+    let maintenance = diagnosed("alerting-scenario-a-key", Scenario::Maintenance).await;
+    assert_eq!(maintenance["scenario"], "maintenance", "{maintenance}");
+
+    let rate_limited = diagnosed("alerting-scenario-b-key", Scenario::RateLimited).await;
+    assert_eq!(rate_limited["scenario"], "rate_limiting", "{rate_limited}");
+    assert!(rate_limited["description"].as_str().unwrap().contains("factor now"), "{rate_limited}");
+
+    // Public calls stay healthy; only Balance is refused. Private calls are paused, and that pages.
+    let authentication = diagnosed("alerting-scenario-c-key", Scenario::InvalidKey).await;
+    assert_eq!(authentication["scenario"], "authentication", "{authentication}");
+    assert!(authentication["description"].as_str().unwrap().contains("to avoid a lockout"), "{authentication}");
+    assert!(authentication["evidence"].as_str().unwrap().contains("EAPI:Invalid key"), "{authentication}");
+
+    let network = diagnosed("alerting-scenario-d-key", Scenario::Reset).await;
+    assert_eq!(network["scenario"], "network", "{network}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_receiver_down_for_minutes_gets_the_notification_once_it_is_back() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-receiver-down-key", webhook_only()).await;
+    daemon.capture.set_down(true);
+    daemon.simulator.set_scenario(Scenario::Maintenance);
+    // Fires at 60 s; the receiver answers 503 for five minutes.
+    at(start, Duration::from_secs(360)).await;
+    assert!(daemon.capture.received().is_empty());
+    let ops = [("sink", "ops")];
+    assert!(daemon.value("exwatch_notifications_failed_total", &ops).await >= 5.0);
+    assert_eq!(daemon.value("exwatch_alert_outbox_depth", &ops).await, 1.0);
+    assert!(daemon.value("exwatch_alert_outbox_oldest_seconds", &ops).await >= 290.0);
+
+    // Back: within the longest backoff (30 s) the firing arrives, exactly once.
+    daemon.capture.set_down(false);
+    at(start, Duration::from_secs(360 + 31)).await;
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
+    assert_eq!(daemon.value("exwatch_alert_outbox_depth", &ops).await, 0.0);
+    assert!(daemon.value("exwatch_notifications_retried_total", &ops).await >= 5.0);
+    assert_eq!(daemon.value("exwatch_notifications_sent_total", &ops).await, 1.0);
+    daemon.stop().await;
+}

@@ -1,0 +1,274 @@
+//! Delivery through real processes and sockets: `exwatch alerts test`, a real Alertmanager (Debian's
+//! `prometheus-alertmanager`, cluster off, fast group timings) forwarding to the test's capture webhook, and the
+//! daemon binary killed with SIGKILL mid-incident and started again on the same Postgres database.
+
+use std::net::SocketAddr;
+use std::process::Stdio;
+use std::time::Duration;
+
+use exwatch::alert::notification::Alert;
+use exwatch::config::Config;
+use exwatch::simulator::Scenario;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::helpers::{Capture, FAST_RATE_LIMIT, eventually, metric, scratch_database, spawn_app, start_simulator};
+use crate::store::TestDatabase;
+
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A daemon polling `base_url` every second, whose breaker waits 2 s in OPEN and whose deliveries retry fast.
+fn daemon_toml(base_url: &str, database: &str, sinks: &str) -> String {
+    format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\ninstance = \"delivery-test\"\nshutdown_grace = \"5s\"\n\
+         [poll]\ninterval = \"1s\"\ntimeout = \"800ms\"\n{FAST_RATE_LIMIT}\
+         [breaker]\nwait_duration_in_open = \"2s\"\n\
+         [alerts.delivery]\ninitial_backoff = \"100ms\"\nmax_backoff = \"1s\"\n\
+         [log]\nformat = \"json\"\n\
+         [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\n{database}{sinks}"
+    )
+}
+
+fn webhook_sink(address: SocketAddr, path: &str) -> String {
+    format!("[[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"http://{address}{path}\"\n")
+}
+
+#[tokio::test]
+async fn alerts_test_sends_through_every_sink_and_reports_each() {
+    let capture = Capture::default();
+    let (address, _stop) = capture.serve().await;
+    // A port nothing listens on: bound, then closed.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let sinks = format!(
+        "{}[[alerts.sinks]]\nkind = \"alertmanager\"\nname = \"am\"\nurls = [\"http://{closed}\"]\ntimeout = \"2s\"\n",
+        webhook_sink(address, "/hook")
+    );
+    let config = daemon_toml("http://127.0.0.1:1", &scratch_database(), &sinks);
+    std::fs::write(directory.path().join("exwatch.toml"), config).unwrap();
+    let output = crate::cli::exwatch(&["alerts", "test", "--config", "exwatch.toml"], directory.path()).await;
+    assert_eq!(output.code, Some(1), "one sink failed: {}{}", output.stdout, output.stderr);
+    let lines: Vec<&str> = output.stdout.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", output.stdout);
+    assert!(lines[0].starts_with("ops: ok in "), "{}", output.stdout);
+    assert!(lines[1].starts_with("am: FAILED in ") && lines[1].contains("connection refused"), "{}", output.stdout);
+    let received = capture.received();
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].body["alerts"][0]["labels"]["alertname"], "exwatch_test");
+    assert_eq!(received[0].body["version"], "4");
+}
+
+/// A process killed when dropped.
+struct Process(Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.start_kill();
+    }
+}
+
+/// A free loopback port: bound, then released (Alertmanager takes no port 0).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test]
+async fn a_real_alertmanager_forwards_the_alert_and_later_its_resolve() {
+    crate::helpers::install_tls_provider();
+    let binary = "prometheus-alertmanager";
+    let capture = Capture::default();
+    let (webhook, _stop) = capture.serve().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = format!(
+        "route:\n  receiver: capture\n  group_by: ['alertname', 'exchange']\n  group_wait: 1s\n  group_interval: 1s\n  \
+         repeat_interval: 1h\nreceivers:\n  - name: capture\n    webhook_configs:\n      - url: 'http://{webhook}/am'\n        \
+         send_resolved: true\n"
+    );
+    std::fs::write(directory.path().join("alertmanager.yml"), config).unwrap();
+    let port = free_port();
+    let child = Command::new(binary)
+        .arg(format!("--config.file={}", directory.path().join("alertmanager.yml").display()))
+        .arg(format!("--storage.path={}", directory.path().join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .arg("--cluster.listen-address=")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|error| panic!("{binary} must be installed (scripts/test.sh installs it): {error}"));
+    let _alertmanager = Process(child);
+    let http = reqwest::Client::new();
+    let manager = format!("http://127.0.0.1:{port}");
+    eventually(WAIT, "Alertmanager ready", || async {
+        let ready = http.get(format!("{manager}/-/ready")).send().await.ok()?;
+        ready.status().is_success().then_some(())
+    })
+    .await;
+
+    let simulator = start_simulator().await;
+    let sinks = format!(
+        "[[alerts.sinks]]\nkind = \"alertmanager\"\nname = \"am\"\nurls = [\"{manager}\"]\nresend_interval = \"1s\"\n"
+    );
+    let config = Config::from_toml(&daemon_toml(&simulator.base_url(), &scratch_database(), &sinks)).unwrap();
+    let app = spawn_app(config).await;
+    simulator.set_scenario(Scenario::Maintenance);
+
+    let firing = eventually(WAIT, "the firing notification from Alertmanager", || async {
+        capture.received().into_iter().find(|received| received.path == "/am" && received.body["status"] == "firing")
+    })
+    .await;
+    let alert = &firing.body["alerts"][0];
+    assert_eq!(
+        alert["labels"],
+        serde_json::json!({"alertname": "exchange_api_down", "severity": "critical", "exchange": "kraken", "service": "exwatch"})
+    );
+    assert_eq!(alert["annotations"]["scenario"], "maintenance");
+    for annotation in ["summary", "description", "runbook_url", "evidence"] {
+        assert!(
+            alert["annotations"][annotation].as_str().is_some_and(|text| !text.is_empty()),
+            "{annotation}: {alert}"
+        );
+    }
+    // exwatch's own webhook payloads carry the fingerprint Alertmanager computes.
+    let labels = serde_json::from_value(alert["labels"].clone()).unwrap();
+    let ours = Alert { labels, annotations: Default::default(), starts_at: chrono::Utc::now(), ends_at: None };
+    assert_eq!(alert["fingerprint"].as_str(), Some(ours.fingerprint().as_str()));
+
+    simulator.set_scenario(Scenario::Healthy);
+    let resolved = eventually(WAIT, "the resolved notification from Alertmanager", || async {
+        capture.received().into_iter().find(|received| received.path == "/am" && received.body["status"] == "resolved")
+    })
+    .await;
+    assert_eq!(resolved.body["alerts"][0]["labels"], alert["labels"]);
+    assert_eq!(resolved.body["alerts"][0]["startsAt"], alert["startsAt"]);
+    // One episode: one firing and one resolved notification, re-sends deduplicated by Alertmanager.
+    let statuses: Vec<Value> = capture.received().iter().map(|received| received.body["status"].clone()).collect();
+    assert_eq!(statuses, ["firing", "resolved"]);
+    app.shutdown().await.unwrap();
+}
+
+/// The daemon binary running one configuration file; its address read from its first log lines.
+struct Daemon {
+    _process: Process,
+    address: SocketAddr,
+}
+
+impl Daemon {
+    async fn start(config: &std::path::Path) -> Daemon {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_exwatch"))
+            .arg("run")
+            .arg("--config")
+            .arg(config)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+        let address = tokio::time::timeout(WAIT, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let Ok(entry) = serde_json::from_str::<Value>(&line) else { continue };
+                if entry["message"] == "exwatch is serving." {
+                    return entry["address"].as_str().unwrap().parse::<SocketAddr>().unwrap();
+                }
+            }
+            panic!("exwatch exited before serving");
+        })
+        .await
+        .expect("exwatch serves within a minute");
+        // Keep reading so the pipe never fills.
+        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        Daemon { _process: Process(child), address }
+    }
+
+    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let url = format!("http://{}/metrics", self.address);
+        let text = reqwest::get(url).await.unwrap().text().await.unwrap();
+        metric(&text, name, labels).unwrap_or(0.0)
+    }
+
+    /// SIGKILL: no shutdown, nothing flushed.
+    async fn kill(mut self) {
+        self._process.0.start_kill().unwrap();
+        self._process.0.wait().await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn killed_mid_incident_it_neither_pages_again_nor_forgets_to_resolve() {
+    crate::helpers::install_tls_provider();
+    let capture = Capture::default();
+    let (webhook, _stop) = capture.serve().await;
+    let simulator = start_simulator().await;
+    let (database, _cleanup) = TestDatabase::postgres_config().await;
+    let database_url = database.url.unwrap().expose().to_owned();
+    let directory = tempfile::tempdir().unwrap();
+    let spool = directory.path().join("spool");
+    let section = format!("[database]\nurl = \"{database_url}\"\nspool_dir = \"{}\"\n", spool.display());
+    let config = directory.path().join("exwatch.toml");
+    std::fs::write(&config, daemon_toml(&simulator.base_url(), &section, &webhook_sink(webhook, "/hook"))).unwrap();
+    let rows = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let firing_state = "SELECT COUNT(*) FROM alert_state WHERE instance = 'delivery-test'";
+    let pending_resolves = "SELECT COUNT(*) FROM alert_outbox WHERE kind = 'resolved'";
+
+    // The outage pages once.
+    let first = Daemon::start(&config).await;
+    simulator.set_scenario(Scenario::Maintenance);
+    eventually(WAIT, "the firing webhook", || async { (!capture.webhooks("/hook").is_empty()).then_some(()) }).await;
+    // Mid-incident: the firing is delivered and its delivery recorded (a crash between a delivery and its record
+    // is the one window in which a notification is sent twice: delivery is at least once).
+    eventually(WAIT, "the firing alert stored and its delivery recorded", || async {
+        let delivered = count(&rows, "SELECT COUNT(*) FROM alert_outbox").await == 0;
+        (delivered && count(&rows, firing_state).await == 1).then_some(())
+    })
+    .await;
+    first.kill().await;
+
+    // Restarted mid-incident: the alert is restored as firing, the breaker opens again, and nothing is sent.
+    let second = Daemon::start(&config).await;
+    let down = [("alertname", "exchange_api_down")];
+    assert_eq!(second.metric("exwatch_alerts_firing", &down).await, 1.0, "restored at start");
+    eventually(WAIT, "the breaker open again after three failed polls", || async {
+        (second.metric("exwatch_circuit_breaker_state", &[("state", "open")]).await == 1.0).then_some(())
+    })
+    .await;
+    let ops = [("sink", "ops")];
+    assert_eq!(second.metric("exwatch_alert_outbox_depth", &ops).await, 0.0, "nothing queued");
+    assert_eq!(second.metric("exwatch_notifications_sent_total", &ops).await, 0.0, "nothing sent");
+
+    // Kraken recovers while the receiver is down: the resolve is made and stored, but not delivered; then the
+    // daemon is killed again.
+    capture.set_down(true);
+    simulator.set_scenario(Scenario::Healthy);
+    eventually(WAIT, "the resolve stored undelivered", || async {
+        (count(&rows, pending_resolves).await == 1 && count(&rows, firing_state).await == 0).then_some(())
+    })
+    .await;
+    second.kill().await;
+
+    // The receiver is back and the daemon restarts: the stored resolve arrives, and the story is complete.
+    capture.set_down(false);
+    let third = Daemon::start(&config).await;
+    eventually(WAIT, "the resolve delivered after the restart", || async {
+        (capture.webhooks("/hook").len() == 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        capture.webhooks("/hook"),
+        [
+            ("firing".to_owned(), "exchange_api_down".to_owned()),
+            ("resolved".to_owned(), "exchange_api_down".to_owned())
+        ]
+    );
+    assert_eq!(third.metric("exwatch_alerts_firing", &down).await, 0.0);
+    eventually(WAIT, "the delivered row deleted", || async {
+        (count(&rows, "SELECT COUNT(*) FROM alert_outbox").await == 0).then_some(())
+    })
+    .await;
+    third.kill().await;
+}
+
+async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
