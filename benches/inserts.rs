@@ -4,20 +4,24 @@
 //! Postgres is `DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/postgres`); the bench creates its own
 //! database `exwatch_bench_<uuid>`, migrates it and drops it at the end. SQLite is a file in a temp dir.
 //!
-//! Two measurements:
+//! Three measurements:
 //! - a fixed run first, the goal's shape: 50 batches of 500 rows (25,000 rows) into the freshly migrated database,
-//!   one after another as the writer sends them, timed as a whole and printed as rows per second;
+//!   one after another as the writer sends them, timed as a whole and printed as rows per second (and the same with
+//!   5,000-row batches, the writer's default `batch_size`);
+//! - the same 50 x 5,000 rows through exwatch's writer (`writer::Handle::push` for each row, then the writer drains
+//!   them in its own batches), timed from the first push to the last row written, so the two sit side by side;
 //! - then criterion, `insert_batch/{postgres,sqlite}/500` with a throughput of 500 elements, so it reports rows per
 //!   second with confidence intervals. Rows are built outside the timed part (`iter_batched`), each with a fresh
 //!   UUIDv7, so every row is really inserted (no conflicts); the table grows during the run, as in production.
 
 use std::hint::black_box;
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
 use exwatch::secret::Secret;
-use exwatch::store::{self, CallRecord, Database, Sink};
+use exwatch::store::{self, CallRecord, Database, Sink, writer};
 use sqlx::{AssertSqlSafe, Connection, PgConnection};
 use uuid::Uuid;
 
@@ -94,6 +98,40 @@ async fn fixed_run(label: &str, database: &Database, batch: usize) -> f64 {
     per_second
 }
 
+/// 50 batches of `batch` rows pushed one row at a time into exwatch's writer (default settings, memory large enough
+/// that nothing spools), which writes them to `database` in its own batches; prints and returns rows per second
+/// from the first push to the last row written.
+async fn writer_run(label: &str, database: &Database, batch: usize) -> f64 {
+    let total = FIXED_BATCHES * batch;
+    let records: Vec<CallRecord> = (0..FIXED_BATCHES).flat_map(|_| rows(batch)).collect();
+    let spool = tempfile::tempdir().expect("temp dir");
+    let config =
+        writer::Config { memory_rows: total, spool_dir: spool.path().join("spool"), ..writer::Config::default() };
+    let sink: Arc<dyn Sink> = Arc::new(database.clone());
+    let registry = prometheus::Registry::new();
+    let (writer, handle) = writer::Writer::new(config, sink, writer::Metrics::new(&registry)).expect("writer");
+    let stop = tokio_util::sync::CancellationToken::new();
+    let started = tokio::time::Instant::now();
+    let task = tokio::spawn(writer.run(stop.clone(), Duration::from_secs(600)));
+    for record in records {
+        handle.push(record);
+    }
+    let pushed = started.elapsed();
+    // Cancelling starts the drain: the writer goes on until memory is empty, then returns.
+    stop.cancel();
+    let summary = task.await.expect("writer task");
+    let elapsed = started.elapsed();
+    assert_eq!(summary.written, total as u64, "every row written");
+    let per_second = total as f64 / elapsed.as_secs_f64();
+    println!(
+        "writer run {label}: {total} rows pushed in {:.3} s ({:.0} ns/push), written in {:.3} s = {per_second:.0} rows/s",
+        pushed.as_secs_f64(),
+        pushed.as_nanos() as f64 / total as f64,
+        elapsed.as_secs_f64()
+    );
+    per_second
+}
+
 const BACKENDS: [&str; 2] = ["postgres", "sqlite"];
 
 fn inserts(criterion: &mut Criterion) {
@@ -124,6 +162,9 @@ fn inserts(criterion: &mut Criterion) {
             runtime.block_on(fixed_run("postgres", &postgres.database, batch));
             runtime.block_on(fixed_run("sqlite", &sqlite, batch));
         }
+        // The same rows through the writer, right after the direct inserts they are compared with.
+        runtime.block_on(writer_run("postgres", &postgres.database, LARGE_BATCH));
+        runtime.block_on(writer_run("sqlite", &sqlite, LARGE_BATCH));
     }
 
     let mut group = criterion.benchmark_group("insert_batch");
