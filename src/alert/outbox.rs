@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::exchange::kraken::transport::Transport;
+use crate::poller::sleep_until_some;
 use crate::store::alerts::{self as stored, Op, OutboxRow};
 use crate::telemetry;
 
@@ -90,6 +91,13 @@ struct Entry {
     next_attempt: Instant,
     /// Whether a row in `alert_outbox` stands for it.
     durable: bool,
+}
+
+impl Entry {
+    /// A notification made at `made`, due now.
+    fn new(id: String, kind: Kind, alert: Alert, made: Instant, durable: bool) -> Entry {
+        Entry { id, kind, alert, made, attempts: 0, next_attempt: Instant::now(), durable }
+    }
 }
 
 /// The outcome of sending one notification to one target, for `exwatch alerts test`.
@@ -211,8 +219,7 @@ impl Outbox {
             };
             let age_ms = u64::try_from(Utc::now().timestamp_millis() - row.created_at_ms).unwrap_or(0);
             let made = now.checked_sub(Duration::from_millis(age_ms)).unwrap_or(now);
-            let entry = Entry { id: row.id, kind, alert, made, attempts: 0, next_attempt: now, durable: true };
-            state.queues[index].push_back(entry);
+            state.queues[index].push_back(Entry::new(row.id, kind, alert, made, true));
             restored[index] += 1;
         }
         for (index, count) in restored.into_iter().enumerate().filter(|(_, count)| *count > 0) {
@@ -302,8 +309,7 @@ impl Shared {
                     created_at_ms: Utc::now().timestamp_millis(),
                 }));
             }
-            let entry = Entry { id, kind, alert: alert.clone(), made: now, attempts: 0, next_attempt: now, durable };
-            state.queues[index].push_back(entry);
+            state.queues[index].push_back(Entry::new(id, kind, alert.clone(), now, durable));
             self.wakers[index].notify_one();
         }
     }
@@ -315,10 +321,7 @@ impl Shared {
         let due: Vec<Alert> = state.active.values().filter(|alert| !waiting.contains(&alert.key())).cloned().collect();
         let now = Instant::now();
         for alert in due {
-            let id = Uuid::now_v7().to_string();
-            let entry =
-                Entry { id, kind: Kind::Resend, alert, made: now, attempts: 0, next_attempt: now, durable: false };
-            state.queues[index].push_back(entry);
+            state.queues[index].push_back(Entry::new(Uuid::now_v7().to_string(), Kind::Resend, alert, now, false));
         }
     }
 
@@ -448,13 +451,6 @@ async fn deliver(
 fn backoff(config: &Config, attempts: u32) -> Duration {
     let doublings = attempts.saturating_sub(1).min(20);
     config.initial_backoff.saturating_mul(1 << doublings).min(config.max_backoff)
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Delivery metrics by sink target. Queue depth and the oldest entry's age are read from the queues at scrape.
