@@ -616,6 +616,27 @@ async fn connect(config: &Config) -> Result<Database, ExitCode> {
     })
 }
 
+/// Opens the configured database for a read-only command: nothing is created or migrated. A missing SQLite file
+/// names the file and the configuration it came from, so `exwatch logs` in the wrong directory says so instead of
+/// printing "No calls found." from a database it just made.
+async fn open_for_reading(config: &Config, args: &ConfigArgs) -> Result<Database, ExitCode> {
+    Database::open_existing(&config.database).await.map_err(|error| {
+        match (&error, &args.config) {
+            (crate::store::database::Error::Missing { .. }, Some(file)) => {
+                eprintln!("exwatch: {error} (configuration {}); is this the daemon's configuration?", file.display())
+            }
+            (crate::store::database::Error::Missing { .. }, None) => eprintln!(
+                "exwatch: {error} (no --config: the default, relative to {}); pass the daemon's configuration \
+                 with --config, or run this where the daemon runs",
+                std::env::current_dir()
+                    .map_or_else(|_| "the working directory".to_owned(), |dir| dir.display().to_string())
+            ),
+            _ => eprintln!("exwatch: {error}"),
+        }
+        ExitCode::FAILURE
+    })
+}
+
 fn database_failure(error: crate::store::database::Error) -> ExitCode {
     eprintln!("exwatch: {error}");
     ExitCode::FAILURE
@@ -638,7 +659,7 @@ async fn migrate(args: ConfigArgs) -> anyhow::Result<ExitCode> {
 
 async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args.config)?;
-    let database = match connect(&config).await {
+    let database = match open_for_reading(&config, &args.config).await {
         Ok(database) => database,
         Err(code) => return Ok(code),
     };
@@ -686,7 +707,7 @@ async fn alerts_test(args: AlertsTestArgs) -> anyhow::Result<ExitCode> {
 
 async fn incidents(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args.config)?;
-    let database = match connect(&config).await {
+    let database = match open_for_reading(&config, &args.config).await {
         Ok(database) => database,
         Err(code) => return Ok(code),
     };
@@ -702,7 +723,7 @@ async fn incidents(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
 
 async fn incident_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args.config)?;
-    let database = match connect(&config).await {
+    let database = match open_for_reading(&config, &args.config).await {
         Ok(database) => database,
         Err(code) => return Ok(code),
     };

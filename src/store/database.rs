@@ -65,6 +65,14 @@ pub enum Error {
     /// Connected, but the migrations did not apply.
     #[error("cannot migrate the database at {target}: {reason}")]
     Migrate { target: String, reason: String },
+    /// A read-only command found no SQLite file where the configuration points: it never creates one.
+    #[error("no SQLite database at {path}: `database.sqlite_path` names a file that does not exist")]
+    Missing { path: String },
+    /// A read-only command found a database older than this binary: it never migrates one.
+    #[error(
+        "the database at {target} is at schema version {found}, this exwatch reads version {needed}; run `exwatch migrate` first"
+    )]
+    Outdated { target: String, found: i64, needed: i64 },
     /// The database stopped answering (connection lost, pool timed out): retry later.
     #[error("database unavailable: {0}")]
     Unavailable(String),
@@ -157,6 +165,43 @@ impl Database {
         Ok(database)
     }
 
+    /// Opens the configured database for reading only (`exwatch logs`, `incidents`): never creates the SQLite file
+    /// and never migrates; a missing file or an older schema is an error that says what to do.
+    pub async fn open_existing(config: &Config) -> Result<Database, Error> {
+        let database = match &config.url {
+            Some(url) => Database::connect_postgres(url).await?,
+            None => {
+                if !config.sqlite_path.is_file() {
+                    return Err(Error::Missing { path: config.sqlite_path.display().to_string() });
+                }
+                Database::open_sqlite(&config.sqlite_path, false).await?
+            }
+        };
+        let found = database.applied_version().await?;
+        let needed = database.schema_version();
+        if found < needed {
+            let target = database.target();
+            database.close().await;
+            return Err(Error::Outdated { target, found, needed });
+        }
+        Ok(database)
+    }
+
+    /// The newest migration applied to this database (0 for a database exwatch never migrated).
+    async fn applied_version(&self) -> Result<i64, Error> {
+        const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version DESC LIMIT 1";
+        let version: Result<Option<i64>, sqlx::Error> = match self {
+            Database::Postgres(pool) => sqlx::query_scalar(APPLIED).fetch_optional(pool).await,
+            Database::Sqlite(pool) => sqlx::query_scalar(APPLIED).fetch_optional(pool).await,
+        };
+        match version {
+            Ok(version) => Ok(version.unwrap_or(0)),
+            // No migrations table at all: a database exwatch never touched.
+            Err(sqlx::Error::Database(_)) => Ok(0),
+            Err(error) => Err(Error::Query(error.to_string())),
+        }
+    }
+
     async fn connect_postgres(url: &Secret) -> Result<Database, Error> {
         // url's parse errors are fixed phrases ("invalid port number"), never the input.
         let parsed = url::Url::parse(url.expose()).map_err(|error| Error::Connect {
@@ -189,15 +234,20 @@ impl Database {
     }
 
     async fn connect_sqlite(path: &Path) -> Result<Database, Error> {
-        let target = path.display().to_string();
         if let Some(parent) = path.parent().filter(|parent| !parent.as_os_str().is_empty()) {
             tokio::fs::create_dir_all(parent)
                 .await
-                .map_err(|error| Error::Connect { target: target.clone(), reason: error.to_string() })?;
+                .map_err(|error| Error::Connect { target: path.display().to_string(), reason: error.to_string() })?;
         }
+        Database::open_sqlite(path, true).await
+    }
+
+    /// The SQLite pool; `create` makes the file when it is missing (the daemon), never for readers.
+    async fn open_sqlite(path: &Path, create: bool) -> Result<Database, Error> {
+        let target = path.display().to_string();
         let options = SqliteConnectOptions::new()
             .filename(path)
-            .create_if_missing(true)
+            .create_if_missing(create)
             .journal_mode(SqliteJournalMode::Wal)
             // NORMAL is durable across application crashes in WAL mode; only a power loss can drop the last commits.
             .synchronous(SqliteSynchronous::Normal)

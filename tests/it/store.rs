@@ -576,6 +576,38 @@ async fn logs_and_incidents_commands_print_tables_and_json_from_sqlite() {
 }
 
 #[tokio::test]
+async fn read_only_commands_never_create_a_database_and_name_the_missing_file() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path();
+    let config = path.join("x.toml");
+    std::fs::write(&config, "[database]\nsqlite_path = \"state/exwatch.sqlite\"\n").unwrap();
+    let config = config.to_str().unwrap();
+    for arguments in [
+        vec!["logs", "--config", config],
+        vec!["incidents", "--config", config],
+        vec!["incidents", "report", "1", "--config", config],
+        vec!["logs"],
+    ] {
+        let (code, stdout, stderr) = exwatch(&arguments, path).await;
+        assert_eq!(code, Some(1), "{arguments:?}: {stdout}{stderr}");
+        let file = if arguments.len() > 1 { "state/exwatch.sqlite" } else { "exwatch.sqlite" };
+        assert!(stderr.contains(&format!("no SQLite database at {file}")), "{arguments:?}: {stderr}");
+        if arguments.len() > 1 {
+            assert!(stderr.contains("x.toml"), "the configuration it came from: {stderr}");
+        }
+        assert!(stdout.is_empty(), "{stdout}");
+    }
+    let created: Vec<_> = std::fs::read_dir(path).unwrap().map(|entry| entry.unwrap().file_name()).collect();
+    assert_eq!(created, ["x.toml"], "nothing but the configuration: no database file, no directory");
+
+    // A file exwatch never migrated is not migrated by a reader either: it says what to run.
+    std::fs::write(path.join("exwatch.sqlite"), b"").unwrap();
+    let (code, _, stderr) = exwatch(&["logs"], path).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("schema version 0") && stderr.contains("exwatch migrate"), "{stderr}");
+}
+
+#[tokio::test]
 async fn store_commands_exit_one_without_the_password_when_postgres_is_down_and_two_on_bad_arguments() {
     let directory = tempfile::tempdir().unwrap();
     let path = directory.path();
