@@ -13,6 +13,8 @@ usage: deploy-checks.py DEPLOY_DIR COMMAND [ARGS]
   dashboard-rules OUT         parses the Grafana dashboard, checks its panels, writes every query as a recording
                               rule to OUT (for `promtool check rules`: the queries must be valid PromQL)
   compose                     every file compose.yaml mounts exists
+  apply-order                 namespace.yaml, the Secret and the kustomization agree on the namespace, and the
+                              README documents applying them in that order
 Exits 1 with one line per problem.
 """
 import json
@@ -323,6 +325,34 @@ def dashboard_rules(deploy, out):
     print(f"grafana/exwatch.json: {len(ids)} panels, {len(queries)} queries")
 
 
+APPLY_ORDER = (
+    "kubectl apply -f deploy/kubernetes/namespace.yaml",
+    "kubectl apply -f ",  # the filled-in copy of secret.example.yaml
+    "kubectl apply -k deploy/kubernetes",
+)
+
+
+def apply_order(deploy):
+    """The Secret lives in the namespace the kustomization creates, so namespace.yaml is applied on its own first, then
+    the Secret, then the kustomization; the README says exactly that, in that order."""
+    directory = deploy / "kubernetes"
+    namespace = yaml.safe_load((directory / "kustomization.yaml").read_text()).get("namespace")
+    names = [d.get("metadata", {}).get("name") for d in load_all(directory / "namespace.yaml") if d.get("kind") == "Namespace"]
+    if names != [namespace]:
+        problem(f"namespace.yaml must hold exactly the Namespace {namespace!r} of kustomization.yaml, found {names}")
+    for document in load_all(directory / "secret.example.yaml"):
+        if document.get("metadata", {}).get("namespace") != namespace:
+            problem(f"secret.example.yaml must be in namespace {namespace!r}, the one namespace.yaml creates")
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    position = 0
+    for command in APPLY_ORDER:
+        found = readme.find(command, position)
+        if found < 0:
+            problem(f"README.md must document `{command}...` after the previous step (order: {' / '.join(APPLY_ORDER)})")
+            return
+        position = found + len(command)
+
+
 def compose(deploy):
     document = yaml.safe_load((deploy / "compose.yaml").read_text())
     for name, service in document.get("services", {}).items():
@@ -366,6 +396,8 @@ def main():
         dashboard_rules(deploy, arguments[0])
     elif command == "compose":
         compose(deploy)
+    elif command == "apply-order":
+        apply_order(deploy)
     else:
         print(__doc__, file=sys.stderr)
         return 2

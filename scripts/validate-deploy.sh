@@ -68,6 +68,22 @@ env -u EXWATCH_CONFIG "$EXWATCH_BIN" check-config --config "$scratch/exwatch.tom
   echo "FAILED: the ConfigMap's exwatch.toml" >&2; exit 1; }
 echo "exwatch check-config: ok"
 
+step "the apply order the README documents: namespace.yaml, then the Secret, then the kustomization"
+checks apply-order
+for manifest in namespace.yaml secret.example.yaml; do
+  "$VENV/bin/kubernetes-validate" --strict -k "$KUBERNETES_VERSION" "$DEPLOY/kubernetes/$manifest" | sort -u
+done
+# The example Secret's placeholder token must never start a daemon whose admin API anyone could guess.
+token=$("$PYTHON" -c 'import sys, yaml; print(next(yaml.safe_load_all(open(sys.argv[1])))["stringData"]["admin-token"])' \
+  "$DEPLOY/kubernetes/secret.example.yaml")
+if EXWATCH__ADMIN__TOKEN="$token" env -u EXWATCH_CONFIG "$EXWATCH_BIN" check-config --config "$scratch/exwatch.toml" \
+    > /dev/null 2> "$scratch/placeholder.err"; then
+  echo "FAILED: check-config accepted the example Secret's placeholder admin token" >&2; exit 1
+fi
+grep -q 'admin.token.*placeholder' "$scratch/placeholder.err" || {
+  cat "$scratch/placeholder.err"; echo "FAILED: check-config must name the placeholder admin token" >&2; exit 1; }
+echo "check-config refuses the example Secret's placeholder admin token: $(head -c 200 "$scratch/placeholder.err" | tr '\n' ' ')"
+
 step "promtool: config, rules (--lint-fatal), the PrometheusRule's spec, unit tests"
 promtool check config "$DEPLOY/prometheus/prometheus.yml"
 promtool check rules --lint-fatal "$DEPLOY"/prometheus/rules/*.yml

@@ -32,7 +32,7 @@ pub struct Config {
     /// How far back the diagnosis looks.
     #[serde(serialize_with = "crate::config::human_duration")]
     pub evidence_window: Duration,
-    /// The `runbook_url` annotation.
+    /// The `runbook_url` annotation (default: `server.external_url` + `/runbook`, the embedded docs/runbook.md).
     pub runbook_url: String,
     pub delivery: outbox::Config,
     pub sinks: Vec<sink::Config>,
@@ -44,7 +44,7 @@ impl Default for Config {
             down: rules::DownConfig::default(),
             slow: rules::SlowConfig::default(),
             evidence_window: Duration::from_secs(300),
-            runbook_url: "https://runbooks.example.com/exchange-api-failures".to_owned(),
+            runbook_url: format!("http://127.0.0.1:9750{}", crate::config::RUNBOOK_PATH),
             delivery: outbox::Config::default(),
             sinks: Vec::new(),
         }

@@ -49,6 +49,10 @@ pub struct Server {
     /// How long shutdown may take before exwatch exits anyway.
     #[serde(serialize_with = "human_duration")]
     pub shutdown_grace: Duration,
+    /// Where people reach this daemon (a Service or ingress URL): pages link back here, and the default
+    /// `alerts.runbook_url` is this URL's `/runbook`. Default: `http://` + `listen` (loopback for an unspecified
+    /// address).
+    pub external_url: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -199,6 +203,25 @@ pub(crate) fn optional_human_duration<S: serde::Serializer>(
         Some(duration) => human_duration(duration, serializer),
         None => serializer.serialize_none(),
     }
+}
+
+/// Where the daemon serves the operator runbook (`docs/runbook.md`, embedded), the default `alerts.runbook_url`.
+pub const RUNBOOK_PATH: &str = "/runbook";
+
+/// `http://` + the listen address, with loopback for an unspecified address (`0.0.0.0`, `::`).
+fn default_external_url(listen: SocketAddr) -> String {
+    let host = match listen.ip() {
+        ip if ip.is_unspecified() && ip.is_ipv4() => "127.0.0.1".to_owned(),
+        ip if ip.is_unspecified() => "[::1]".to_owned(),
+        std::net::IpAddr::V4(ip) => ip.to_string(),
+        std::net::IpAddr::V6(ip) => format!("[{ip}]"),
+    };
+    format!("http://{host}:{}", listen.port())
+}
+
+/// A value still holding a template's placeholder (`REPLACE_WITH_…` in deploy/kubernetes/secret.example.yaml).
+fn is_placeholder(value: &str) -> bool {
+    value.to_ascii_uppercase().contains("REPLACE_WITH")
 }
 
 /// The host name: `HOSTNAME` (set in every Kubernetes pod), else `/etc/hostname`, else `exwatch`.
@@ -485,7 +508,7 @@ impl Reader {
         }
     }
 
-    fn alerts(&mut self, root: &mut Table) -> alert::Config {
+    fn alerts(&mut self, root: &mut Table, external_url: &str) -> alert::Config {
         let defaults = alert::Config::default();
         let mut table = self.section(root, "alerts");
         let mut down_table = self.section(&mut table, "down");
@@ -518,7 +541,8 @@ impl Reader {
         };
         self.finish(slow_table);
         let evidence_window = self.duration(&mut table, "evidence_window", defaults.evidence_window);
-        let runbook_url = self.string(&mut table, "runbook_url").unwrap_or(defaults.runbook_url);
+        let runbook_url =
+            self.string(&mut table, "runbook_url").unwrap_or_else(|| format!("{external_url}{RUNBOOK_PATH}"));
         if url::Url::parse(&runbook_url).is_err() {
             let key = table.key("runbook_url");
             self.problem(&key, format!("invalid URL {runbook_url:?}"));
@@ -762,6 +786,17 @@ impl Reader {
         });
         let shutdown_grace = self.duration(&mut server, "shutdown_grace", Duration::from_secs(20));
         let instance = self.string(&mut server, "instance").unwrap_or_else(host_name);
+        let external_url = match self.string(&mut server, "external_url") {
+            Some(text) => match url::Url::parse(&text) {
+                Ok(url) if matches!(url.scheme(), "http" | "https") => text.trim_end_matches('/').to_owned(),
+                _ => {
+                    let key = server.key("external_url");
+                    self.problem(&key, format!("invalid URL {text:?}; expected http://host:port or https://host"));
+                    String::new()
+                }
+            },
+            None => default_external_url(listen),
+        };
         self.finish(server);
 
         let mut poll_table = self.section(&mut root, "poll");
@@ -786,7 +821,7 @@ impl Reader {
         let exchanges = self.exchanges(root.entries.remove("exchanges"));
         let breaker = self.breaker(&mut root);
         let rate_limit = self.rate_limit(&mut root);
-        let alerts = self.alerts(&mut root);
+        let alerts = self.alerts(&mut root, &external_url);
         // Each poll makes two public calls; a budget below that would throttle every poll and stall the loop.
         let needed = PUBLIC_CALLS_PER_POLL / poll.interval.as_secs_f64();
         if needed > rate_limit.public_per_second {
@@ -804,10 +839,16 @@ impl Reader {
 
         let mut admin = self.section(&mut root, "admin");
         let token = self.secret_or_file(&mut admin, "token");
-        if let Some(token) = &token
-            && token.expose().len() < 16
-        {
-            self.problem("admin.token", "must be at least 16 characters");
+        if let Some(token) = &token {
+            if token.expose().len() < 16 {
+                self.problem("admin.token", "must be at least 16 characters");
+            } else if is_placeholder(token.expose()) {
+                self.problem(
+                    "admin.token",
+                    "is still the placeholder of deploy/kubernetes/secret.example.yaml; generate one with \
+                     `openssl rand -hex 24`",
+                );
+            }
         }
         self.finish(admin);
 
@@ -826,7 +867,7 @@ impl Reader {
 
         self.finish(root);
         Config {
-            server: Server { listen, instance, shutdown_grace },
+            server: Server { listen, instance, shutdown_grace, external_url },
             poll,
             exchanges,
             breaker,
@@ -975,6 +1016,31 @@ mod tests {
         assert_eq!(kraken.base_url.as_str(), "https://api.kraken.com/");
         assert!(kraken.credentials.is_none());
         assert!(config.database.url.is_none() && config.admin.token.is_none());
+    }
+
+    #[test]
+    fn pages_link_to_the_runbook_served_at_the_external_url() {
+        let default = Config::default();
+        assert_eq!(default.server.external_url, "http://127.0.0.1:9750");
+        assert_eq!(default.alerts.runbook_url, "http://127.0.0.1:9750/runbook");
+
+        let config =
+            Config::from_toml("[server]\nlisten = \"0.0.0.0:9750\"\nexternal_url = \"https://exwatch.example.net/\"\n")
+                .unwrap();
+        assert_eq!(config.server.external_url, "https://exwatch.example.net");
+        assert_eq!(config.alerts.runbook_url, "https://exwatch.example.net/runbook");
+
+        let error = Config::from_toml("[server]\nexternal_url = \"exwatch:9750\"\n").unwrap_err().to_string();
+        assert!(error.contains("server.external_url"), "{error}");
+    }
+
+    #[test]
+    fn the_secret_templates_placeholder_admin_token_is_refused() {
+        let error = Config::from_toml("[admin]\ntoken = \"REPLACE_WITH_AT_LEAST_16_RANDOM_CHARACTERS\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("admin.token") && error.contains("placeholder"), "{error}");
+        assert!(!error.contains("REPLACE_WITH"), "the value is a secret and is never printed: {error}");
     }
 
     #[test]

@@ -62,7 +62,8 @@ pub fn router(state: State) -> axum::Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .route("/api/v1/status", get(status));
+        .route("/api/v1/status", get(status))
+        .route(crate::config::RUNBOOK_PATH, get(runbook));
     if state.admin_token.is_some() {
         router = router.merge(admin::routes(state.clone()));
     }
@@ -153,6 +154,14 @@ async fn metrics(Extract(state): Extract<State>) -> Response {
     }
 }
 
+/// The operator runbook (docs/runbook.md, embedded at build time), which every page's `runbook_url` points at by
+/// default, so the link in a page always leads to the runbook of the exwatch that sent it.
+async fn runbook() -> Response {
+    ([(header::CONTENT_TYPE, "text/markdown; charset=utf-8")], RUNBOOK).into_response()
+}
+
+const RUNBOOK: &str = include_str!("../docs/runbook.md");
+
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -193,6 +202,14 @@ mod tests {
         let (status, body) = get_path(router(state()), "/metrics").await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.contains("exwatch_build_info{version=\""), "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_runbook_pages_link_to_is_served() {
+        let (status, body) = get_path(router(state()), crate::config::RUNBOOK_PATH).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(body.starts_with("# Runbook: Exchange API Failures"), "{body}");
+        assert!(body.contains("### Scenario C: authentication"), "{body}");
     }
 
     #[tokio::test]

@@ -69,7 +69,9 @@ async fn a_two_minute_outage_gives_one_firing_and_one_resolved_notification_per_
         serde_json::json!({"alertname": "exchange_api_down", "severity": "critical", "exchange": "kraken", "service": "exwatch"})
     );
     assert_eq!(alert["annotations"]["scenario"], "maintenance");
-    assert_eq!(alert["annotations"]["runbook_url"], "https://runbooks.example.com/exchange-api-failures");
+    // The default runbook link: the runbook this daemon serves at its external URL.
+    let runbook_url = alert["annotations"]["runbook_url"].as_str().unwrap();
+    assert!(runbook_url.starts_with("http://127.0.0.1:") && runbook_url.ends_with("/runbook"), "{runbook_url}");
     assert!(alert["annotations"]["summary"].as_str().unwrap().contains("kraken"), "{alert}");
     let evidence = alert["annotations"]["evidence"].as_str().unwrap();
     assert!(evidence.contains("maintenance") && evidence.contains("failed"), "{evidence}");
