@@ -275,6 +275,9 @@ fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
 async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args)?;
     telemetry::init(&config.log)?;
+    for warning in config.warnings() {
+        tracing::warn!(warning = %warning, "Part of exwatch is off.");
+    }
     let app = App::build(config).await?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signals(cancel.clone()));
@@ -289,6 +292,9 @@ async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
 
 fn check_config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args)?;
+    for warning in config.warnings() {
+        eprintln!("exwatch: warning: {warning}");
+    }
     print!("{}", config.to_redacted_toml());
     Ok(ExitCode::SUCCESS)
 }
@@ -454,32 +460,70 @@ async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// One paragraph per exchange: up or down, SystemStatus, breaker, rate factor, then each alert with its evidence.
+/// One paragraph per exchange: up or down, SystemStatus, breaker, rate factor, a private-call pause, then each alert
+/// with its evidence. Times read as on a wall clock with how long ago ("since 07:12:03Z, 4m 10s"); what the daemon
+/// does not know yet is said in words, never `null`.
 fn render_status(answer: &serde_json::Value) -> String {
-    let text = |value: &serde_json::Value| value.as_str().map(str::to_owned).unwrap_or_else(|| value.to_string());
+    render_status_at(answer, chrono::Utc::now())
+}
+
+fn render_status_at(answer: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    let text = |value: &serde_json::Value, unknown: &str| match value {
+        serde_json::Value::Null => unknown.to_owned(),
+        serde_json::Value::String(text) => text.clone(),
+        other => other.to_string(),
+    };
     let mut output = String::new();
     for exchange in answer["exchanges"].as_array().into_iter().flatten() {
         let up = if exchange["up"].as_bool() == Some(true) { "UP" } else { "DOWN" };
         output.push_str(&format!(
             "{}: {up}; SystemStatus {}; breaker {}; rate factor {}\n",
-            text(&exchange["exchange"]),
-            text(&exchange["system_status"]),
-            text(&exchange["breaker"]["state"]),
-            text(&exchange["rate_limit"]["factor"]),
+            text(&exchange["exchange"], "?"),
+            text(&exchange["system_status"], "unknown (not read yet)"),
+            text(&exchange["breaker"]["state"], "unknown"),
+            text(&exchange["rate_limit"]["factor"], "unknown"),
         ));
+        if let Some(reason) = exchange["rate_limit"]["privatePauseReason"].as_str() {
+            let remaining = exchange["rate_limit"]["privatePausedForSeconds"]
+                .as_f64()
+                .map(|seconds| format!(" for {} more", human_seconds(seconds)))
+                .unwrap_or_default();
+            output.push_str(&format!("  private calls PAUSED{remaining}: {reason}\n"));
+        }
         for alert in exchange["active_alerts"].as_array().into_iter().flatten() {
             output.push_str(&format!(
                 "  FIRING {} ({}) since {}: scenario {}\n    {}\n    evidence: {}\n",
-                text(&alert["alertname"]),
-                text(&alert["severity"]),
-                text(&alert["since"]),
-                text(&alert["scenario"]),
-                text(&alert["description"]),
-                text(&alert["evidence"]),
+                text(&alert["alertname"], "?"),
+                text(&alert["severity"], "?"),
+                wall_clock_and_age(&alert["since"], now),
+                text(&alert["scenario"], "not diagnosed"),
+                text(&alert["description"], ""),
+                text(&alert["evidence"], "none"),
             ));
         }
     }
     output
+}
+
+/// "07:12:03Z, 4m 10s" (the date too when it is not today), from an RFC 3339 time.
+fn wall_clock_and_age(value: &serde_json::Value, now: chrono::DateTime<chrono::Utc>) -> String {
+    let Some(time) = value.as_str().and_then(|text| chrono::DateTime::parse_from_rfc3339(text).ok()) else {
+        return "an unknown time".to_owned();
+    };
+    // Whole seconds, so the age agrees with the clock shown.
+    let time = chrono::SubsecRound::trunc_subsecs(time.with_timezone(&chrono::Utc), 0);
+    let clock = if time.date_naive() == now.date_naive() {
+        time.format("%H:%M:%SZ").to_string()
+    } else {
+        time.format("%Y-%m-%d %H:%M:%SZ").to_string()
+    };
+    let age = (now - time).num_seconds().max(0);
+    format!("{clock}, {}", human_seconds(age as f64))
+}
+
+/// Whole seconds as humantime prints them ("4m 10s").
+fn human_seconds(seconds: f64) -> String {
+    humantime::format_duration(Duration::from_secs(seconds.max(0.0).round() as u64)).to_string()
 }
 
 async fn breaker(args: BreakerArgs) -> anyhow::Result<ExitCode> {
@@ -767,4 +811,41 @@ async fn wait_for_signal() -> std::io::Result<()> {
         _ = interrupt.recv() => {}
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_reads_as_words_with_wall_clock_times_and_ages() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-29T07:16:13Z").unwrap().with_timezone(&chrono::Utc);
+        let answer = serde_json::json!({"exchanges": [{
+            "exchange": "kraken", "up": false, "system_status": null,
+            "breaker": {"state": "OPEN"},
+            "rate_limit": {"factor": 1.0, "privatePauseReason": "2 consecutive invalid-key answers",
+                           "privatePausedForSeconds": 890},
+            "active_alerts": [{"alertname": "exchange_api_down", "severity": "critical",
+                               "since": "2026-11-29T07:12:03.123456789Z", "scenario": "authentication",
+                               "description": "Kraken rejects our key.", "evidence": "last 5m: 3 failed"}]
+        }]});
+        let text = render_status_at(&answer, now);
+        assert_eq!(
+            text,
+            "kraken: DOWN; SystemStatus unknown (not read yet); breaker OPEN; rate factor 1.0\n\
+             \x20 private calls PAUSED for 14m 50s more: 2 consecutive invalid-key answers\n\
+             \x20 FIRING exchange_api_down (critical) since 07:12:03Z, 4m 10s: scenario authentication\n\
+             \x20   Kraken rejects our key.\n\
+             \x20   evidence: last 5m: 3 failed\n"
+        );
+        assert!(!text.contains("null"), "{text}");
+    }
+
+    #[test]
+    fn status_names_the_day_of_an_alert_that_started_before_today() {
+        let now = chrono::DateTime::parse_from_rfc3339("2026-11-30T00:00:10Z").unwrap().with_timezone(&chrono::Utc);
+        let since = serde_json::json!("2026-11-29T23:59:00Z");
+        assert_eq!(wall_clock_and_age(&since, now), "2026-11-29 23:59:00Z, 1m 10s");
+        assert_eq!(wall_clock_and_age(&serde_json::Value::Null, now), "an unknown time");
+    }
 }

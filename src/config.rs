@@ -174,6 +174,32 @@ impl Config {
         if reader.problems.is_empty() { Ok(config) } else { Err(Error { problems: reader.problems }) }
     }
 
+    /// Settings that are valid but leave part of exwatch off, which a newcomer would not notice: `run` logs each at
+    /// WARN on start, `check-config` prints them to standard error.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.alerts.sinks.is_empty() {
+            warnings.push(
+                "no [[alerts.sinks]] configured: alerts are logged and shown by /api/v1/status and `exwatch status`, \
+                 but sent nowhere"
+                    .to_owned(),
+            );
+        }
+        if self.admin.token.is_none() {
+            warnings.push("admin.token is not set: the admin API (breaker and rate-limit controls) is off".to_owned());
+        }
+        for (index, view) in self.exchanges.iter().enumerate() {
+            if view.exchange.credentials.is_none() {
+                warnings.push(format!(
+                    "exchanges[{index}] ({}) has no api_key/api_secret: the private Balance call is not checked, so \
+                     authentication problems (Scenario C) go unseen",
+                    view.name
+                ));
+            }
+        }
+        warnings
+    }
+
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|error| format!("# cannot render configuration: {error}\n"))
@@ -1032,6 +1058,23 @@ mod tests {
 
         let error = Config::from_toml("[server]\nexternal_url = \"exwatch:9750\"\n").unwrap_err().to_string();
         assert!(error.contains("server.external_url"), "{error}");
+    }
+
+    #[test]
+    fn defaults_warn_that_alerts_go_nowhere_the_admin_api_is_off_and_balance_is_unchecked() {
+        let warnings = Config::default().warnings();
+        assert_eq!(warnings.len(), 3, "{warnings:#?}");
+        assert!(warnings[0].contains("no [[alerts.sinks]]") && warnings[0].contains("sent nowhere"), "{warnings:#?}");
+        assert!(warnings[1].contains("admin.token") && warnings[1].contains("off"), "{warnings:#?}");
+        assert!(warnings[2].contains("exchanges[0] (kraken)") && warnings[2].contains("Balance"), "{warnings:#?}");
+
+        let configured = Config::from_toml(
+            "[admin]\ntoken = \"0123456789abcdef0123\"\n[[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\n\
+             url = \"http://hooks.test/x\"\n[[exchanges]]\nname = \"kraken\"\napi_key = \"key\"\n\
+             api_secret = \"kQH5HW/8p1uGOVjbgWA7FunAmGO8lsSUXNsu3eow76sz84Q18fWxnyRzBHCd3pd5nE9qa99HAZtuZuj6F1huXg==\"\n",
+        )
+        .unwrap();
+        assert_eq!(configured.warnings(), Vec::<String>::new());
     }
 
     #[test]

@@ -127,7 +127,8 @@ async fn status(Extract(state): Extract<State>) -> Response {
                 "system_status": alerts.last_status().map(|status| status.as_text().to_owned()),
                 "breaker": {"state": breaker.state, "consecutiveFailures": breaker.consecutive_failures,
                             "failureRate": breaker.failure_rate, "notPermittedCalls": breaker.not_permitted_calls},
-                "rate_limit": {"factor": limiter.factor, "privatePauseReason": limiter.private_pause_reason},
+                "rate_limit": {"factor": limiter.factor, "privatePauseReason": limiter.private_pause_reason,
+                               "privatePausedForSeconds": limiter.private_paused_for.map(|left| left.as_secs())},
                 "active_alerts": active,
             })
         })
