@@ -35,7 +35,7 @@ pub struct App {
     connector: Option<Arc<Connector>>,
     outbox: alert::outbox::Outbox,
     /// Where the outbox's rows, the alert state and incident rows are written, with a database.
-    recorder: Option<store::alerts::Receiver>,
+    recorder: Option<store::alerts::Recorder>,
 }
 
 /// The run-time controls of one exchange, shared by its poll loop and the admin API.
@@ -75,10 +75,12 @@ impl App {
         let limiter_metrics = limiter::Metrics::new(&registry);
         let alert_metrics = alert::Metrics::new(&registry);
         // The outbox's rows, alert state and incident rows need the configured database; a test's sink has none.
-        let (recorder, recorder_receiver) = match sink {
+        let (recorder, mut recorder_receiver) = match sink {
             Some(_) => (None, None),
             None => {
-                let (handle, receiver) = store::alerts::channel();
+                let (handle, receiver) =
+                    store::alerts::channel(store::alerts::Config::from_database(&config.database), &registry)
+                        .context("cannot open the alert recorder's spool (database.spool_dir)")?;
                 (Some(handle), Some(receiver))
             }
         };
@@ -108,7 +110,18 @@ impl App {
                 // Connecting here runs the migrations before the first poll; when the database is down the daemon
                 // starts anyway, and the writer connects at its first chance while rows wait in memory and spool.
                 match connector.database().await {
-                    Ok(database) => restore_alerts(&database, &config.server.instance, &outbox, &controls).await,
+                    Ok(database) => {
+                        // What the previous run spooled while the database was away goes in before it is read.
+                        if let Some(recorder) = recorder_receiver.as_mut()
+                            && let Err(error) = recorder.replay(&database, &config.server.instance).await
+                        {
+                            tracing::error!(
+                                error = %error,
+                                "Cannot record the previous run's spooled alert writes yet; restoring without them."
+                            );
+                        }
+                        restore_alerts(&database, &config.server.instance, &outbox, &controls).await;
+                    }
                     Err(error) => tracing::error!(
                         error = %error,
                         "Database unavailable at start; call logs are kept until it answers, and alerts firing \
@@ -176,9 +189,11 @@ impl App {
         let recorder_stop = CancellationToken::new();
         let recorder_task = tokio::spawn({
             let (stop, instance) = (recorder_stop.clone(), config.server.instance.clone());
+            // It drains within an eighth of the grace, then spools the rest, inside the quarter it is given below.
+            let drain = config.server.shutdown_grace / 8;
             async move {
-                if let (Some(connector), Some(receiver)) = (connector, recorder) {
-                    store::alerts::run(connector, instance, receiver, stop).await;
+                if let (Some(connector), Some(recorder)) = (connector, recorder) {
+                    recorder.run(connector, instance, stop, drain).await;
                 }
             }
         });

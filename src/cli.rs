@@ -14,7 +14,7 @@ use crate::app::{self, App};
 use crate::config::Config;
 use crate::secret::Secret;
 use crate::simulator::{self, Scenario};
-use crate::store::{Database, report};
+use crate::store::{Database, replay, report};
 use crate::telemetry;
 use crate::{alert, breaker};
 
@@ -49,6 +49,38 @@ pub enum Command {
     Incidents(IncidentsArgs),
     /// Alert delivery: `alerts test` sends a test alert through every configured sink.
     Alerts(AlertsArgs),
+    /// A spool file (a quarantined one, typically): `spool inspect FILE` lists it, `spool replay FILE` writes it.
+    Spool(SpoolArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpoolArgs {
+    #[command(subcommand)]
+    pub action: SpoolAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SpoolAction {
+    /// List every line of a spool file (call rows, rejected rows, alert writes) and number the unreadable ones.
+    Inspect(SpoolInspectArgs),
+    /// Write a spool file's rows and alert writes to the configured database (idempotent); the file is left for
+    /// you to delete. Exit 1 if the database refused any or cannot be reached.
+    Replay(SpoolReplayArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct SpoolInspectArgs {
+    pub file: PathBuf,
+    /// One JSON array instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SpoolReplayArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    pub file: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -258,6 +290,8 @@ pub async fn execute(cli: Cli) -> ExitCode {
         }
         Command::Incidents(args) => incidents(args).await,
         Command::Alerts(AlertsArgs { action: AlertsAction::Test(args) }) => alerts_test(args).await,
+        Command::Spool(SpoolArgs { action: SpoolAction::Inspect(args) }) => spool_inspect(args),
+        Command::Spool(SpoolArgs { action: SpoolAction::Replay(args) }) => spool_replay(args).await,
     };
     match result {
         Ok(code) => code,
@@ -714,6 +748,49 @@ async fn logs(args: LogsArgs) -> anyhow::Result<ExitCode> {
     database.close().await;
     print!("{}", if args.json { to_json(&calls)? } else { report::render_calls(&calls) });
     Ok(ExitCode::SUCCESS)
+}
+
+fn spool_inspect(args: SpoolInspectArgs) -> anyhow::Result<ExitCode> {
+    let lines = match replay::inspect(&args.file) {
+        Ok(lines) => lines,
+        Err(error) => {
+            eprintln!("exwatch: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    print!("{}", if args.json { to_json(&lines)? } else { replay::render(&lines) });
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn spool_replay(args: SpoolReplayArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let lines = match replay::inspect(&args.file) {
+        Ok(lines) => lines,
+        Err(error) => {
+            eprintln!("exwatch: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let database = match connect(&config).await {
+        Ok(database) => database,
+        Err(code) => return Ok(code),
+    };
+    let replayed = replay::replay(&database, &config.server.instance, lines).await;
+    database.close().await;
+    let replayed = match replayed {
+        Ok(replayed) => replayed,
+        Err(error) => return Ok(database_failure(error)),
+    };
+    println!(
+        "Replayed {}: {} call rows, {} alert writes; {} refused{}; {} unreadable lines skipped.",
+        args.file.display(),
+        replayed.calls,
+        replayed.alert_writes,
+        replayed.refused,
+        replayed.first_refusal.as_deref().map(|reason| format!(" (first: {reason})")).unwrap_or_default(),
+        replayed.unreadable
+    );
+    Ok(if replayed.refused == 0 { ExitCode::SUCCESS } else { ExitCode::FAILURE })
 }
 
 async fn alerts_test(args: AlertsTestArgs) -> anyhow::Result<ExitCode> {

@@ -734,6 +734,7 @@ impl Reader {
         let batch_size = self.integer(&mut table, "batch_size", writer.batch_size as u32, (1, 10_000)) as usize;
         let flush_interval = self.duration(&mut table, "flush_interval", writer.flush_interval);
         let memory_rows = self.integer(&mut table, "memory_rows", writer.memory_rows as u32, (1, 10_000_000)) as usize;
+        let memory_bytes = self.big_integer(&mut table, "memory_bytes", writer.memory_bytes, (64 << 10, 1 << 40));
         let spool_dir = self.path(&mut table, "spool_dir", writer.spool_dir);
         let spool_max_bytes =
             self.big_integer(&mut table, "spool_max_bytes", writer.spool_max_bytes, (1 << 20, 1 << 40));
@@ -747,7 +748,14 @@ impl Reader {
             sqlite_path,
             retention,
             retention_interval,
-            writer: store::writer::Config { batch_size, flush_interval, memory_rows, spool_dir, spool_max_bytes },
+            writer: store::writer::Config {
+                batch_size,
+                flush_interval,
+                memory_rows,
+                memory_bytes,
+                spool_dir,
+                spool_max_bytes,
+            },
         }
     }
 

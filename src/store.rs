@@ -19,6 +19,7 @@ use crate::secret::Secret;
 pub mod alerts;
 pub mod connector;
 pub mod database;
+pub mod replay;
 pub mod report;
 pub mod spool;
 pub mod writer;
@@ -57,7 +58,9 @@ impl Default for Config {
 }
 
 /// One exchange call as logged: the runbook's columns (`provider`, `endpoint`, `success`, `response_time` in
-/// milliseconds, `error_message`, `created_at`) plus the evidence on-call needs.
+/// milliseconds, `error_message`, `created_at`) plus the evidence on-call needs. It is also the spool's line
+/// format, which outlives a process: optional fields default when missing and unknown fields are ignored, so
+/// spool files written by an older or newer version still read.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CallRecord {
     /// Unique per call, time-ordered (UUIDv7); the key that makes replays idempotent.
@@ -69,13 +72,18 @@ pub struct CallRecord {
     pub success: bool,
     /// Milliseconds from sending to the last byte (0 for calls the breaker refused).
     pub response_time: i64,
+    #[serde(default)]
     pub error_message: Option<String>,
+    #[serde(default)]
     pub http_status: Option<i32>,
     /// The taxonomy's class, or `not_permitted` for a call the breaker refused.
+    #[serde(default)]
     pub error_class: Option<String>,
     /// The exchange's own error strings, comma-separated, as sent.
+    #[serde(default)]
     pub exchange_error: Option<String>,
     /// Which replica wrote the row (its host name).
+    #[serde(default)]
     pub instance: String,
     pub created_at: DateTime<Utc>,
 }

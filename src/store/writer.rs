@@ -3,9 +3,10 @@
 //!
 //! [`Handle::push`] appends to an in-memory queue under a short lock and wakes the [`Writer`] task; it does no I/O
 //! and never awaits. The writer batches by size (`batch_size`) and by time (`flush_interval`) into multi-row
-//! inserts. While the database is unavailable it retries with exponential backoff and keeps accepting rows; past
-//! `memory_rows` it moves the oldest ones to the [`Spool`] on disk, so memory stays bounded and a long outage loses
-//! nothing. The order is an invariant: the batch being attempted is older than every spooled row, which are older
+//! inserts. While the database is unavailable it retries with exponential backoff and keeps accepting rows, and
+//! moves them to the fsync'd [`Spool`] on disk one flush interval after they came, so a crash during an outage loses
+//! at most that interval's rows; memory is also bounded by `memory_rows` and `memory_bytes` (past either, the oldest
+//! rows move to the spool), so rows with huge error texts cannot grow it either. The order is an invariant: the batch being attempted is older than every spooled row, which are older
 //! than every row in memory, so the writer always works spool first, then memory. Rows the database rejects go to
 //! the dead-letter file. A row is dropped only when memory and the spool are both full (or the spool cannot be
 //! written), and every drop is counted and logged.
@@ -24,7 +25,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::spool::{Spool, SpoolError};
+use super::spool::{Quarantined, Spool, SpoolError};
 use super::{CallRecord, Sink, WriteError};
 use crate::telemetry;
 
@@ -38,6 +39,9 @@ pub struct Config {
     pub flush_interval: Duration,
     /// Rows kept in memory before the oldest move to the spool.
     pub memory_rows: usize,
+    /// Bytes kept in memory (an estimate of the rows' size) before the oldest move to the spool: rows with long error
+    /// texts reach this bound long before `memory_rows`.
+    pub memory_bytes: u64,
     /// The spool's directory, created on first use.
     pub spool_dir: PathBuf,
     /// The spool's bound on disk; past it (and with memory full) new rows are dropped.
@@ -50,6 +54,7 @@ impl Default for Config {
             batch_size: 5000,
             flush_interval: Duration::from_secs(1),
             memory_rows: 10_000,
+            memory_bytes: 8 * 1024 * 1024,
             spool_dir: PathBuf::from("exwatch-spool"),
             spool_max_bytes: 256 * 1024 * 1024,
         }
@@ -110,9 +115,11 @@ pub struct Metrics {
     batch_rows: Histogram,
     batch_duration: Histogram,
     buffered: IntGauge,
+    buffered_bytes: IntGauge,
     spooled: IntGauge,
     dropped: IntCounterVec,
     rejected: IntCounter,
+    quarantined: IntCounter,
     write_errors: IntCounterVec,
     database_up: IntGauge,
 }
@@ -137,6 +144,11 @@ impl Metrics {
         let buffered =
             IntGauge::new("exwatch_store_buffered_rows", "Rows waiting in memory, the batch in flight included.")
                 .expect("valid metric definition");
+        let buffered_bytes = IntGauge::new(
+            "exwatch_store_buffered_bytes",
+            "Estimated size of the rows waiting in memory, the batch in flight included.",
+        )
+        .expect("valid metric definition");
         let spooled = IntGauge::new("exwatch_store_spooled_rows", "Rows waiting in the on-disk spool.")
             .expect("valid metric definition");
         let dropped = IntCounterVec::new(
@@ -147,6 +159,11 @@ impl Metrics {
         let rejected = IntCounter::new(
             "exwatch_store_rejected_rows_total",
             "Rows the database refused, set aside in the spool's rejected.jsonl.",
+        )
+        .expect("valid metric definition");
+        let quarantined = IntCounter::new(
+            "exwatch_store_spool_quarantined_files_total",
+            "Spool files moved aside into the spool's quarantine/ because they could not be read (wholly or in part).",
         )
         .expect("valid metric definition");
         let write_errors = IntCounterVec::new(
@@ -164,9 +181,11 @@ impl Metrics {
             batch_rows: telemetry::register(registry, batch_rows),
             batch_duration: telemetry::register(registry, batch_duration),
             buffered: telemetry::register(registry, buffered),
+            buffered_bytes: telemetry::register(registry, buffered_bytes),
             spooled: telemetry::register(registry, spooled),
             dropped: telemetry::register(registry, dropped),
             rejected: telemetry::register(registry, rejected),
+            quarantined: telemetry::register(registry, quarantined),
             write_errors: telemetry::register(registry, write_errors),
             database_up: telemetry::register(registry, database_up),
         };
@@ -229,6 +248,12 @@ impl Metrics {
         tracing::warn!(rows, reason = reason.as_str(), "Rows dropped before reaching the database.");
     }
 
+    /// A spool file moved aside: logged once, at ERROR, and counted.
+    fn file_quarantined(&self, file: &Quarantined) {
+        self.quarantined.inc();
+        file.log("call_log");
+    }
+
     fn spool_failed(&self, error: &SpoolError) {
         self.write_errors.with_label_values(&[SPOOL_ERROR_KIND]).inc();
         tracing::error!(%error, "Spool write failed; rows stay in memory.");
@@ -242,8 +267,9 @@ impl Metrics {
         tracing::info!(rows, bytes, dir = %dir.display(), "Rows spooled by an earlier run are written first.");
     }
 
-    fn levels(&self, buffered: usize, spooled: usize) {
+    fn levels(&self, buffered: usize, buffered_bytes: u64, spooled: usize) {
         self.buffered.set(buffered as i64);
+        self.buffered_bytes.set(i64::try_from(buffered_bytes).unwrap_or(i64::MAX));
         self.spooled.set(spooled as i64);
     }
 }
@@ -275,6 +301,12 @@ pub struct RunSummary {
 #[derive(Debug, Default)]
 struct Queue {
     rows: VecDeque<CallRecord>,
+    /// The rows' estimated size ([`row_bytes`]), bounded like their number.
+    bytes: u64,
+    /// When the oldest row in memory was pushed, at the latest: set when a push finds the queue empty, moved up
+    /// when the writer takes rows off the front. While the database is away, memory is spooled one flush interval
+    /// after this.
+    oldest_at: Option<Instant>,
     /// Set when the writer has stopped: later pushes are dropped and counted instead of piling up unseen.
     closed: bool,
     unreported_drops: [u64; DropReason::ALL.len()],
@@ -290,15 +322,45 @@ struct Shared {
     /// Memory's hard limit when the spool cannot take rows: the writer normally keeps memory at `memory_rows` by
     /// spooling, and this bounds memory when the disk fails.
     hard_limit: usize,
+    /// The same two bounds in bytes ([`row_bytes`]), the batch in flight from memory included.
+    memory_bytes: u64,
+    hard_limit_bytes: u64,
     /// Set by the writer when the spool refused an append for lack of room, cleared when it frees space.
     spool_full: AtomicBool,
     /// Memory rows taken into the batch in flight, counted as buffered.
     in_flight_from_memory: AtomicUsize,
+    in_flight_bytes: AtomicU64,
     spooled: AtomicUsize,
     database_up: AtomicBool,
     last_error: Mutex<Option<String>>,
     dropped: AtomicU64,
     metrics: Metrics,
+}
+
+impl Queue {
+    /// Takes up to `count` rows off the front. The rows left keep the older bound on when they were pushed.
+    fn take_front(&mut self, count: usize) -> Vec<CallRecord> {
+        let taken: Vec<CallRecord> = self.rows.drain(..count.min(self.rows.len())).collect();
+        self.bytes = self.bytes.saturating_sub(taken.iter().map(row_bytes).sum());
+        if self.rows.is_empty() {
+            self.bytes = 0;
+            self.oldest_at = None;
+        }
+        taken
+    }
+}
+
+/// A row's size in memory, estimated: the struct and its strings. Exact enough to bound memory, cheap enough for
+/// every push.
+pub fn row_bytes(row: &CallRecord) -> u64 {
+    let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+    (std::mem::size_of::<CallRecord>()
+        + row.provider.len()
+        + row.endpoint.len()
+        + row.instance.len()
+        + text(&row.error_message)
+        + text(&row.error_class)
+        + text(&row.exchange_error)) as u64
 }
 
 impl Shared {
@@ -308,6 +370,16 @@ impl Shared {
 
     fn buffered(&self, memory_rows: usize) -> usize {
         memory_rows + self.in_flight_from_memory.load(Ordering::Relaxed)
+    }
+
+    fn buffered_bytes(&self, memory_bytes: u64) -> u64 {
+        memory_bytes + self.in_flight_bytes.load(Ordering::Relaxed)
+    }
+
+    /// The batch in flight that came from memory (its rows still count as buffered), or none.
+    fn set_in_flight(&self, rows: usize, bytes: u64) {
+        self.in_flight_from_memory.store(rows, Ordering::Relaxed);
+        self.in_flight_bytes.store(bytes, Ordering::Relaxed);
     }
 
     /// Records drops under the queue lock; they are logged and counted by `report_drops`.
@@ -351,13 +423,16 @@ impl Handle {
     /// only when memory is full and the spool is full or failing, or the writer has stopped.
     pub fn push(&self, record: CallRecord) {
         let shared = &self.shared;
+        let bytes = row_bytes(&record);
         let mut queue = shared.queue();
         let length = queue.rows.len();
+        let held = shared.buffered_bytes(queue.bytes) + bytes;
+        let memory_full = length >= shared.memory_rows || held > shared.memory_bytes;
         let drop_reason = if queue.closed {
             Some(DropReason::WriterStopped)
-        } else if length >= shared.memory_rows && shared.spool_full.load(Ordering::Relaxed) {
+        } else if memory_full && shared.spool_full.load(Ordering::Relaxed) {
             Some(DropReason::BuffersFull)
-        } else if length >= shared.hard_limit {
+        } else if length >= shared.hard_limit || held > shared.hard_limit_bytes {
             Some(DropReason::SpoolUnavailable)
         } else {
             None
@@ -369,12 +444,15 @@ impl Handle {
             return;
         }
         queue.rows.push_back(record);
+        queue.bytes += bytes;
+        queue.oldest_at.get_or_insert_with(Instant::now);
         let length = length + 1;
         drop(queue);
         shared.metrics.buffered.set(shared.buffered(length) as i64);
+        shared.metrics.buffered_bytes.set(i64::try_from(held).unwrap_or(i64::MAX));
         // Wake the writer for what it acts on (a first row starts the flush timer, a full batch is written, an
         // overflow is spooled), not for every row.
-        if length == 1 || length >= shared.batch_size || length > shared.memory_rows {
+        if length == 1 || length >= shared.batch_size || memory_full {
             shared.wake.notify_one();
         }
     }
@@ -412,6 +490,10 @@ impl Pending {
         self.chunks.iter().map(Vec::len).sum()
     }
 
+    fn bytes(&self) -> u64 {
+        self.chunks.iter().flatten().map(row_bytes).sum()
+    }
+
     fn all_rows(&self) -> Vec<CallRecord> {
         self.chunks.iter().flatten().cloned().collect()
     }
@@ -432,6 +514,7 @@ struct SpoolLevels {
     rows: usize,
     bytes: u64,
     unreadable_lines: u64,
+    quarantined: Vec<Quarantined>,
 }
 
 /// The writer task. Create it with [`Writer::new`] and drive it with [`Writer::run`].
@@ -444,6 +527,8 @@ pub struct Writer {
     spool_bytes: u64,
     spool_retry_at: Option<Instant>,
     pending: Option<Pending>,
+    /// When the insert in flight started.
+    attempt_started: Option<Instant>,
     /// No attempt before this instant: the backoff after an unavailable database or an unreadable spool.
     retry_at: Option<Instant>,
     flush_deadline: Option<Instant>,
@@ -458,12 +543,15 @@ impl Writer {
     /// Fails only if the spool directory exists but cannot be read. It reads the spool's files to count their lines,
     /// so call it at start-up, before the poll loops run.
     pub fn new(config: Config, sink: Arc<dyn Sink>, metrics: Metrics) -> Result<(Writer, Handle), SpoolError> {
-        let mut spool = Spool::open(&config.spool_dir, config.spool_max_bytes)?;
+        let mut spool: Spool = Spool::open(&config.spool_dir, config.spool_max_bytes)?;
         let unreadable = spool.take_unreadable_lines();
+        for file in spool.take_quarantined() {
+            metrics.file_quarantined(&file);
+        }
         if !spool.is_empty() {
             metrics.spool_found(spool.len_rows(), spool.bytes(), spool.dir());
         }
-        metrics.levels(0, spool.len_rows());
+        metrics.levels(0, 0, spool.len_rows());
         let batch_size = config.batch_size.max(1);
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue::default()),
@@ -471,8 +559,11 @@ impl Writer {
             batch_size,
             memory_rows: config.memory_rows,
             hard_limit: config.memory_rows.saturating_mul(2).max(batch_size),
+            memory_bytes: config.memory_bytes,
+            hard_limit_bytes: config.memory_bytes.saturating_mul(2),
             spool_full: AtomicBool::new(false),
             in_flight_from_memory: AtomicUsize::new(0),
+            in_flight_bytes: AtomicU64::new(0),
             spooled: AtomicUsize::new(spool.len_rows()),
             database_up: AtomicBool::new(true),
             last_error: Mutex::new(None),
@@ -491,6 +582,7 @@ impl Writer {
             spool: Arc::new(Mutex::new(spool)),
             spool_retry_at: None,
             pending: None,
+            attempt_started: None,
             retry_at: None,
             flush_deadline: None,
             drain_deadline: None,
@@ -508,6 +600,7 @@ impl Writer {
         loop {
             self.shared.report_drops(false);
             self.spill_overflow().await;
+            self.spill_when_away().await;
             if self.drain_deadline.is_none() && cancel.is_cancelled() {
                 self.start_draining(grace);
             }
@@ -560,10 +653,7 @@ impl Writer {
     /// for cancellation and for the end of the grace period.
     async fn wait(&mut self, until: Option<Instant>, cancel: &CancellationToken, grace: Duration) {
         let draining = self.drain_deadline.is_some();
-        let deadline = match (until, self.drain_deadline) {
-            (Some(until), Some(drain)) => Some(until.min(drain)),
-            (until, drain) => until.or(drain),
-        };
+        let deadline = [until, self.drain_deadline, self.spill_due()].into_iter().flatten().min();
         tokio::select! {
             () = self.shared.wake.notified() => {}
             () = cancel.cancelled(), if !draining => self.start_draining(grace),
@@ -601,7 +691,7 @@ impl Writer {
             } else {
                 let deadline = *self.flush_deadline.get_or_insert(now + self.config.flush_interval);
                 if length >= self.config.batch_size || now >= deadline || self.drain_deadline.is_some() {
-                    let taken: Vec<CallRecord> = queue.rows.drain(..length.min(self.config.batch_size)).collect();
+                    let taken = queue.take_front(self.config.batch_size);
                     if queue.rows.is_empty() || now >= deadline {
                         self.flush_deadline = None;
                     }
@@ -613,8 +703,9 @@ impl Writer {
         };
         match rows {
             Some(rows) => {
-                self.shared.in_flight_from_memory.store(rows.len(), Ordering::Relaxed);
-                self.pending = Some(Pending { chunks: VecDeque::from([rows]), source: Source::Memory });
+                let pending = Pending { chunks: VecDeque::from([rows]), source: Source::Memory };
+                self.shared.set_in_flight(pending.rows(), pending.bytes());
+                self.pending = Some(pending);
                 true
             }
             None => {
@@ -639,15 +730,22 @@ impl Writer {
             (result, started.elapsed())
         };
         tokio::pin!(insert);
+        self.attempt_started = Some(Instant::now());
         let (result, duration) = loop {
             let draining = self.drain_deadline.is_some();
+            let spill_due = self.spill_due();
             tokio::select! {
                 outcome = &mut insert => break outcome,
                 () = self.shared.wake.notified() => self.spill_overflow().await,
+                () = sleep_until_or_forever(spill_due) => self.spill_when_away().await,
                 () = cancel.cancelled(), if !draining => self.start_draining(grace),
-                () = sleep_until_or_forever(self.drain_deadline) => return Attempt::OutOfTime,
+                () = sleep_until_or_forever(self.drain_deadline) => {
+                    self.attempt_started = None;
+                    return Attempt::OutOfTime;
+                }
             }
         };
+        self.attempt_started = None;
         match result {
             Ok(()) => {
                 let recovered = !self.shared.database_up.swap(true, Ordering::Relaxed);
@@ -721,8 +819,8 @@ impl Writer {
         }
         match source {
             Source::Memory => {
-                let remaining = self.pending.as_ref().map_or(0, Pending::rows);
-                self.shared.in_flight_from_memory.store(remaining, Ordering::Relaxed);
+                let remaining = self.pending.as_ref().map_or((0, 0), |pending| (pending.rows(), pending.bytes()));
+                self.shared.set_in_flight(remaining.0, remaining.1);
             }
             Source::Spool => {
                 let count = chunk.len();
@@ -735,15 +833,65 @@ impl Writer {
         self.publish_levels();
     }
 
-    /// Moves the oldest memory rows to the spool when memory holds more than `memory_rows`, down to `memory_rows`
-    /// less one batch, so each fsync carries a batch rather than a row. A batch in flight from memory goes to the
-    /// spool first (it is older than everything in memory), after which a success commits it there.
+    /// Moves the oldest memory rows to the spool when memory holds more than `memory_rows` or `memory_bytes`,
+    /// down to `memory_rows` less one batch and half of `memory_bytes`, so each fsync carries a batch rather than a
+    /// row.
     async fn spill_overflow(&mut self) {
-        let memory_rows = self.config.memory_rows;
-        let low_water = memory_rows.saturating_sub(self.config.batch_size);
-        if self.shared.queue().rows.len() <= memory_rows {
-            return;
+        let over = {
+            let queue = self.shared.queue();
+            queue.rows.len() > self.config.memory_rows
+                || self.shared.buffered_bytes(queue.bytes) > self.config.memory_bytes
+        };
+        if over {
+            let low_water = self.config.memory_rows.saturating_sub(self.config.batch_size);
+            self.spill(low_water, self.config.memory_bytes / 2).await;
         }
+    }
+
+    /// While the database is away, memory goes to the spool one flush interval after its oldest row was pushed,
+    /// so a crash loses at most that interval's rows. The database counts as away once an insert has failed as
+    /// unavailable, or an insert has been in flight for a whole flush interval (a hung connection).
+    async fn spill_when_away(&mut self) {
+        if self.spill_due().is_some_and(|due| Instant::now() >= due) {
+            self.spill(0, 0).await;
+        }
+    }
+
+    /// When memory is due to be spooled (see [`Writer::spill_when_away`]), or `None` while the database takes rows
+    /// or the spool cannot take them.
+    fn spill_due(&self) -> Option<Instant> {
+        if self.shared.spool_full.load(Ordering::Relaxed) {
+            return None;
+        }
+        let from_memory = self.pending.as_ref().is_some_and(|pending| pending.source == Source::Memory);
+        let oldest = self.shared.queue().oldest_at;
+        let due = if !self.shared.database_up.load(Ordering::Relaxed) {
+            if from_memory {
+                // The batch that failed was taken at its flush deadline: it is due now.
+                Instant::now()
+            } else {
+                oldest? + self.config.flush_interval
+            }
+        } else {
+            // While an insert is in flight, what memory holds waits for it one flush interval, no longer.
+            let started = self.attempt_started?;
+            let since = match oldest {
+                Some(oldest) => started.max(oldest),
+                None if from_memory => started,
+                None => return None,
+            };
+            since + self.config.flush_interval
+        };
+        Some(match self.spool_retry_at {
+            Some(retry_at) => due.max(retry_at),
+            None => due,
+        })
+    }
+
+    /// Moves memory's oldest rows to the spool until at most `keep_rows` and `keep_bytes` are left. A batch in
+    /// flight from memory goes to the spool first (it is older than everything in memory), after which a success
+    /// commits it there.
+    async fn spill(&mut self, keep_rows: usize, keep_bytes: u64) {
         if self.shared.spool_full.load(Ordering::Relaxed)
             || self.spool_retry_at.is_some_and(|retry_at| Instant::now() < retry_at)
         {
@@ -758,23 +906,33 @@ impl Writer {
             if let Some(pending) = self.pending.as_mut() {
                 pending.source = Source::Spool;
             }
-            self.shared.in_flight_from_memory.store(0, Ordering::Relaxed);
+            self.shared.set_in_flight(0, 0);
         }
         loop {
             let rows: Vec<CallRecord> = {
                 let queue = self.shared.queue();
-                let excess = queue.rows.len().saturating_sub(low_water);
-                if queue.rows.len() <= low_water || excess == 0 {
-                    break;
+                // The oldest rows, one batch at most, until what is left is within both bounds.
+                let (mut rows_left, mut bytes_left) = (queue.rows.len(), queue.bytes);
+                let mut chunk = Vec::new();
+                for row in &queue.rows {
+                    if (rows_left <= keep_rows && bytes_left <= keep_bytes) || chunk.len() >= self.config.batch_size {
+                        break;
+                    }
+                    rows_left -= 1;
+                    bytes_left = bytes_left.saturating_sub(row_bytes(row));
+                    chunk.push(row.clone());
                 }
-                queue.rows.iter().take(excess.min(self.config.batch_size)).cloned().collect()
+                chunk
             };
+            if rows.is_empty() {
+                break;
+            }
             let count = rows.len();
             if !self.append_to_spool(rows).await {
                 break;
             }
             // Only this task removes rows from the front of the queue, so the front is still these rows.
-            self.shared.queue().rows.drain(..count);
+            self.shared.queue().take_front(count);
         }
         self.publish_levels();
     }
@@ -812,6 +970,7 @@ impl Writer {
                 rows: spool.len_rows(),
                 bytes: spool.bytes(),
                 unreadable_lines: spool.take_unreadable_lines(),
+                quarantined: spool.take_quarantined(),
             };
             (result, levels)
         })
@@ -828,6 +987,9 @@ impl Writer {
         }
         self.spool_bytes = levels.bytes;
         self.shared.spooled.store(levels.rows, Ordering::Relaxed);
+        for file in &levels.quarantined {
+            self.shared.metrics.file_quarantined(file);
+        }
         if levels.unreadable_lines > 0 {
             Shared::note_drop(&mut self.shared.queue(), DropReason::UnreadableSpoolLine, levels.unreadable_lines);
             self.shared.report_drops(true);
@@ -836,8 +998,16 @@ impl Writer {
     }
 
     fn publish_levels(&self) {
-        let memory_rows = self.shared.queue().rows.len();
-        self.shared.metrics.levels(self.shared.buffered(memory_rows), self.shared.spooled.load(Ordering::Relaxed));
+        let (memory_rows, memory_bytes) = {
+            let queue = self.shared.queue();
+            (queue.rows.len(), queue.bytes)
+        };
+        let shared = &self.shared;
+        shared.metrics.levels(
+            shared.buffered(memory_rows),
+            shared.buffered_bytes(memory_bytes),
+            shared.spooled.load(Ordering::Relaxed),
+        );
     }
 
     /// Spools what is left (the batch in flight from memory first, then memory, in order) and closes the queue, so
@@ -847,11 +1017,12 @@ impl Writer {
             Some(pending) if pending.source == Source::Memory => pending.all_rows(),
             _ => Vec::new(),
         };
-        self.shared.in_flight_from_memory.store(0, Ordering::Relaxed);
+        self.shared.set_in_flight(0, 0);
         {
             let mut queue = self.shared.queue();
             queue.closed = true;
-            rows.extend(queue.rows.drain(..));
+            let length = queue.rows.len();
+            rows.extend(queue.take_front(length));
         }
         let mut remaining = VecDeque::from(rows);
         while !remaining.is_empty() {
@@ -908,8 +1079,8 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::store::spool::REJECTED_FILE;
-    use crate::store::spool::tests::{record, records, spool_files};
+    use crate::store::spool::tests::{json_lines, record, records, spool_files, write_spool_files};
+    use crate::store::spool::{QUARANTINE_DIR, REJECTED_FILE};
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq)]
     enum Mode {
@@ -1246,6 +1417,39 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_corrupt_line_and_an_unreadable_file_are_quarantined_and_the_rest_is_written() {
+        let temp = tempfile::tempdir().unwrap();
+        let config = config(temp.path());
+        let rows = records(0..6);
+        let mut corrupt = json_lines(&rows[..3]);
+        corrupt.insert(1, r#"{"id": "this is not a row"}"#.to_owned());
+        write_spool_files(
+            &config.spool_dir,
+            &[
+                ("spool-000001.jsonl", Some(corrupt)),
+                ("spool-000002.jsonl", None),
+                ("spool-000003.jsonl", Some(json_lines(&rows[3..]))),
+            ],
+        );
+        let sink = FakeSink::new(Mode::Up);
+        let running = start(config.clone(), sink.clone(), Duration::from_secs(2));
+        let newer = records(6..8);
+        for row in newer.clone() {
+            running.handle.push(row);
+        }
+        eventually("every readable row written", || sink.written().len() == 8).await;
+        let expected: Vec<Uuid> = rows.iter().chain(&newer).map(|row| row.id).collect();
+        assert_eq!(ids(&sink.written()), expected, "in order, the writer never stopped");
+        let quarantined = std::fs::read_dir(config.spool_dir.join(QUARANTINE_DIR)).unwrap().count();
+        assert_eq!(quarantined, 2, "both files moved aside");
+        assert!(spool_files(&config.spool_dir).is_empty());
+        assert_eq!(sample(&running.registry, "exwatch_store_spool_quarantined_files_total", &[]), 2.0);
+        let unreadable = [("reason", "unreadable_spool_line")];
+        assert_eq!(sample(&running.registry, "exwatch_store_dropped_rows_total", &unreadable), 1.0);
+        running.stop().await;
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn retries_back_off_exponentially_and_pushes_do_not_shorten_the_backoff() {
         let temp = tempfile::tempdir().unwrap();
         let sink = FakeSink::new(Mode::Unavailable);
@@ -1261,6 +1465,88 @@ mod tests {
         running.stop().await;
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn memory_stays_within_its_byte_bound_when_rows_carry_huge_error_texts() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = FakeSink::new(Mode::Hang);
+        let memory_bytes = 1 << 20;
+        let config = Config { memory_bytes, ..config(temp.path()) };
+        let running = start(config, sink.clone(), Duration::from_secs(1));
+        let huge = |number: i64| CallRecord { error_message: Some("E".repeat(100_000)), ..record(number) };
+        // The writer cannot run during the loop: past twice the byte bound, rows are dropped and counted.
+        for number in 0..100 {
+            running.handle.push(huge(number));
+        }
+        let buffered_bytes = || sample(&running.registry, "exwatch_store_buffered_bytes", &[]);
+        assert!(buffered_bytes() <= 2.0 * memory_bytes as f64, "{} bytes buffered", buffered_bytes());
+        let kept = running.handle.status().buffered;
+        assert!((15..=21).contains(&kept), "{kept} rows of 100 kB kept under a 2 MiB hard limit");
+        running.handle.shared.report_drops(true);
+        let unavailable = [("reason", "spool_unavailable")];
+        assert_eq!(sample(&running.registry, "exwatch_store_dropped_rows_total", &unavailable), (100 - kept) as f64);
+
+        // Given the chance, the writer spools down to the bound; later rows go the same way and none is dropped.
+        eventually("memory back within its byte bound", || buffered_bytes() <= memory_bytes as f64).await;
+        for round in 0..5 {
+            for number in 0..10 {
+                running.handle.push(huge(100 + round * 10 + number));
+            }
+            eventually("memory back within its byte bound", || buffered_bytes() <= memory_bytes as f64).await;
+        }
+        let status = running.handle.status();
+        assert_eq!(status.buffered + status.spooled, kept + 50, "nothing lost once the writer could run");
+        let summary = running.stop().await;
+        assert_eq!(summary.dropped, (100 - kept) as u64);
+        assert_eq!(summary.spooled_at_exit, kept + 50);
+    }
+
+    /// Pushes a row every 100 ms for `seconds` and checks after each push that memory holds only the rows of
+    /// the last `intervals` flush intervals (the rest is on disk, where a SIGKILL cannot take it).
+    async fn push_and_check_memory(running: &Running, seconds: i64, intervals: usize) -> Vec<CallRecord> {
+        let mut pushed = Vec::new();
+        for number in 0..seconds * 10 {
+            let row = record(number);
+            running.handle.push(row.clone());
+            pushed.push(row);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let status = running.handle.status();
+            assert!(status.buffered <= 10 * intervals + 1, "row {number}: {status:?}");
+            assert_eq!(status.buffered + status.spooled, pushed.len(), "row {number}: {status:?}");
+        }
+        pushed
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn while_the_database_is_away_rows_reach_the_spool_within_one_flush_interval() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = FakeSink::new(Mode::Unavailable);
+        // Memory could hold every row of the test: only the outage rule moves them to disk.
+        let config = Config { memory_rows: 10_000, flush_interval: Duration::from_secs(1), ..config(temp.path()) };
+        let running = start(config, sink.clone(), Duration::from_secs(2));
+        let pushed = push_and_check_memory(&running, 10, 1).await;
+        assert!(running.handle.status().spooled >= 85, "{:?}", running.handle.status());
+
+        sink.set(Mode::Up);
+        eventually("every row written", || sink.written().len() == pushed.len()).await;
+        assert_eq!(ids(&sink.written()), ids(&pushed), "once each, in order");
+        let summary = running.stop().await;
+        assert_eq!(summary, RunSummary { written: 100, rejected: 0, spooled_at_exit: 0, dropped: 0 });
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hung_insert_counts_as_an_outage_after_one_flush_interval() {
+        let temp = tempfile::tempdir().unwrap();
+        let sink = FakeSink::new(Mode::Hang);
+        let config = Config { memory_rows: 10_000, flush_interval: Duration::from_secs(1), ..config(temp.path()) };
+        let running = start(config, sink.clone(), Duration::from_secs(1));
+        // The batch in flight waited one interval for its flush and one for the hung insert.
+        push_and_check_memory(&running, 10, 2).await;
+        assert!(running.handle.status().spooled >= 75, "{:?}", running.handle.status());
+        assert_eq!(sink.attempts.load(Ordering::SeqCst), 1, "one insert, still hanging");
+        let summary = running.stop().await;
+        assert_eq!(summary.spooled_at_exit, 100);
+    }
+
     #[tokio::test]
     async fn metrics_are_exposed_from_the_start() {
         let registry = Registry::new();
@@ -1271,9 +1557,11 @@ mod tests {
             "exwatch_store_batch_rows_bucket",
             "exwatch_store_batch_duration_seconds_bucket",
             "exwatch_store_buffered_rows",
+            "exwatch_store_buffered_bytes",
             "exwatch_store_spooled_rows",
             "exwatch_store_dropped_rows_total{reason=\"buffers_full\"}",
             "exwatch_store_rejected_rows_total",
+            "exwatch_store_spool_quarantined_files_total",
             "exwatch_store_write_errors_total{kind=\"unavailable\"}",
             "exwatch_store_write_errors_total{kind=\"rejected\"}",
             "exwatch_store_write_errors_total{kind=\"spool\"}",

@@ -19,7 +19,7 @@ use crate::store::TestDatabase;
 const WAIT: Duration = Duration::from_secs(60);
 
 /// A daemon polling `base_url` every second, whose breaker waits 2 s in OPEN and whose deliveries retry fast.
-fn daemon_toml(base_url: &str, database: &str, sinks: &str) -> String {
+pub(crate) fn daemon_toml(base_url: &str, database: &str, sinks: &str) -> String {
     format!(
         "[server]\nlisten = \"127.0.0.1:0\"\ninstance = \"delivery-test\"\nshutdown_grace = \"5s\"\n\
          [poll]\ninterval = \"1s\"\ntimeout = \"800ms\"\n{FAST_RATE_LIMIT}\
@@ -30,7 +30,7 @@ fn daemon_toml(base_url: &str, database: &str, sinks: &str) -> String {
     )
 }
 
-fn webhook_sink(address: SocketAddr, path: &str) -> String {
+pub(crate) fn webhook_sink(address: SocketAddr, path: &str) -> String {
     format!("[[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"http://{address}{path}\"\n")
 }
 
@@ -149,13 +149,13 @@ async fn a_real_alertmanager_forwards_the_alert_and_later_its_resolve() {
 }
 
 /// The daemon binary running one configuration file; its address read from its first log lines.
-struct Daemon {
+pub(crate) struct Daemon {
     _process: Process,
     address: SocketAddr,
 }
 
 impl Daemon {
-    async fn start(config: &std::path::Path) -> Daemon {
+    pub(crate) async fn start(config: &std::path::Path) -> Daemon {
         let mut child = Command::new(env!("CARGO_BIN_EXE_exwatch"))
             .arg("run")
             .arg("--config")
@@ -182,14 +182,14 @@ impl Daemon {
         Daemon { _process: Process(child), address }
     }
 
-    async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+    pub(crate) async fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
         let url = format!("http://{}/metrics", self.address);
         let text = reqwest::get(url).await.unwrap().text().await.unwrap();
         metric(&text, name, labels).unwrap_or(0.0)
     }
 
     /// SIGKILL: no shutdown, nothing flushed.
-    async fn kill(mut self) {
+    pub(crate) async fn kill(mut self) {
         self._process.0.start_kill().unwrap();
         self._process.0.wait().await.unwrap();
     }
@@ -269,6 +269,6 @@ async fn killed_mid_incident_it_neither_pages_again_nor_forgets_to_resolve() {
     third.kill().await;
 }
 
-async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
+pub(crate) async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }

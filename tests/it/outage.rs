@@ -14,15 +14,21 @@ use crate::store::TestDatabase;
 
 const WAIT: Duration = Duration::from_secs(30);
 
-/// A migrated Postgres database of its own, the proxy in front of it, and a `[database]` section that goes through
-/// the proxy with small bounds, so an outage of a second or two fills memory and spools.
-async fn proxied_database(spool_dir: &std::path::Path) -> (store::Config, Database, Proxy, crate::store::Cleanup) {
+/// A migrated Postgres database of its own, the proxy in front of it, and the URL that goes through the proxy.
+pub(crate) async fn proxied_postgres() -> (url::Url, Database, Proxy, crate::store::Cleanup) {
     let (direct_config, cleanup) = TestDatabase::postgres_config().await;
     let direct = Database::connect(&direct_config).await.expect("the test database migrates");
     let mut url = url::Url::parse(direct_config.url.as_ref().unwrap().expose()).unwrap();
     let upstream: SocketAddr = format!("{}:{}", url.host_str().unwrap(), url.port().unwrap_or(5432)).parse().unwrap();
     let proxy = Proxy::start(upstream).await;
     url.set_port(Some(proxy.address.port())).unwrap();
+    (url, direct, proxy, cleanup)
+}
+
+/// [`proxied_postgres`] with a `[database]` section through the proxy with small bounds, so an outage of a second
+/// or two fills memory and spools.
+async fn proxied_database(spool_dir: &std::path::Path) -> (store::Config, Database, Proxy, crate::store::Cleanup) {
+    let (url, direct, proxy, cleanup) = proxied_postgres().await;
     let writer = writer::Config {
         batch_size: 5,
         flush_interval: Duration::from_millis(50),
