@@ -877,3 +877,67 @@ impl Database {
         ))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn recorder_config(dir: &std::path::Path) -> Config {
+        Config { flush_interval: Duration::from_secs(1), spool_dir: dir.join("alerts"), spool_max_bytes: 1 << 20 }
+    }
+
+    fn sample(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {
+        telemetry::sample(&telemetry::encode(registry).unwrap(), name, labels).unwrap_or(f64::NAN)
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_writes_and_counts_what_it_drops() {
+        let temp = tempfile::tempdir().unwrap();
+        let registry = Registry::new();
+        let (handle, _recorder) = channel(recorder_config(temp.path()), &registry).unwrap();
+        for number in 0..MAX_QUEUED_OPS + 5 {
+            handle.send(Op::OutboxDone { id: number.to_string() });
+        }
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_queue_depth", &[]), MAX_QUEUED_OPS as f64);
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_dropped_total", &[("reason", "queue_full")]), 5.0);
+    }
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_bytes_and_counts_what_it_drops() {
+        let temp = tempfile::tempdir().unwrap();
+        let registry = Registry::new();
+        let (handle, _recorder) = channel(recorder_config(temp.path()), &registry).unwrap();
+        let payload = "x".repeat(1 << 20);
+        for _ in 0..20 {
+            handle.send(Op::StatePut { exchange: "kraken".into(), alertname: "down".into(), payload: payload.clone() });
+        }
+        let depth = sample(&registry, "exwatch_alert_recorder_queue_depth", &[]);
+        assert_eq!(depth, 15.0, "16 MiB hold fifteen writes of a little over 1 MiB");
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_dropped_total", &[("reason", "queue_full")]), 5.0);
+    }
+
+    #[test]
+    fn only_answers_the_database_refused_are_permanent() {
+        assert!(is_permanent(&Error::Query("violates check constraint".into())));
+        assert!(!is_permanent(&Error::Unavailable("connection reset".into())));
+        assert!(!is_permanent(&Error::Connect { target: "db".into(), reason: "refused".into() }));
+        assert!(!is_permanent(&Error::Migrate { target: "db".into(), reason: "locked".into() }));
+    }
+
+    #[test]
+    fn spool_lines_round_trip_and_tolerate_missing_optional_fields() {
+        let op = Op::IncidentOpened {
+            provider: "kraken".into(),
+            alertname: "exchange_api_down".into(),
+            scenario: "network".into(),
+            at: Utc::now(),
+            first_error: None,
+        };
+        let line = Spooled { version: SPOOL_VERSION, queued_at_ms: 1, op };
+        let text = serde_json::to_string(&line).unwrap();
+        assert_eq!(serde_json::from_str::<Spooled>(&text).unwrap(), line);
+        let without = text.replace(",\"first_error\":null", "");
+        assert_ne!(without, text);
+        assert_eq!(serde_json::from_str::<Spooled>(&without).unwrap(), line);
+    }
+}
