@@ -18,3 +18,4 @@ mod prometheus;
 mod proxy;
 mod scenarios;
 mod store;
+mod supervision;
