@@ -30,22 +30,27 @@ fn exported_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// The `exwatch_…` metric names in `text`: a lowercase word starting with `exwatch_`, not part of a longer name or
-/// of a recording rule's `level:metric:operation`.
+/// The metric names in `text` that exwatch exports: its own `exwatch_…` and the standard `process_…` ones. A name is
+/// a lowercase word starting with one of the prefixes, not part of a longer name or of a recording rule's
+/// `level:metric:operation`.
 fn used_names(text: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
     let mut names = BTreeSet::new();
-    let mut from = 0;
-    while let Some(offset) = text[from..].find("exwatch_") {
-        let start = from + offset;
-        let joined = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || b"_:".contains(&bytes[start - 1]));
-        let end = text[start..]
-            .find(|character: char| !(character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_'))
-            .map_or(text.len(), |length| start + length);
-        if !joined {
-            names.insert(text[start..end].to_owned());
+    for prefix in ["exwatch_", "process_"] {
+        let mut from = 0;
+        while let Some(offset) = text[from..].find(prefix) {
+            let start = from + offset;
+            let joined = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || b"_:".contains(&bytes[start - 1]));
+            let end = text[start..]
+                .find(|character: char| {
+                    !(character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_')
+                })
+                .map_or(text.len(), |length| start + length);
+            if !joined {
+                names.insert(text[start..end].to_owned());
+            }
+            from = end.max(start + 1);
         }
-        from = end.max(start + 1);
     }
     names
 }
@@ -59,9 +64,14 @@ fn files_under(directory: &Path, files: &mut Vec<PathBuf>) {
 
 #[test]
 fn used_names_finds_metric_names_and_skips_longer_words() {
-    let text =
-        r#"rate(exwatch_exchange_calls_total{x="1"}[5m]) exwatch_up> EXWATCH__DB my_exwatch_x job:exwatch_y:sum"#;
-    assert_eq!(used_names(text), BTreeSet::from(["exwatch_exchange_calls_total".to_owned(), "exwatch_up".to_owned()]));
+    let text = r#"rate(exwatch_exchange_calls_total{x="1"}[5m]) exwatch_up> EXWATCH__DB my_exwatch_x job:exwatch_y:sum
+           process_open_fds{job="exwatch"} exwatch_process_x"#;
+    assert_eq!(
+        used_names(text),
+        BTreeSet::from(
+            ["exwatch_exchange_calls_total", "exwatch_process_x", "exwatch_up", "process_open_fds"].map(str::to_owned)
+        )
+    );
 }
 
 #[tokio::test]
@@ -105,6 +115,11 @@ async fn deploy_files_name_only_metrics_exwatch_exports() {
         checked.len() >= 20 && checked.contains("exwatch_exchange_call_duration_seconds_bucket"),
         "the scan found too few names to be looking at the dashboard and rules: {checked:?}"
     );
+    // The process metrics every exporter has are exported, and the dashboard shows them.
+    for name in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+        assert!(exported.contains(name), "/metrics has no {name}");
+        assert!(checked.contains(name), "deploy/ does not show {name}");
+    }
     assert!(unknown.is_empty(), "deploy/ names metrics exwatch does not export: {unknown:#?}\nexported: {exported:#?}");
     app.shutdown().await.expect("an orderly shutdown");
 }
