@@ -123,3 +123,89 @@ async fn deploy_files_name_only_metrics_exwatch_exports() {
     assert!(unknown.is_empty(), "deploy/ names metrics exwatch does not export: {unknown:#?}\nexported: {exported:#?}");
     app.shutdown().await.expect("an orderly shutdown");
 }
+
+/// The two paths of `exchange_api_slow`, exwatch's own rule and the backup rule in
+/// `deploy/prometheus/rules/exchange-alerts.yml`, fed one mixed series each: polls every 30 s, one in two
+/// succeeding and the other failing (the breaker stays closed). exwatch's rule gives the verdict; `promtool test
+/// rules` must find the backup rule giving the same one. Slow failures (timeouts) must not page; slow successes
+/// among fast failures must.
+#[tokio::test]
+async fn the_backup_slow_rule_agrees_with_exwatchs_own_on_mixed_series() {
+    use exwatch::alert::rules::{Change, PollResult, SlowConfig, SlowRule};
+
+    const POLLS: u32 = 20;
+    // (exchange, latency of the successful calls, latency of the failed ones), in seconds.
+    let cases = [("kraken", 1.0, 10.0), ("binance", 4.0, 0.1), ("bitstamp", 2.0, 2.0)];
+    let start = tokio::time::Instant::now();
+    let mut series = String::new();
+    let mut expected = String::new();
+    for (exchange, success, failure) in cases {
+        let mut rule = SlowRule::new(SlowConfig::default());
+        let mut fired = false;
+        let (mut successes, mut failures) = (vec![0_u32], vec![0_u32]);
+        for poll in 1..=POLLS {
+            let now = start + Duration::from_secs(30) * poll;
+            let result = if poll % 2 == 1 {
+                PollResult::Succeeded { latencies: vec![Duration::from_secs_f64(success)] }
+            } else {
+                PollResult::Failed
+            };
+            fired |= matches!(rule.observe(now, &result, false), Some(Change::Fire { .. }));
+            let (last_success, last_failure) = (*successes.last().unwrap(), *failures.last().unwrap());
+            successes.push(last_success + u32::from(poll % 2 == 1));
+            failures.push(last_failure + u32::from(poll % 2 == 0));
+        }
+        let values = |counts: &[u32], scale: f64| {
+            counts.iter().map(|count| format!("{}", f64::from(*count) * scale)).collect::<Vec<_>>().join(" ")
+        };
+        let labels = format!(r#"job="exwatch", instance="a:9750", exchange="{exchange}", endpoint="Ticker""#);
+        for (outcome, counts, latency) in [("success", &successes, success), ("failure", &failures, failure)] {
+            series += &format!(
+                "      - series: 'exwatch_exchange_call_duration_seconds_count{{{labels}, outcome=\"{outcome}\"}}'\n        values: '{}'\n\
+                 \x20     - series: 'exwatch_exchange_call_duration_seconds_sum{{{labels}, outcome=\"{outcome}\"}}'\n        values: '{}'\n",
+                values(counts, 1.0),
+                values(counts, latency)
+            );
+        }
+        let consecutive: Vec<&str> =
+            (0..=POLLS).map(|poll| if poll > 0 && poll % 2 == 0 { "1" } else { "0" }).collect();
+        series += &format!(
+            "      - series: 'exwatch_circuit_breaker_consecutive_failures{{job=\"exwatch\", instance=\"a:9750\", exchange=\"{exchange}\"}}'\n        values: '{}'\n\
+             \x20     - series: 'exwatch_circuit_breaker_state{{job=\"exwatch\", instance=\"a:9750\", exchange=\"{exchange}\", state=\"open\"}}'\n        values: '0x{POLLS}'\n",
+            consecutive.join(" ")
+        );
+        if fired {
+            expected += &format!(
+                "          - exp_labels: {{severity: warning, exchange: {exchange}, service: exwatch}}\n            exp_annotations:\n\
+                 \x20             summary: \"Exchange API Response Time Warning\"\n\
+                 \x20             description: \"{exchange} API response time elevated: {success}s on average over 5 minutes (Prometheus backup rule).\"\n\
+                 \x20             runbook_url: \"https://runbooks.example.com/exchange-api-failures\"\n"
+            );
+        }
+    }
+    assert!(expected.contains("binance") && !expected.contains("kraken"), "exwatch's own verdicts: {expected}");
+
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/rules/exchange-alerts.yml");
+    let exp_alerts = if expected.is_empty() { " []\n".to_owned() } else { format!("\n{expected}") };
+    let test = format!(
+        "rule_files: ['{}']\nevaluation_interval: 30s\ntests:\n  - interval: 30s\n    input_series:\n{series}\
+         \x20   alert_rule_test:\n      - eval_time: 10m\n        alertname: exchange_api_slow\n        exp_alerts:{exp_alerts}",
+        rules.display()
+    );
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("mixed.test.yml");
+    std::fs::write(&file, &test).unwrap();
+    let output = tokio::process::Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .await
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "the backup rule disagrees with exwatch's own:\n{}{}\n{test}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
