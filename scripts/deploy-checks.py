@@ -12,9 +12,16 @@ usage: deploy-checks.py DEPLOY_DIR COMMAND [ARGS]
   rule-tests                  every alert of deploy/prometheus/rules has a promtool test case
   dashboard-rules OUT         parses the Grafana dashboard, checks its panels, writes every query as a recording
                               rule to OUT (for `promtool check rules`: the queries must be valid PromQL)
-  compose                     every file compose.yaml mounts exists
+  compose                     every file compose.yaml mounts exists; no secrets (the stack runs as shipped)
   apply-order                 namespace.yaml, the Secret and the kustomization agree on the namespace, and the
                               README documents applying them in that order
+  compose-env SERVICE OUT     writes the EXWATCH__* environment of a compose service to OUT (defaults of ${VAR:-x}
+                              substituted), for `exwatch check-config`
+  alertmanager-compose-sync   alertmanager/compose.yml is alertmanager.yml with every receiver a webhook to the
+                              compose stack's receiver
+  alertmanager-compose-write  regenerates alertmanager/compose.yml from alertmanager.yml
+  receiver                    runs receiver/receiver.py on a free loopback port, posts an Alertmanager payload to it
+                              and checks that it prints the page and lists it on GET /
 Exits 1 with one line per problem.
 """
 import json
@@ -47,7 +54,9 @@ COVERAGE = [
     (r"alertmanager/alertmanager\.yml", "amtool check-config, amtool config routes test"),
     (r"grafana/exwatch\.json", "JSON, panels, promtool check rules on every query"),
     (r"grafana/provisioning/(datasources|dashboards)/[a-z-]+\.yml", "YAML, paths"),
-    (r"compose\.yaml", "check-jsonschema compose-spec, mounted files exist"),
+    (r"compose\.yaml", "check-jsonschema compose-spec, mounted files exist, check-config on exwatch's environment"),
+    (r"alertmanager/compose\.yml", "amtool check-config, routes tests, generated from alertmanager.yml"),
+    (r"receiver/receiver\.py", "runs it: a posted page is printed and listed"),
 ]
 
 
@@ -355,6 +364,8 @@ def apply_order(deploy):
 
 def compose(deploy):
     document = yaml.safe_load((deploy / "compose.yaml").read_text())
+    if "secrets" in document or any("secrets" in service for service in document.get("services", {}).values()):
+        problem("compose.yaml: the local stack must run as shipped, without secret files")
     for name, service in document.get("services", {}).items():
         for volume in service.get("volumes", []):
             source = volume.split(":")[0]
@@ -368,6 +379,99 @@ def compose(deploy):
                 problem(f"compose.yaml: service {name} builds from a Dockerfile that does not exist")
     for path in (deploy / "grafana" / "provisioning").rglob("*.yml"):
         yaml.safe_load(path.read_text())
+
+
+# The compose stack's webhook receiver (receiver/receiver.py), as Alertmanager reaches it on the compose network.
+COMPOSE_RECEIVER = "http://receiver:8080"
+
+
+def alertmanager_compose(deploy):
+    """alertmanager.yml with each receiver replaced by a webhook to the compose stack's receiver (path: its name)."""
+    config = yaml.safe_load((deploy / "alertmanager" / "alertmanager.yml").read_text())
+    config["receivers"] = [
+        {"name": receiver["name"],
+         "webhook_configs": [{"url": f"{COMPOSE_RECEIVER}/{receiver['name']}", "send_resolved": True}]}
+        for receiver in config["receivers"]
+    ]
+    return config
+
+
+def alertmanager_compose_write(deploy):
+    header = (
+        "# GENERATED from alertmanager.yml by `scripts/deploy-checks.py deploy alertmanager-compose-write`: the same\n"
+        "# routes, timings and inhibitions, with every receiver a webhook to the compose stack's receiver service\n"
+        "# (deploy/receiver/receiver.py), so `docker compose up` needs no secret files. Edit alertmanager.yml, not this.\n"
+    )
+    text = yaml.dump(alertmanager_compose(deploy), Dumper=BlockDumper, sort_keys=False, width=120, allow_unicode=True)
+    (deploy / "alertmanager" / "compose.yml").write_text(header + text)
+
+
+def alertmanager_compose_sync(deploy):
+    path = deploy / "alertmanager" / "compose.yml"
+    if not path.is_file() or yaml.safe_load(path.read_text()) != alertmanager_compose(deploy):
+        problem("alertmanager/compose.yml differs from alertmanager.yml; regenerate it with "
+                "`scripts/deploy-checks.py deploy alertmanager-compose-write`")
+    document = yaml.safe_load((deploy / "compose.yaml").read_text())
+    mounts = document["services"]["alertmanager"].get("volumes", [])
+    if "./alertmanager/compose.yml:/etc/alertmanager/alertmanager.yml:ro" not in mounts:
+        problem("compose.yaml: the alertmanager service must mount ./alertmanager/compose.yml as its configuration")
+
+
+def compose_env(deploy, service, out):
+    """The service's EXWATCH__* variables as compose sets them when the shell sets none: `${VAR:-default}` is the
+    default, `${VAR}` empty."""
+    document = yaml.safe_load((deploy / "compose.yaml").read_text())
+    environment = document["services"][service].get("environment", {})
+    lines = []
+    for key, value in environment.items():
+        value = re.sub(r"\$\{[A-Z0-9_]+(?::?-([^}]*))?\}", lambda match: match.group(1) or "", str(value))
+        if key.startswith("EXWATCH__"):
+            lines.append(f"{key}={value}")
+    pathlib.Path(out).write_text("".join(line + "\n" for line in lines))
+
+
+def receiver(deploy):
+    """Runs the receiver and posts one firing page to it, as Alertmanager would."""
+    import http.client
+    import subprocess
+    import urllib.request
+
+    process = subprocess.Popen([sys.executable, "-u", str(deploy / "receiver" / "receiver.py"), "--listen", "127.0.0.1:0"],
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        address = process.stdout.readline().strip().rpartition(" ")[2]
+        payload = {"version": "4", "receiver": "pager", "status": "firing", "alerts": [{
+            "status": "firing",
+            "labels": {"alertname": "exchange_api_down", "exchange": "kraken", "severity": "critical", "service": "exwatch"},
+            "annotations": {"summary": "Exchange API down: kraken", "scenario": "maintenance"}}]}
+        request = urllib.request.Request(f"http://{address}/pager", data=json.dumps(payload).encode(),
+                                         headers={"content-type": "application/json"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            if answer.status != 200:
+                problem(f"receiver/receiver.py: answered {answer.status} to a page")
+        line = process.stdout.readline().strip()
+        expected = ("PAGE pager: FIRING exchange_api_down exchange=kraken severity=critical: Exchange API down: kraken "
+                    "(scenario maintenance)")
+        if line != expected:
+            problem(f"receiver/receiver.py: printed {line!r}, expected {expected!r}")
+        with urllib.request.urlopen(f"http://{address}/", timeout=5) as answer:
+            listed = json.loads(answer.read())
+        if len(listed) != 1 or listed[0]["receiver"] != "pager" or listed[0]["alerts"] != payload["alerts"]:
+            problem(f"receiver/receiver.py: GET / lists {listed!r}")
+        # A body announced over 1 MiB is refused before it is read.
+        host, _, port = address.rpartition(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=5)
+        connection.putrequest("POST", "/pager")
+        connection.putheader("content-length", str((1 << 20) + 1))
+        connection.endheaders()
+        status = connection.getresponse().status
+        connection.close()
+        if status != 413:
+            problem(f"receiver/receiver.py: answered {status} to a body over 1 MiB, expected 413")
+        print(f"receiver/receiver.py: printed {line!r}")
+    finally:
+        process.terminate()
+        process.wait(timeout=5)
 
 
 def main():
@@ -398,6 +502,14 @@ def main():
         compose(deploy)
     elif command == "apply-order":
         apply_order(deploy)
+    elif command == "compose-env":
+        compose_env(deploy, arguments[0], arguments[1])
+    elif command == "alertmanager-compose-sync":
+        alertmanager_compose_sync(deploy)
+    elif command == "alertmanager-compose-write":
+        alertmanager_compose_write(deploy)
+    elif command == "receiver":
+        receiver(deploy)
     else:
         print(__doc__, file=sys.stderr)
         return 2

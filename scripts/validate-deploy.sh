@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Validates every file under deploy/ (and the Dockerfile) with the real tools, installing them if missing:
 # kubernetes-validate --strict (manifests; the CRDs are checked by promtool and deploy-checks.py instead),
-# promtool check config/rules and test rules, amtool check-config and route tests, hadolint, check-jsonschema
-# (compose spec), `exwatch check-config` on the ConfigMap's exwatch.toml, and scripts/deploy-checks.py for what no
-# tool checks (selectors, probes, security context, grace periods, PrometheusRule in sync, a test per alert,
-# dashboard queries). Any failure exits non-zero with the tool's own message.
+# promtool check config/rules and test rules, amtool check-config and route tests (the compose stack's Alertmanager
+# too), hadolint, check-jsonschema (compose spec), `exwatch check-config` on the ConfigMap's exwatch.toml and on the
+# compose daemons' environment, and scripts/deploy-checks.py for what no tool checks (selectors, probes, security
+# context, grace periods, PrometheusRule and the compose Alertmanager in sync, a test per alert, dashboard queries,
+# the compose receiver run once). Any failure exits non-zero with the tool's own message.
 #
 # usage: scripts/validate-deploy.sh [DEPLOY_DIR]      (default deploy/; a scratch copy works too)
 # Needs target/dist/exwatch (scripts/build-release.sh) or EXWATCH_BIN.
@@ -95,18 +96,21 @@ for test in "$DEPLOY"/prometheus/tests/*.test.yml; do
   promtool test rules "$test"
 done
 
-step "amtool: config and routes"
-amtool check-config "$DEPLOY/alertmanager/alertmanager.yml"
+step "amtool: config and routes (alertmanager.yml, and compose.yml generated from it for the local stack)"
+checks alertmanager-compose-sync
+for alertmanager in alertmanager.yml compose.yml; do
+amtool check-config "$DEPLOY/alertmanager/$alertmanager"
 route() { # expected receiver, then labels
   local expected=$1; shift
-  amtool config routes test --config.file="$DEPLOY/alertmanager/alertmanager.yml" --verify.receivers="$expected" "$@" \
-    2>/dev/null >/dev/null || { echo "FAILED: alert {$*} does not route to $expected" >&2; exit 1; }
-  echo "route {$*} -> $expected"
+  amtool config routes test --config.file="$DEPLOY/alertmanager/$alertmanager" --verify.receivers="$expected" "$@" \
+    2>/dev/null >/dev/null || { echo "FAILED: alert {$*} does not route to $expected ($alertmanager)" >&2; exit 1; }
+  echo "route {$*} -> $expected ($alertmanager)"
 }
 route pager alertname=exchange_api_down severity=critical exchange=kraken
 route chat alertname=exchange_api_slow severity=warning exchange=kraken
 route pager alertname=ExwatchDown severity=critical
 route chat alertname=ExwatchReplicaDown severity=warning instance=a:9750
+done
 "$PYTHON" - "$DEPLOY/alertmanager/alertmanager.yml" <<'PY'
 import sys, yaml
 config = yaml.safe_load(open(sys.argv[1]))
@@ -122,9 +126,17 @@ step "Grafana dashboard: JSON, panels, every query parsed by promtool"
 checks dashboard-rules "$scratch/dashboard-rules.yml"
 promtool check rules "$scratch/dashboard-rules.yml"
 
-step "compose.yaml: compose-spec schema, mounted files"
+step "compose.yaml: compose-spec schema, mounted files, no secret files, each daemon's environment, the receiver"
 "$VENV/bin/check-jsonschema" --builtin-schema vendor.compose-spec "$DEPLOY/compose.yaml"
 checks compose
+for service in exwatch exwatch-drill; do
+  checks compose-env "$service" "$scratch/$service.env"
+  mapfile -t variables < "$scratch/$service.env"
+  env -i PATH="$PATH" "${variables[@]}" "$EXWATCH_BIN" check-config > /dev/null || {
+    echo "FAILED: the environment of compose service $service" >&2; exit 1; }
+  echo "exwatch check-config with compose service $service's environment: ok"
+done
+checks receiver
 
 step "Dockerfile: hadolint, and it builds with scripts/build-release.sh (the command CI runs)"
 "$VENV/bin/hadolint" Dockerfile

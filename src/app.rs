@@ -2,8 +2,9 @@
 //! writer and its database connection, metrics and the listener (port 0 allowed); [`App::run`] runs the poll loops,
 //! the writer, retention and the HTTP server until the root token is cancelled, then shuts down in order: readiness
 //! goes 503, poll loops finish their current poll, the writer drains (what it cannot write in time goes to the
-//! spool for the next start), HTTP stops last. A poll loop that dies unexpectedly cancels the root token, so the
-//! process exits instead of running blind. The database being down never stops the daemon from starting.
+//! spool for the next start), HTTP stops last. A critical task (a poll loop, the writer, retention, delivery, the
+//! alert recorder) that dies fails readiness and cancels the root token ([`supervisor`]), so the process exits
+//! non-zero instead of running blind. The database being down never stops the daemon from starting.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -11,7 +12,6 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -22,6 +22,10 @@ use crate::poller::{self, Heartbeat, Poller};
 use crate::store::{self, Sink, connector::Connector, writer};
 use crate::telemetry;
 use crate::{alert, breaker};
+
+use self::supervisor::Supervisor;
+
+mod supervisor;
 
 pub struct App {
     config: Config,
@@ -169,39 +173,54 @@ impl App {
         self.listener.local_addr().unwrap_or(self.config.server.listen)
     }
 
-    /// Runs until `cancel` fires (a signal) or a poll loop dies. Returns an error in the second case.
+    /// Runs until `cancel` fires (a signal) or a critical task dies. Returns an error naming the task in the second
+    /// case (the binary exits 1).
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let App { config, listener, exchanges, state, metrics, writer, log, connector, outbox, recorder } = self;
         let address = listener.local_addr().context("listener has no local address")?;
 
+        // Every task but HTTP is critical: one that dies fails readiness and cancels `cancel` (supervisor.rs).
+        // The stages stop in order: poll loops (on `cancel` itself), then the writer, retention and delivery, then
+        // the recorder.
+        let mut tasks = Supervisor::new(cancel.clone(), state.readiness.clone());
+        let polling = tasks.stage(cancel.clone());
+        let draining = tasks.stage(CancellationToken::new());
+        let recording = tasks.stage(CancellationToken::new());
+
         // The writer outlives the poll loops: it stops only after they have, and gets half the grace to drain.
-        let writer_stop = CancellationToken::new();
-        let writer_task = tokio::spawn(writer.run(writer_stop.clone(), config.server.shutdown_grace / 2));
-        let retention_stop = CancellationToken::new();
-        let retention_task = tokio::spawn({
-            let (database, stop, connector) = (config.database.clone(), retention_stop.clone(), connector.clone());
-            async move {
-                if let Some(connector) = connector {
-                    retention(connector, database, stop).await;
-                }
-            }
+        let writer_stop = tasks.stop_token(draining);
+        tasks.spawn(draining, "call-log writer", async move {
+            let summary = writer.run(writer_stop, config.server.shutdown_grace / 2).await;
+            tracing::info!(
+                written = summary.written,
+                spooled_for_next_start = summary.spooled_at_exit,
+                dropped = summary.dropped,
+                "Call-log writer stopped."
+            );
+            Ok(())
         });
-        let recorder_stop = CancellationToken::new();
-        let recorder_task = tokio::spawn({
-            let (stop, instance) = (recorder_stop.clone(), config.server.instance.clone());
+        if let Some(connector) = connector.clone() {
+            let (database, stop) = (config.database.clone(), tasks.stop_token(draining));
+            tasks.spawn(draining, "retention", async move {
+                retention(connector, database, stop).await;
+                Ok(())
+            });
+        }
+        if let (Some(connector), Some(recorder)) = (connector, recorder) {
+            let (stop, instance) = (tasks.stop_token(recording), config.server.instance.clone());
             // It drains within an eighth of the grace, then spools the rest, inside the quarter it is given below.
             let drain = config.server.shutdown_grace / 8;
-            async move {
-                if let (Some(connector), Some(recorder)) = (connector, recorder) {
-                    recorder.run(connector, instance, stop, drain).await;
-                }
-            }
-        });
+            tasks.spawn(recording, "alert recorder", async move {
+                recorder.run(connector, instance, stop, drain).await;
+                Ok(())
+            });
+        }
         // Delivery outlives the poll loops too, so a resolve made by the last poll still goes out.
-        let outbox_stop = CancellationToken::new();
-        let outbox_task = tokio::spawn(outbox.run(outbox_stop.clone(), config.server.shutdown_grace / 4));
+        if outbox.target_count() > 0 {
+            let delivery = outbox.run(tasks.stop_token(draining), config.server.shutdown_grace / 4);
+            tasks.spawn(draining, "alert delivery", delivery);
+        }
 
-        let mut pollers = JoinSet::new();
         let context = poller::Context {
             config: config.poll.clone(),
             metrics,
@@ -209,12 +228,18 @@ impl App {
             log,
             instance: config.server.instance.clone(),
         };
+        let exchange_count = exchanges.len();
         for exchange in exchanges {
             let Some(control) = state.controls.get(exchange.name()) else {
                 anyhow::bail!("no controls for exchange {}", exchange.name());
             };
+            let name = format!("poll loop {}", exchange.name());
             let poller = Poller::new(exchange, context.clone(), control.clone());
-            pollers.spawn(poller.run(cancel.clone()));
+            let stop = cancel.clone();
+            tasks.spawn(polling, name, async move {
+                poller.run(stop).await;
+                Ok(())
+            });
         }
 
         let http_stop = CancellationToken::new();
@@ -224,54 +249,21 @@ impl App {
             async move { axum::serve(listener, router).with_graceful_shutdown(http_stop.cancelled_owned()).await }
         });
         state.readiness.set(true);
-        tracing::info!(%address, exchanges = pollers.len(), "exwatch is serving.");
+        tracing::info!(%address, exchanges = exchange_count, "exwatch is serving.");
 
-        // Wait for a signal, or for a poll loop to end on its own, which only a panic makes happen.
-        let mut failure = None;
-        tokio::select! {
-            biased;
-            () = cancel.cancelled() => {}
-            Some(joined) = pollers.join_next(), if !cancel.is_cancelled() => {
-                // A loop also ends when the token is cancelled between the two branches being polled.
-                let reason = match joined {
-                    Err(error) if error.is_panic() => Some("a poll loop panicked".to_owned()),
-                    Err(error) => Some(format!("a poll loop was aborted: {error}")),
-                    Ok(()) if cancel.is_cancelled() => None,
-                    Ok(()) => Some("a poll loop stopped unexpectedly".to_owned()),
-                };
-                if let Some(reason) = reason {
-                    tracing::error!(reason, "Critical task failed; shutting down.");
-                    failure = Some(reason);
-                }
-                cancel.cancel();
-            }
-        }
+        // Until a signal, or a critical task failing, cancels the root token.
+        tasks.watch().await;
 
         tracing::info!(grace = %humantime::format_duration(config.server.shutdown_grace), "Shutting down.");
         state.readiness.set(false);
-        let pollers_done = async { while pollers.join_next().await.is_some() {} };
-        if tokio::time::timeout(config.server.shutdown_grace / 2, pollers_done).await.is_err() {
-            // Dropping the set aborts the loops; their calls' rows so far are already with the writer.
-            tracing::warn!("Poll loops did not finish within half the grace period; stopping them.");
+        if !tasks.stop(polling, config.server.shutdown_grace / 2).await {
+            // Their calls' rows so far are already with the writer.
+            tracing::warn!("Poll loops did not finish within half the grace period; stopped them.");
         }
-        drop(pollers);
-        retention_stop.cancel();
-        writer_stop.cancel();
-        outbox_stop.cancel();
-        match writer_task.await {
-            Ok(summary) => tracing::info!(
-                written = summary.written,
-                spooled_for_next_start = summary.spooled_at_exit,
-                dropped = summary.dropped,
-                "Call-log writer stopped."
-            ),
-            Err(error) => tracing::error!(error = %error, "Call-log writer task failed."),
-        }
-        let _ = retention_task.await;
-        let _ = outbox_task.await;
+        // The writer and delivery bound their own drains (half and a quarter of the grace); this is a backstop.
+        tasks.stop(draining, config.server.shutdown_grace).await;
         // The recorder writes what delivery left (deliveries done, rows still owed) while the database answers.
-        recorder_stop.cancel();
-        if tokio::time::timeout(config.server.shutdown_grace / 4, recorder_task).await.is_err() {
+        if !tasks.stop(recording, config.server.shutdown_grace / 4).await {
             tracing::warn!("Alert writes did not finish in time; undelivered notifications may be sent again.");
         }
         http_stop.cancel();
@@ -281,10 +273,7 @@ impl App {
             Ok(Err(error)) => tracing::error!(error = %error, "HTTP server task failed."),
             Err(_) => tracing::warn!("HTTP server did not stop in time; exiting."),
         }
-        match failure {
-            Some(reason) => Err(anyhow::anyhow!(reason)),
-            None => Ok(()),
-        }
+        tasks.result()
     }
 }
 

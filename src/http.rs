@@ -40,10 +40,12 @@ pub struct State {
     pub log: Option<writer::Handle>,
 }
 
-/// Readiness: true from the moment the daemon serves until shutdown begins.
+/// Readiness: true from the moment the daemon serves until shutdown begins, or until a critical task fails.
 #[derive(Debug, Default)]
 pub struct Readiness {
     ready: AtomicBool,
+    /// Why a critical task failed; once set, the daemon is never ready again.
+    failure: std::sync::OnceLock<String>,
 }
 
 impl Readiness {
@@ -52,7 +54,16 @@ impl Readiness {
     }
 
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst) && self.failure.get().is_none()
+    }
+
+    /// A critical task failed: not ready from now on (the first reason is kept).
+    pub fn fail(&self, reason: &str) {
+        let _ = self.failure.set(reason.to_owned());
+    }
+
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
     }
 }
 
@@ -136,9 +147,12 @@ async fn status(Extract(state): Extract<State>) -> Response {
     (StatusCode::OK, Json(json!({"exchanges": exchanges}))).into_response()
 }
 
-/// 200 while serving, 503 once shutdown has begun so the load balancer stops sending traffic first.
+/// 200 while serving, 503 once shutdown has begun so the load balancer stops sending traffic first, and 503 with
+/// the reason once a critical task has failed.
 async fn ready(Extract(state): Extract<State>) -> Response {
-    if state.readiness.is_ready() {
+    if let Some(reason) = state.readiness.failure() {
+        (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "failed", "reason": reason}))).into_response()
+    } else if state.readiness.is_ready() {
         (StatusCode::OK, Json(json!({"status": "ready"}))).into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, Json(json!({"status": "shutting_down"}))).into_response()
@@ -196,6 +210,19 @@ mod tests {
         assert_eq!(get_path(router(state.clone()), "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
         state.readiness.set(true);
         assert_eq!(get_path(router(state.clone()), "/ready").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn ready_fails_with_the_reason_once_a_critical_task_failed() {
+        let state = state();
+        state.readiness.set(true);
+        state.readiness.fail("critical task writer panicked: boom");
+        let (status, body) = get_path(router(state.clone()), "/ready").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("\"status\":\"failed\"") && body.contains("writer panicked: boom"), "{body}");
+        // Readiness cannot be set back: the daemon is on its way out.
+        state.readiness.set(true);
+        assert_eq!(get_path(router(state), "/ready").await.0, StatusCode::SERVICE_UNAVAILABLE);
     }
 
     #[tokio::test]

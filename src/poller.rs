@@ -116,10 +116,10 @@ impl Metrics {
         let duration = HistogramVec::new(
             HistogramOpts::new(
                 "exwatch_exchange_call_duration_seconds",
-                "Latency of exchange API calls, failed ones included.",
+                "Latency of exchange API calls sent, by outcome (success or failure).",
             )
             .buckets(telemetry::LATENCY_BUCKETS.to_vec()),
-            &["exchange", "endpoint"],
+            &["exchange", "endpoint", "outcome"],
         )
         .expect("valid metric definition");
         let slow_calls = IntCounterVec::new(
@@ -175,7 +175,9 @@ impl Metrics {
     fn prepare(&self, exchange: &str, endpoints: &[Endpoint]) {
         for endpoint in endpoints {
             self.calls.with_label_values(&[exchange, endpoint.as_str(), "success", NO_ERROR]);
-            self.duration.with_label_values(&[exchange, endpoint.as_str()]);
+            for outcome in ["success", "failure"] {
+                self.duration.with_label_values(&[exchange, endpoint.as_str(), outcome]);
+            }
         }
         self.up.with_label_values(&[exchange]).set(0);
         self.ticks.with_label_values(&[exchange]);
@@ -193,7 +195,8 @@ impl Metrics {
     pub fn call(&self, exchange: &str, outcome: &Outcome<()>, slow_call_threshold: Duration) {
         let endpoint = outcome.endpoint.as_str();
         let latency_ms = outcome.latency.as_millis() as u64;
-        self.duration.with_label_values(&[exchange, endpoint]).observe(outcome.latency.as_secs_f64());
+        let label = if outcome.result.is_ok() { "success" } else { "failure" };
+        self.duration.with_label_values(&[exchange, endpoint, label]).observe(outcome.latency.as_secs_f64());
         match &outcome.result {
             Ok(()) => {
                 self.calls.with_label_values(&[exchange, endpoint, "success", NO_ERROR]).inc();

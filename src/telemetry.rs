@@ -1,6 +1,7 @@
 //! Telemetry plumbing: `tracing` initialisation (JSON for machines, pretty for a terminal) and the Prometheus
-//! registry every module registers its own metrics in. It defines no metric of its own except `exwatch_build_info`;
-//! each module owns its metrics and records them together with its log lines.
+//! registry every module registers its own metrics in. It defines no metric of its own except `exwatch_build_info`
+//! and, on Linux, the standard `process_*` metrics (memory, CPU, open file descriptors) every exporter has; each
+//! module owns its metrics and records them together with its log lines.
 
 use std::io::IsTerminal as _;
 
@@ -26,7 +27,8 @@ pub fn init(log: &Log) -> anyhow::Result<()> {
     result.map_err(|error| anyhow::anyhow!("cannot initialise logging: {error}"))
 }
 
-/// Creates the registry a daemon instance exposes on `/metrics`, with `exwatch_build_info` in it.
+/// Creates the registry a daemon instance exposes on `/metrics`, with `exwatch_build_info` and the process metrics
+/// in it.
 pub fn registry() -> Registry {
     let registry = Registry::new();
     let build_info = IntGaugeVec::new(
@@ -36,6 +38,12 @@ pub fn registry() -> Registry {
     .expect("valid metric definition");
     build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
     register(&registry, build_info);
+    // Read from /proc at scrape time: process_resident_memory_bytes, process_cpu_seconds_total, process_open_fds,
+    // process_max_fds, process_virtual_memory_bytes, process_start_time_seconds, process_threads.
+    #[cfg(target_os = "linux")]
+    registry
+        .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+        .expect("the process metrics are registered once per registry");
     registry
 }
 
@@ -68,3 +76,19 @@ pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 /// The latency buckets every exchange histogram uses. They include the runbook's thresholds: 3 s (slow alert)
 /// and 5 s ("Slow API response" warning), so both are exact in PromQL.
 pub const LATENCY_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 30.0];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_registry_exports_the_process_metrics() {
+        let text = encode(&registry()).unwrap();
+        for name in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+            let value = sample(&text, name, &[]).unwrap_or_else(|| panic!("no {name} in {text}"));
+            assert!(value >= 0.0, "{name} {value}");
+        }
+        assert!(sample(&text, "process_resident_memory_bytes", &[]).unwrap() > 0.0);
+    }
+}

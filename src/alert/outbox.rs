@@ -247,19 +247,29 @@ impl Outbox {
     }
 
     /// Delivers until `stop`; then keeps delivering what is queued for at most `drain` (what is left stays in
-    /// `alert_outbox` for the next start).
-    pub async fn run(self, stop: CancellationToken, drain: Duration) {
+    /// `alert_outbox` for the next start). A sink's loop that dies is an error (the others are stopped with it):
+    /// the daemon must not go on with one sink silently undelivered.
+    pub async fn run(self, stop: CancellationToken, drain: Duration) -> anyhow::Result<()> {
         let transports = self.shared.transports();
         let mut loops = tokio::task::JoinSet::new();
+        let mut sinks = BTreeMap::new();
         for (index, transport) in transports.into_iter().enumerate() {
-            loops.spawn(deliver(self.shared.clone(), index, transport, stop.clone(), drain));
+            let started = loops.spawn(deliver(self.shared.clone(), index, transport, stop.clone(), drain));
+            sinks.insert(started.id(), self.shared.targets[index].label.clone());
         }
-        while loops.join_next().await.is_some() {}
+        while let Some(joined) = loops.join_next().await {
+            if let Err(error) = joined {
+                // Returning drops `loops`, which stops the other sinks' loops.
+                let sink = sinks.get(&error.id()).map_or("?", String::as_str);
+                anyhow::bail!("the delivery loop of sink {sink} died: {error}");
+            }
+        }
         let left: usize = self.shared.lock().queues.iter().map(VecDeque::len).sum();
         if left > 0 {
             let durable = self.shared.recorder.is_some();
             tracing::warn!(left, durable, "Stopping with notifications undelivered.");
         }
+        Ok(())
     }
 }
 

@@ -214,13 +214,18 @@ async fn killed_mid_incident_it_neither_pages_again_nor_forgets_to_resolve() {
 
     // The outage pages once.
     let first = Daemon::start(&config).await;
+    record_outbox_deletions(&rows).await;
     simulator.set_scenario(Scenario::Maintenance);
     eventually(WAIT, "the firing webhook", || async { (!capture.webhooks("/hook").is_empty()).then_some(()) }).await;
     // Mid-incident: the firing is delivered and its delivery recorded (a crash between a delivery and its record
-    // is the one window in which a notification is sent twice: delivery is at least once).
+    // is the one window in which a notification is sent twice: delivery is at least once). Delivery does not wait
+    // for the recorder, so the firing can reach the receiver before its `alert_outbox` row is even written: an
+    // empty table does not tell "delivery recorded" from "not written yet" (killed then, the row is written just
+    // before the kill and sent again after the restart). The row's deletion, committed, is the record.
     eventually(WAIT, "the firing alert stored and its delivery recorded", || async {
-        let delivered = count(&rows, "SELECT COUNT(*) FROM alert_outbox").await == 0;
-        (delivered && count(&rows, firing_state).await == 1).then_some(())
+        let delivered = count(&rows, "SELECT COUNT(*) FROM test_outbox_deleted WHERE kind = 'firing'").await == 1;
+        let pending = count(&rows, "SELECT COUNT(*) FROM alert_outbox").await;
+        (delivered && pending == 0 && count(&rows, firing_state).await == 1).then_some(())
     })
     .await;
     first.kill().await;
@@ -267,6 +272,20 @@ async fn killed_mid_incident_it_neither_pages_again_nor_forgets_to_resolve() {
     })
     .await;
     third.kill().await;
+}
+
+/// Test instrumentation of the daemon's database (migrated by the first start): every `alert_outbox` row deleted,
+/// i.e. delivered, rejected or expired, is also written to `test_outbox_deleted` in the same transaction.
+async fn record_outbox_deletions(pool: &sqlx::PgPool) {
+    for statement in [
+        "CREATE TABLE test_outbox_deleted (id text NOT NULL, kind text NOT NULL)",
+        "CREATE FUNCTION test_outbox_deleted() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO test_outbox_deleted VALUES (OLD.id, OLD.kind); RETURN OLD; END $$",
+        "CREATE TRIGGER test_outbox_deleted AFTER DELETE ON alert_outbox \
+         FOR EACH ROW EXECUTE FUNCTION test_outbox_deleted()",
+    ] {
+        sqlx::query(statement).execute(pool).await.unwrap();
+    }
 }
 
 pub(crate) async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {

@@ -30,22 +30,27 @@ fn exported_names(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// The `exwatch_…` metric names in `text`: a lowercase word starting with `exwatch_`, not part of a longer name or
-/// of a recording rule's `level:metric:operation`.
+/// The metric names in `text` that exwatch exports: its own `exwatch_…` and the standard `process_…` ones. A name is
+/// a lowercase word starting with one of the prefixes, not part of a longer name or of a recording rule's
+/// `level:metric:operation`.
 fn used_names(text: &str) -> BTreeSet<String> {
     let bytes = text.as_bytes();
     let mut names = BTreeSet::new();
-    let mut from = 0;
-    while let Some(offset) = text[from..].find("exwatch_") {
-        let start = from + offset;
-        let joined = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || b"_:".contains(&bytes[start - 1]));
-        let end = text[start..]
-            .find(|character: char| !(character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_'))
-            .map_or(text.len(), |length| start + length);
-        if !joined {
-            names.insert(text[start..end].to_owned());
+    for prefix in ["exwatch_", "process_"] {
+        let mut from = 0;
+        while let Some(offset) = text[from..].find(prefix) {
+            let start = from + offset;
+            let joined = start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || b"_:".contains(&bytes[start - 1]));
+            let end = text[start..]
+                .find(|character: char| {
+                    !(character.is_ascii_lowercase() || character.is_ascii_digit() || character == '_')
+                })
+                .map_or(text.len(), |length| start + length);
+            if !joined {
+                names.insert(text[start..end].to_owned());
+            }
+            from = end.max(start + 1);
         }
-        from = end.max(start + 1);
     }
     names
 }
@@ -59,9 +64,14 @@ fn files_under(directory: &Path, files: &mut Vec<PathBuf>) {
 
 #[test]
 fn used_names_finds_metric_names_and_skips_longer_words() {
-    let text =
-        r#"rate(exwatch_exchange_calls_total{x="1"}[5m]) exwatch_up> EXWATCH__DB my_exwatch_x job:exwatch_y:sum"#;
-    assert_eq!(used_names(text), BTreeSet::from(["exwatch_exchange_calls_total".to_owned(), "exwatch_up".to_owned()]));
+    let text = r#"rate(exwatch_exchange_calls_total{x="1"}[5m]) exwatch_up> EXWATCH__DB my_exwatch_x job:exwatch_y:sum
+           process_open_fds{job="exwatch"} exwatch_process_x"#;
+    assert_eq!(
+        used_names(text),
+        BTreeSet::from(
+            ["exwatch_exchange_calls_total", "exwatch_process_x", "exwatch_up", "process_open_fds"].map(str::to_owned)
+        )
+    );
 }
 
 #[tokio::test]
@@ -105,6 +115,97 @@ async fn deploy_files_name_only_metrics_exwatch_exports() {
         checked.len() >= 20 && checked.contains("exwatch_exchange_call_duration_seconds_bucket"),
         "the scan found too few names to be looking at the dashboard and rules: {checked:?}"
     );
+    // The process metrics every exporter has are exported, and the dashboard shows them.
+    for name in ["process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds"] {
+        assert!(exported.contains(name), "/metrics has no {name}");
+        assert!(checked.contains(name), "deploy/ does not show {name}");
+    }
     assert!(unknown.is_empty(), "deploy/ names metrics exwatch does not export: {unknown:#?}\nexported: {exported:#?}");
     app.shutdown().await.expect("an orderly shutdown");
+}
+
+/// The two paths of `exchange_api_slow`, exwatch's own rule and the backup rule in
+/// `deploy/prometheus/rules/exchange-alerts.yml`, fed one mixed series each: polls every 30 s, one in two
+/// succeeding and the other failing (the breaker stays closed). exwatch's rule gives the verdict; `promtool test
+/// rules` must find the backup rule giving the same one. Slow failures (timeouts) must not page; slow successes
+/// among fast failures must.
+#[tokio::test]
+async fn the_backup_slow_rule_agrees_with_exwatchs_own_on_mixed_series() {
+    use exwatch::alert::rules::{Change, PollResult, SlowConfig, SlowRule};
+
+    const POLLS: u32 = 20;
+    // (exchange, latency of the successful calls, latency of the failed ones), in seconds.
+    let cases = [("kraken", 1.0, 10.0), ("binance", 4.0, 0.1), ("bitstamp", 2.0, 2.0)];
+    let start = tokio::time::Instant::now();
+    let mut series = String::new();
+    let mut expected = String::new();
+    for (exchange, success, failure) in cases {
+        let mut rule = SlowRule::new(SlowConfig::default());
+        let mut fired = false;
+        let (mut successes, mut failures) = (vec![0_u32], vec![0_u32]);
+        for poll in 1..=POLLS {
+            let now = start + Duration::from_secs(30) * poll;
+            let result = if poll % 2 == 1 {
+                PollResult::Succeeded { latencies: vec![Duration::from_secs_f64(success)] }
+            } else {
+                PollResult::Failed
+            };
+            fired |= matches!(rule.observe(now, &result, false), Some(Change::Fire { .. }));
+            let (last_success, last_failure) = (*successes.last().unwrap(), *failures.last().unwrap());
+            successes.push(last_success + u32::from(poll % 2 == 1));
+            failures.push(last_failure + u32::from(poll % 2 == 0));
+        }
+        let values = |counts: &[u32], scale: f64| {
+            counts.iter().map(|count| format!("{}", f64::from(*count) * scale)).collect::<Vec<_>>().join(" ")
+        };
+        let labels = format!(r#"job="exwatch", instance="a:9750", exchange="{exchange}", endpoint="Ticker""#);
+        for (outcome, counts, latency) in [("success", &successes, success), ("failure", &failures, failure)] {
+            series += &format!(
+                "      - series: 'exwatch_exchange_call_duration_seconds_count{{{labels}, outcome=\"{outcome}\"}}'\n        values: '{}'\n\
+                 \x20     - series: 'exwatch_exchange_call_duration_seconds_sum{{{labels}, outcome=\"{outcome}\"}}'\n        values: '{}'\n",
+                values(counts, 1.0),
+                values(counts, latency)
+            );
+        }
+        let consecutive: Vec<&str> =
+            (0..=POLLS).map(|poll| if poll > 0 && poll % 2 == 0 { "1" } else { "0" }).collect();
+        series += &format!(
+            "      - series: 'exwatch_circuit_breaker_consecutive_failures{{job=\"exwatch\", instance=\"a:9750\", exchange=\"{exchange}\"}}'\n        values: '{}'\n\
+             \x20     - series: 'exwatch_circuit_breaker_state{{job=\"exwatch\", instance=\"a:9750\", exchange=\"{exchange}\", state=\"open\"}}'\n        values: '0x{POLLS}'\n",
+            consecutive.join(" ")
+        );
+        if fired {
+            expected += &format!(
+                "          - exp_labels: {{severity: warning, exchange: {exchange}, service: exwatch}}\n            exp_annotations:\n\
+                 \x20             summary: \"Exchange API Response Time Warning\"\n\
+                 \x20             description: \"{exchange} API response time elevated: {success}s on average over 5 minutes (Prometheus backup rule).\"\n\
+                 \x20             runbook_url: \"https://runbooks.example.com/exchange-api-failures\"\n"
+            );
+        }
+    }
+    assert!(expected.contains("binance") && !expected.contains("kraken"), "exwatch's own verdicts: {expected}");
+
+    let rules = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/prometheus/rules/exchange-alerts.yml");
+    let exp_alerts = if expected.is_empty() { " []\n".to_owned() } else { format!("\n{expected}") };
+    let test = format!(
+        "rule_files: ['{}']\nevaluation_interval: 30s\ntests:\n  - interval: 30s\n    input_series:\n{series}\
+         \x20   alert_rule_test:\n      - eval_time: 10m\n        alertname: exchange_api_slow\n        exp_alerts:{exp_alerts}",
+        rules.display()
+    );
+    let directory = tempfile::tempdir().unwrap();
+    let file = directory.path().join("mixed.test.yml");
+    std::fs::write(&file, &test).unwrap();
+    let output = tokio::process::Command::new("promtool")
+        .arg("test")
+        .arg("rules")
+        .arg(&file)
+        .output()
+        .await
+        .expect("promtool is installed (Debian package `prometheus`; .ci/run installs it)");
+    assert!(
+        output.status.success(),
+        "the backup rule disagrees with exwatch's own:\n{}{}\n{test}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
 }

@@ -19,3 +19,4 @@ mod prometheus;
 mod proxy;
 mod scenarios;
 mod store;
+mod supervision;

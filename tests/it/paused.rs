@@ -36,19 +36,8 @@ impl PausedDaemon {
 
     /// Starts with `extra` appended to the configuration (alert sinks, say).
     pub(crate) async fn start_with(api_key: &str, extra: &str) -> PausedDaemon {
-        crate::helpers::install_tls_provider();
-        let options = simulator::Options {
-            api_key: exwatch::secret::Secret::new(api_key),
-            public_rate_limit: None,
-            ..simulator::Options::default()
-        };
-        let simulator = Simulator::in_memory(options).unwrap();
-        let config = Config::from_toml(&format!(
-            "[server]\nlisten = \"127.0.0.1:0\"\n[[exchanges]]\nname = \"kraken\"\napi_key = \"{api_key}\"\napi_secret = \"{SIMULATOR_API_SECRET}\"\n{extra}"
-        ))
-        .unwrap();
+        let (simulator, config, client) = in_memory_kraken(api_key, extra);
         assert_eq!(config.poll.interval, Duration::from_secs(30), "the default interval");
-        let client = Client::in_memory(&config.exchanges[0].exchange, config.poll.timeout, simulator.router()).unwrap();
         let log = Arc::new(MemorySink::default());
         let app = App::build_with_sink(config, vec![Arc::new(client)], Some(log.clone())).await.unwrap();
         let capture = Capture::default();
@@ -95,6 +84,24 @@ impl PausedDaemon {
         self.cancel.cancel();
         self.task.await.unwrap().unwrap();
     }
+}
+
+/// The in-memory simulator taking `api_key`, a configuration with default settings (and `extra`) watching it, and
+/// the real client joined to it in memory.
+pub(crate) fn in_memory_kraken(api_key: &str, extra: &str) -> (Simulator, Config, Client) {
+    crate::helpers::install_tls_provider();
+    let options = simulator::Options {
+        api_key: exwatch::secret::Secret::new(api_key),
+        public_rate_limit: None,
+        ..simulator::Options::default()
+    };
+    let simulator = Simulator::in_memory(options).unwrap();
+    let config = Config::from_toml(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\n[[exchanges]]\nname = \"kraken\"\napi_key = \"{api_key}\"\napi_secret = \"{SIMULATOR_API_SECRET}\"\n{extra}"
+    ))
+    .unwrap();
+    let client = Client::in_memory(&config.exchanges[0].exchange, config.poll.timeout, simulator.router()).unwrap();
+    (simulator, config, client)
 }
 
 /// Advances the paused clock to `at` after the daemon's start.
