@@ -1001,6 +1001,38 @@ mod tests {
         assert_eq!(receiver.seen(), [firing.clone(), firing]);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_held_resolve_lets_other_alerts_go_ahead_and_goes_once_no_replica_fires_it() {
+        let receiver = Receiver::default();
+        let registry = Registry::new();
+        let outbox = Outbox::new(&[webhook("ops")], Config::default(), &registry, None).unwrap();
+        outbox.deliver_in_memory(receiver.router());
+        outbox.resolve(resolved());
+        // A look after the resolve was queued: another replica still fires the alert.
+        let now = Instant::now();
+        let firing = BTreeSet::from([resolved().key()]);
+        outbox.shared.lock().peers = PeerView { enabled: true, firing, taken: Some(now), attempted: Some(now) };
+        let slow =
+            Alert { labels: BTreeMap::from([("alertname".to_owned(), "exchange_api_slow".to_owned())]), ..alert() };
+        outbox.fire(slow, "slow", None);
+        let stop = CancellationToken::new();
+        tokio::spawn(outbox.clone().run(stop.clone(), Duration::ZERO));
+        run_for(Duration::from_secs(5)).await;
+        assert_eq!(receiver.seen(), [("/ops".to_owned(), "firing".to_owned())], "the resolve waits, the firing not");
+        let gauge = |name: &str| {
+            let families = registry.gather();
+            let family = families.iter().find(|family| family.name() == name).unwrap();
+            family.get_metric()[0].get_gauge().get_value()
+        };
+        assert_eq!((gauge("exwatch_alert_outbox_held"), gauge("exwatch_alert_outbox_depth")), (1.0, 0.0));
+        // The other replica resolved too: the next look lets it go.
+        outbox.shared.lock().peers.firing.clear();
+        outbox.shared.wakers.iter().for_each(Notify::notify_one);
+        run_for(Duration::from_secs(1)).await;
+        assert_eq!(receiver.seen().len(), 2);
+        assert_eq!(receiver.seen()[1].1, "resolved");
+    }
+
     fn queued(kind: Kind, at: Instant) -> Entry {
         let alert = if kind == Kind::Resolved { resolved() } else { alert() };
         Entry { queued: at, ..Entry::new("id".to_owned(), kind, alert, at, true) }
