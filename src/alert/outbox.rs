@@ -912,13 +912,24 @@ mod tests {
             .sum()
     }
 
-    /// An outbox for `sinks` delivering to `receiver`, running until the returned token is cancelled.
-    fn started(sinks: &[sink::Config], receiver: &Receiver) -> (Outbox, Registry, CancellationToken) {
+    /// An outbox for `sinks` delivering to `receiver`, not yet running.
+    fn outbox(sinks: &[sink::Config], receiver: &Receiver) -> (Outbox, Registry) {
         let registry = Registry::new();
         let outbox = Outbox::new(sinks, Config::default(), &registry, None).unwrap();
         outbox.deliver_in_memory(receiver.router());
+        (outbox, registry)
+    }
+
+    /// Runs `outbox` until the returned token is cancelled.
+    fn start(outbox: &Outbox) -> CancellationToken {
         let stop = CancellationToken::new();
         tokio::spawn(outbox.clone().run(stop.clone(), Duration::ZERO));
+        stop
+    }
+
+    fn started(sinks: &[sink::Config], receiver: &Receiver) -> (Outbox, Registry, CancellationToken) {
+        let (outbox, registry) = outbox(sinks, receiver);
+        let stop = start(&outbox);
         (outbox, registry, stop)
     }
 
@@ -959,18 +970,14 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_restored_firing_goes_to_a_sink_added_since_and_to_none_that_had_it() {
         let receiver = Receiver::default();
-        let registry = Registry::new();
-        let sinks = [webhook("ops"), webhook("chat")];
-        let outbox = Outbox::new(&sinks, Config::default(), &registry, None).unwrap();
-        outbox.deliver_in_memory(receiver.router());
+        let (outbox, _registry) = outbox(&[webhook("ops"), webhook("chat")], &receiver);
         // The previous run had `ops` only, and `chat` at another URL under the same name would be new too.
         let ops = Target::all(&[webhook("ops")]).remove(0).identity();
         let stored = FiringState { alert: alert(), targets: Some(BTreeSet::from([ops])) };
         let legacy = FiringState { alert: Alert { labels: BTreeMap::new(), ..alert() }, targets: None };
         let restored = outbox.restore(vec![stored, legacy], Vec::new());
         assert_eq!(restored.len(), 2);
-        let stop = CancellationToken::new();
-        tokio::spawn(outbox.clone().run(stop.clone(), Duration::ZERO));
+        let _stop = start(&outbox);
         run_for(Duration::from_secs(5)).await;
         assert_eq!(receiver.seen(), [("/chat".to_owned(), "firing".to_owned())]);
     }
@@ -988,14 +995,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_firing_supersedes_a_resolve_of_the_same_alert_still_queued() {
         let receiver = Receiver::default();
-        let registry = Registry::new();
-        let outbox = Outbox::new(&[webhook("ops")], Config::default(), &registry, None).unwrap();
-        outbox.deliver_in_memory(receiver.router());
+        let (outbox, _registry) = outbox(&[webhook("ops")], &receiver);
         outbox.fire(alert(), "maintenance", None);
         outbox.resolve(resolved());
         outbox.fire(alert(), "maintenance", None);
-        let stop = CancellationToken::new();
-        tokio::spawn(outbox.clone().run(stop.clone(), Duration::ZERO));
+        let _stop = start(&outbox);
         run_for(Duration::from_secs(5)).await;
         let firing = ("/ops".to_owned(), "firing".to_owned());
         assert_eq!(receiver.seen(), [firing.clone(), firing]);
@@ -1004,9 +1008,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_held_resolve_lets_other_alerts_go_ahead_and_goes_once_no_replica_fires_it() {
         let receiver = Receiver::default();
-        let registry = Registry::new();
-        let outbox = Outbox::new(&[webhook("ops")], Config::default(), &registry, None).unwrap();
-        outbox.deliver_in_memory(receiver.router());
+        let (outbox, registry) = outbox(&[webhook("ops")], &receiver);
         outbox.resolve(resolved());
         // A look after the resolve was queued: another replica still fires the alert.
         let now = Instant::now();
@@ -1015,8 +1017,7 @@ mod tests {
         let slow =
             Alert { labels: BTreeMap::from([("alertname".to_owned(), "exchange_api_slow".to_owned())]), ..alert() };
         outbox.fire(slow, "slow", None);
-        let stop = CancellationToken::new();
-        tokio::spawn(outbox.clone().run(stop.clone(), Duration::ZERO));
+        let _stop = start(&outbox);
         run_for(Duration::from_secs(5)).await;
         assert_eq!(receiver.seen(), [("/ops".to_owned(), "firing".to_owned())], "the resolve waits, the firing not");
         let gauge = |name: &str| {
