@@ -107,6 +107,7 @@ route() { # expected receiver, then labels
   echo "route {$*} -> $expected ($alertmanager)"
 }
 route pager alertname=exchange_api_down severity=critical exchange=kraken
+route pager alertname=exchange_api_down severity=critical exchange=kraken service=exwatch
 route chat alertname=exchange_api_slow severity=warning exchange=kraken
 route pager alertname=ExwatchDown severity=critical
 route chat alertname=ExwatchReplicaDown severity=warning instance=a:9750
@@ -119,7 +120,13 @@ assert down and down[0].get("repeat_interval") == "2m", "exchange_api_down must 
 inhibit = [r for r in config.get("inhibit_rules", []) if 'alertname = "exchange_api_down"' in r.get("source_matchers", [])
            and 'alertname = "exchange_api_slow"' in r.get("target_matchers", []) and r.get("equal") == ["exchange"]]
 assert inhibit, "exchange_api_slow must be inhibited while exchange_api_down fires for the same exchange"
-print("exchange_api_down repeats every 2m; slow inhibited while down (equal: exchange)")
+# Both replicas send identical labels and hold their resolves for each other: one alert per exchange here, as long
+# as no route splits the replicas (or Prometheus's backup path) into groups of their own.
+for route in [config["route"]] + config["route"]["routes"]:
+    if any("exchange_api" in matcher for matcher in route.get("matchers", [])) or route is config["route"]:
+        group_by = route.get("group_by", config["route"]["group_by"])
+        assert group_by == ["alertname", "exchange"], f"exchange alerts must be grouped by [alertname, exchange], not {group_by}"
+print("exchange_api_down repeats every 2m; slow inhibited while down (equal: exchange); grouped by alertname, exchange")
 PY
 
 step "Grafana dashboard: JSON, panels, every query parsed by promtool"

@@ -111,6 +111,7 @@ impl App {
             Some(sink) => (sink, None),
             None => {
                 let connector = Connector::new(config.database.clone());
+                outbox.coordinate(connector.clone(), &config.server.instance);
                 // Connecting here runs the migrations before the first poll; when the database is down the daemon
                 // starts anyway, and the writer connects at its first chance while rows wait in memory and spool.
                 match connector.database().await {
@@ -297,11 +298,13 @@ async fn restore_alerts(
     };
     let firing = states
         .into_iter()
-        .filter_map(|(exchange, alertname, payload)| match serde_json::from_str(&payload) {
-            Ok(alert) => Some(alert),
-            Err(error) => {
-                tracing::error!(exchange, alertname, error = %error, "Unreadable stored alert state; ignoring it.");
-                None
+        .filter_map(|(exchange, alertname, payload)| {
+            match serde_json::from_str::<alert::outbox::FiringState>(&payload) {
+                Ok(alert) => Some(alert),
+                Err(error) => {
+                    tracing::error!(exchange, alertname, error = %error, "Unreadable stored alert state; ignoring it.");
+                    None
+                }
             }
         })
         .collect();

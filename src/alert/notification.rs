@@ -55,7 +55,7 @@ impl Alert {
 
     /// The alert's identity within one exwatch: `exchange/alertname`.
     pub fn key(&self) -> String {
-        format!("{}/{}", self.label("exchange"), self.label("alertname"))
+        key(self.label("exchange"), self.label("alertname"))
     }
 
     /// Alertmanager's fingerprint of the label set (FNV-1a 64 over the sorted names and values, each followed by
@@ -79,6 +79,11 @@ impl Alert {
         }
         format!("{hash:016x}")
     }
+}
+
+/// The identity of the alert `alertname` of `exchange` (as [`Alert::key`]), also for rows read back from the store.
+pub fn key(exchange: &str, alertname: &str) -> String {
+    format!("{exchange}/{alertname}")
 }
 
 fn wire_time(time: DateTime<Utc>) -> String {

@@ -12,7 +12,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, header::AUTHORIZATION};
 use chrono::{DateTime, Utc};
 use hmac::{Hmac, KeyInit, Mac};
 use serde::Serialize;
-use sha2::Sha256;
+use sha2::{Digest as _, Sha256};
 use url::Url;
 
 use crate::exchange::kraken::transport::{Request, Transport};
@@ -91,7 +91,7 @@ pub struct Target {
 }
 
 /// Why an attempt failed. `retry` is false when the receiver rejected the notification itself (400, 422):
-/// sending the same bytes again cannot succeed.
+/// sending the same bytes again succeeds only once the receiver changed (the outbox tries after a pause).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Failure {
     pub retry: bool,
@@ -113,6 +113,14 @@ impl Target {
             }
         }
         targets
+    }
+
+    /// What `alert_state` records a firing as queued for: the label and a short hash of the URL, so a sink whose
+    /// URL changed counts as new. The URL itself (often a credential) is never stored.
+    pub fn identity(&self) -> String {
+        let digest = Sha256::digest(self.url.as_str().as_bytes());
+        let hash: String = digest.iter().take(8).map(|byte| format!("{byte:02x}")).collect();
+        format!("{} {hash}", self.label)
     }
 
     /// Whether this target renews firing alerts, and how often.

@@ -867,6 +867,29 @@ impl Database {
         Ok(())
     }
 
+    /// Marks every alert this replica fires as still firing: the other replicas wait for fresh rows only.
+    pub async fn alert_state_renew(&self, instance: &str) -> Result<(), Error> {
+        execute!(self, "UPDATE alert_state SET updated_at_ms = ?2 WHERE instance = ?1", |query| query
+            .bind(instance)
+            .bind(now_ms()));
+        Ok(())
+    }
+
+    /// The alerts other replicas fire, renewed within `fresh_within`: `(exchange, alertname)`.
+    pub async fn alert_state_elsewhere(
+        &self,
+        instance: &str,
+        fresh_within: Duration,
+    ) -> Result<Vec<(String, String)>, Error> {
+        let since = now_ms().saturating_sub(i64::try_from(fresh_within.as_millis()).unwrap_or(i64::MAX));
+        Ok(fetch_all!(
+            self,
+            (String, String),
+            "SELECT DISTINCT exchange, alertname FROM alert_state WHERE instance <> ?1 AND updated_at_ms >= ?2",
+            |query| query.bind(instance).bind(since)
+        ))
+    }
+
     /// The alerts this replica had firing: `(exchange, alertname, payload)`.
     pub async fn alert_state(&self, instance: &str) -> Result<Vec<(String, String, String)>, Error> {
         Ok(fetch_all!(

@@ -73,43 +73,65 @@ fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-#[tokio::test]
-async fn a_real_alertmanager_forwards_the_alert_and_later_its_resolve() {
-    crate::helpers::install_tls_provider();
-    let binary = "prometheus-alertmanager";
-    let capture = Capture::default();
-    let (webhook, _stop) = capture.serve().await;
-    let directory = tempfile::tempdir().unwrap();
-    let config = format!(
-        "route:\n  receiver: capture\n  group_by: ['alertname', 'exchange']\n  group_wait: 1s\n  group_interval: 1s\n  \
+/// A real Alertmanager on a free loopback port (cluster off, 1 s group timings) sending every group's
+/// notifications, resolved ones included, to a capture webhook at `/am`; both stopped when dropped.
+struct Alertmanager {
+    _process: Process,
+    _directory: tempfile::TempDir,
+    _webhook: tokio_util::sync::DropGuard,
+    url: String,
+}
+
+impl Alertmanager {
+    async fn start() -> (Alertmanager, Capture) {
+        crate::helpers::install_tls_provider();
+        let capture = Capture::default();
+        let (webhook, stop) = capture.serve().await;
+        let binary = "prometheus-alertmanager";
+        let directory = tempfile::tempdir().unwrap();
+        let config = format!(
+            "route:\n  receiver: capture\n  group_by: ['alertname', 'exchange']\n  group_wait: 1s\n  group_interval: 1s\n  \
          repeat_interval: 1h\nreceivers:\n  - name: capture\n    webhook_configs:\n      - url: 'http://{webhook}/am'\n        \
          send_resolved: true\n"
-    );
-    std::fs::write(directory.path().join("alertmanager.yml"), config).unwrap();
-    let port = free_port();
-    let child = Command::new(binary)
-        .arg(format!("--config.file={}", directory.path().join("alertmanager.yml").display()))
-        .arg(format!("--storage.path={}", directory.path().join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg("--cluster.listen-address=")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap_or_else(|error| panic!("{binary} must be installed (scripts/test.sh installs it): {error}"));
-    let _alertmanager = Process(child);
-    let http = reqwest::Client::new();
-    let manager = format!("http://127.0.0.1:{port}");
-    eventually(WAIT, "Alertmanager ready", || async {
-        let ready = http.get(format!("{manager}/-/ready")).send().await.ok()?;
-        ready.status().is_success().then_some(())
-    })
-    .await;
+        );
+        std::fs::write(directory.path().join("alertmanager.yml"), config).unwrap();
+        let port = free_port();
+        let child = Command::new(binary)
+            .arg(format!("--config.file={}", directory.path().join("alertmanager.yml").display()))
+            .arg(format!("--storage.path={}", directory.path().join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg("--cluster.listen-address=")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap_or_else(|error| panic!("{binary} must be installed (scripts/test.sh installs it): {error}"));
+        let process = Process(child);
+        let http = reqwest::Client::new();
+        let url = format!("http://127.0.0.1:{port}");
+        eventually(WAIT, "Alertmanager ready", || async {
+            let ready = http.get(format!("{url}/-/ready")).send().await.ok()?;
+            ready.status().is_success().then_some(())
+        })
+        .await;
+        (Alertmanager { _process: process, _directory: directory, _webhook: stop.drop_guard(), url }, capture)
+    }
+
+    /// The `[[alerts.sinks]]` entry of an exwatch re-sending to it every second.
+    fn sink(&self) -> String {
+        format!(
+            "[[alerts.sinks]]\nkind = \"alertmanager\"\nname = \"am\"\nurls = [\"{}\"]\nresend_interval = \"1s\"\n",
+            self.url
+        )
+    }
+}
+
+#[tokio::test]
+async fn a_real_alertmanager_forwards_the_alert_and_later_its_resolve() {
+    let (alertmanager, capture) = Alertmanager::start().await;
 
     let simulator = start_simulator().await;
-    let sinks = format!(
-        "[[alerts.sinks]]\nkind = \"alertmanager\"\nname = \"am\"\nurls = [\"{manager}\"]\nresend_interval = \"1s\"\n"
-    );
+    let sinks = alertmanager.sink();
     let config = Config::from_toml(&daemon_toml(&simulator.base_url(), &scratch_database(), &sinks)).unwrap();
     let app = spawn_app(config).await;
     simulator.set_scenario(Scenario::Maintenance);
@@ -290,4 +312,105 @@ async fn record_outbox_deletions(pool: &sqlx::PgPool) {
 
 pub(crate) async fn count(pool: &sqlx::PgPool, sql: &'static str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+/// Two replicas, each polling its own simulator, share a Postgres database and one real Alertmanager. The
+/// exchange fails for both; replica 1 sees it recover first while replica 2 still sees it fail. Alertmanager must
+/// not take replica 1's recovery as the end of the alert (and then page again on replica 2's next re-send): the
+/// receiver gets exactly one firing and one resolved notification for the incident.
+#[tokio::test]
+async fn two_replicas_in_a_partial_failure_page_once_and_resolve_once_through_a_real_alertmanager() {
+    let (alertmanager, capture) = Alertmanager::start().await;
+    let (database, _cleanup) = TestDatabase::postgres_config().await;
+    let database_url = database.url.unwrap().expose().to_owned();
+    let directory = tempfile::tempdir().unwrap();
+    let simulators = [start_simulator().await, start_simulator().await];
+    let mut replicas = Vec::new();
+    for (number, simulator) in simulators.iter().enumerate() {
+        let spool = directory.path().join(format!("spool-{number}"));
+        let section = format!("[database]\nurl = \"{database_url}\"\nspool_dir = \"{}\"\n", spool.display());
+        let toml = daemon_toml(&simulator.base_url(), &section, &alertmanager.sink())
+            .replace("instance = \"delivery-test\"", &format!("instance = \"replica-{number}\""));
+        let config = directory.path().join(format!("replica-{number}.toml"));
+        std::fs::write(&config, toml).unwrap();
+        replicas.push(Daemon::start(&config).await);
+    }
+    let rows = sqlx::PgPool::connect(&database_url).await.unwrap();
+    let statuses = || capture.received().iter().map(|received| received.body["status"].clone()).collect::<Vec<_>>();
+
+    // Both replicas see the exchange fail: one alert (identical labels), one page.
+    simulators.iter().for_each(|simulator| simulator.set_scenario(Scenario::Maintenance));
+    eventually(WAIT, "the page from Alertmanager", || async { (statuses() == ["firing"]).then_some(()) }).await;
+    eventually(WAIT, "both replicas' firing alert stored", || async {
+        (count(&rows, "SELECT COUNT(*) FROM alert_state").await == 2).then_some(())
+    })
+    .await;
+
+    // Replica 1 sees the recovery and resolves; replica 2 still fails and keeps re-sending.
+    simulators[0].set_scenario(Scenario::Healthy);
+    let (am, down) = ([("sink", "am")], [("alertname", "exchange_api_down")]);
+    eventually(WAIT, "the alert resolved on replica 1", || async {
+        (replicas[0].metric("exwatch_alerts_firing", &down).await == 0.0).then_some(())
+    })
+    .await;
+    // A resolve that had gone out would have given a resolved notification and, on replica 2's next re-send, a
+    // second page by the time replica 2 has re-sent three more times (Alertmanager groups every second).
+    let sent = replicas[1].metric("exwatch_notifications_sent_total", &am).await;
+    eventually(WAIT, "three more re-sends from replica 2", || async {
+        (replicas[1].metric("exwatch_notifications_sent_total", &am).await >= sent + 3.0).then_some(())
+    })
+    .await;
+    assert_eq!(statuses(), ["firing"], "no resolve and no second page while replica 2 still fails");
+    assert_eq!(replicas[0].metric("exwatch_alert_outbox_held", &am).await, 1.0, "replica 1's resolve waits");
+    assert_eq!(replicas[0].metric("exwatch_alert_outbox_depth", &am).await, 0.0, "and is no delivery backlog");
+
+    // Replica 2 sees the recovery too: the last replica out ends the alert, and replica 1's resolve goes after.
+    simulators[1].set_scenario(Scenario::Healthy);
+    eventually(WAIT, "the resolved notification", || async { (statuses().len() == 2).then_some(()) }).await;
+    eventually(WAIT, "replica 1's held resolve delivered", || async {
+        let held = replicas[0].metric("exwatch_alert_outbox_held", &am).await;
+        let depth = replicas[0].metric("exwatch_alert_outbox_depth", &am).await;
+        (held == 0.0 && depth == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(statuses(), ["firing", "resolved"]);
+    assert_eq!(count(&rows, "SELECT COUNT(*) FROM alert_state").await, 0);
+}
+
+/// A sink added while an alert fires (and one whose URL changed) gets that firing after a restart; a sink that
+/// already had it gets nothing new.
+#[tokio::test]
+async fn a_sink_added_while_firing_gets_the_firing_after_a_restart_and_the_old_sink_nothing_new() {
+    let capture = Capture::default();
+    let (webhook, _stop) = capture.serve().await;
+    let simulator = start_simulator().await;
+    let database = scratch_database();
+    let sink =
+        |name: &str, path: &str| webhook_sink(webhook, path).replace("name = \"ops\"", &format!("name = \"{name}\""));
+    let before = format!("{}{}", sink("ops", "/ops"), sink("pager", "/pager"));
+    let config = Config::from_toml(&daemon_toml(&simulator.base_url(), &database, &before)).unwrap();
+    let app = spawn_app(config).await;
+    simulator.set_scenario(Scenario::Maintenance);
+    eventually(WAIT, "the firing at both sinks", || async {
+        (capture.webhooks("/ops").len() == 1 && capture.webhooks("/pager").len() == 1).then_some(())
+    })
+    .await;
+    app.shutdown().await.unwrap();
+
+    // Restarted mid-incident with `pager` moved to another URL and a new sink `chat`.
+    let after = format!("{}{}{}", sink("ops", "/ops"), sink("pager", "/pager-moved"), sink("chat", "/chat"));
+    let config = Config::from_toml(&daemon_toml(&simulator.base_url(), &database, &after)).unwrap();
+    let app = spawn_app(config).await;
+    let firing = vec![("firing".to_owned(), "exchange_api_down".to_owned())];
+    eventually(WAIT, "the firing at the moved and the new sink", || async {
+        (capture.webhooks("/chat") == firing && capture.webhooks("/pager-moved") == firing).then_some(())
+    })
+    .await;
+    assert_eq!(capture.webhooks("/ops"), firing, "the sink that had the firing gets nothing new");
+    assert_eq!(capture.webhooks("/pager"), firing, "nothing goes to the old URL");
+    let metrics = app.metrics().await;
+    assert_eq!(metric(&metrics, "exwatch_notifications_sent_total", &[("sink", "ops")]), Some(0.0));
+    assert_eq!(metric(&metrics, "exwatch_alert_outbox_depth", &[("sink", "ops")]), Some(0.0));
+    assert_eq!(metric(&metrics, "exwatch_alerts_firing", &[("alertname", "exchange_api_down")]), Some(1.0));
+    app.shutdown().await.unwrap();
 }
