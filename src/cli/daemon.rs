@@ -147,14 +147,14 @@ fn shown(url: &Url) -> String {
 
 /// No answer at all: nothing listening, no route, a timeout, TLS, or a reply that is not HTTP.
 fn unreachable_failure(shown: &str, error: &reqwest::Error) -> Failure {
-    let error = transport::classify_transport_error(error, TIMEOUT);
-    let message = match error.class {
+    let classified = transport::classify_transport_error(error, TIMEOUT);
+    let message = match classified.class {
         ErrorClass::Timeout => format!("no answer from {shown} within {}", humantime::format_duration(TIMEOUT)),
-        ErrorClass::BadResponse => format!("{shown} does not speak HTTP as exwatch does ({})", error.message),
-        _ if error.message.starts_with("connect failed") => {
-            format!("nothing answers at {shown} ({}): is the daemon running there?", error.message)
+        ErrorClass::BadResponse => format!("{shown} does not speak HTTP as exwatch does ({})", classified.message),
+        _ if error.is_connect() => {
+            format!("nothing answers at {shown} ({}): is the daemon running there?", classified.message)
         }
-        _ => format!("cannot talk to {shown} ({})", error.message),
+        _ => format!("cannot talk to {shown} ({})", classified.message),
     };
     Failure(message)
 }
