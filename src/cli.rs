@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+mod daemon;
+
 use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
@@ -17,6 +19,8 @@ use crate::simulator::{self, Scenario};
 use crate::store::{Database, replay, report};
 use crate::telemetry;
 use crate::{alert, breaker};
+
+use self::daemon::Field;
 
 #[derive(Debug, Parser)]
 #[command(name = "exwatch", version, about = "Watches exchange APIs (Kraken first) and pages on-call when they fail")]
@@ -187,6 +191,20 @@ pub struct SimulateArgs {
     /// Turn off the per-IP public rate limit (about 1 call/s with a burst, like Kraken's).
     #[arg(long)]
     pub no_public_rate_limit: bool,
+    /// Where the `redirect_*` scenarios point (path and query kept); default http://redirected.invalid.
+    #[arg(long, value_parser = simulator::parse_redirect_to)]
+    pub redirect_to: Option<url::Url>,
+}
+
+/// `--scenario` lists every scenario in `--help` and in its error.
+impl clap::ValueEnum for Scenario {
+    fn value_variants<'a>() -> &'a [Self] {
+        &Scenario::ALL
+    }
+
+    fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
+        Some(clap::builder::PossibleValue::new(self.as_str()))
+    }
 }
 
 /// Where the admin API is and which exchange to act on; usable after the subcommand (`breaker status --url …`).
@@ -339,6 +357,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
         scenario: args.scenario,
         latency: args.latency,
         failure_rate: args.failure_rate,
+        redirect_to: args.redirect_to,
         ..simulator::Options::default()
     };
     if let Some(api_key) = args.api_key {
@@ -368,16 +387,21 @@ async fn probe(args: ConfigArgs) -> anyhow::Result<ExitCode> {
 
 /// A client of the admin API: the base URL, the token and the exchange acted on.
 struct AdminClient {
-    http: reqwest::Client,
+    http: daemon::Client,
     base: url::Url,
     token: Secret,
     exchange: String,
 }
 
-/// What an admin call failed with: the daemon's answer is exit 1, the CLI's own problems are exit 2 (`execute`).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-struct AdminFailure(String);
+/// What a breaker status answer must carry for `breaker_line`.
+const BREAKER_STATUS: daemon::Shape = &[("exchange", Field::Text), ("state", Field::Text)];
+/// What a breaker change answer must carry.
+const BREAKER_CHANGE: daemon::Shape =
+    &[("exchange", Field::Text), ("from", Field::Text), ("to", Field::Text), ("changed", Field::Flag)];
+/// What a rate-limit answer must carry for `rate_limit_line`.
+const RATE_LIMIT_STATUS: daemon::Shape = &[("exchange", Field::Text), ("factor", Field::Number)];
+/// What `/api/v1/status` must carry for `render_status`.
+const DAEMON_STATUS: daemon::Shape = &[("exchanges", Field::List)];
 
 impl AdminClient {
     fn new(args: AdminArgs) -> anyhow::Result<AdminClient> {
@@ -389,21 +413,18 @@ impl AdminClient {
             );
         };
         let base = daemon_url(args.url, &config)?;
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .build()
-            .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
-        Ok(AdminClient { http, base, token, exchange: args.exchange })
+        Ok(AdminClient { http: daemon::Client::new()?, base, token, exchange: args.exchange })
     }
 
     /// Calls `method /api/admin/{resource}/{exchange}[/{action}]` with an optional JSON body; returns the JSON
-    /// answer of a 2xx, or the daemon's error message as an [`AdminFailure`].
+    /// answer of a 2xx that has `shape`, or a [`daemon::Failure`] naming what answered instead.
     async fn call(
         &self,
         method: reqwest::Method,
         resource: &str,
         action: Option<&str>,
         body: Option<serde_json::Value>,
+        shape: daemon::Shape,
     ) -> anyhow::Result<serde_json::Value> {
         let mut url = self.base.clone();
         url.path_segments_mut()
@@ -411,41 +432,12 @@ impl AdminClient {
             .pop_if_empty()
             .extend(["api", "admin", resource, &self.exchange])
             .extend(action);
-        let mut request = self.http.request(method, url.clone()).bearer_auth(self.token.expose());
-        if let Some(body) = body {
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_string());
-        }
-        let response = request
-            .send()
-            .await
-            .map_err(|error| AdminFailure(format!("cannot reach the admin API at {url}: {error}")))?;
-        let status = response.status();
-        let text = response
-            .text()
-            .await
-            .map_err(|error| AdminFailure(format!("cannot read the admin API's answer: {error}")))?;
-        let answer: Option<serde_json::Value> = serde_json::from_str(&text).ok();
-        if status.is_success() {
-            return answer.ok_or_else(|| {
-                AdminFailure(format!("the admin API answered {status} with a body that is not JSON")).into()
-            });
-        }
-        let message = answer
-            .as_ref()
-            .and_then(|answer| answer.get("error"))
-            .and_then(serde_json::Value::as_str)
-            .map_or_else(|| text.trim().to_owned(), str::to_owned);
-        let message = if message.is_empty() && status == reqwest::StatusCode::NOT_FOUND {
-            "not found (is admin.token configured on the daemon?)".to_owned()
-        } else {
-            message
-        };
-        Err(AdminFailure(format!("the admin API answered {status}: {message}")).into())
+        Ok(self.http.call(method, &url, Some(self.token.expose()), body, shape).await?)
     }
 
     async fn force(&self, target: breaker::State) -> anyhow::Result<serde_json::Value> {
         let body = serde_json::json!({"state": target.as_str()});
-        self.call(reqwest::Method::POST, "circuit-breaker", None, Some(body)).await
+        self.call(reqwest::Method::POST, "circuit-breaker", None, Some(body), BREAKER_CHANGE).await
     }
 }
 
@@ -468,21 +460,10 @@ fn daemon_url(url: Option<url::Url>, config: &Config) -> anyhow::Result<url::Url
 async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args.config)?;
     let url = daemon_url(args.url, &config)?.join("api/v1/status")?;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
-    let body = match http.get(url.clone()).send().await {
-        Ok(response) if response.status().is_success() => response.text().await.map_err(|error| error.to_string()),
-        Ok(response) => Err(format!("answered {}", response.status())),
-        Err(error) => Err(error.to_string()),
-    };
-    let answer =
-        body.and_then(|body| serde_json::from_str::<serde_json::Value>(&body).map_err(|error| error.to_string()));
-    let answer = match answer {
+    let answer = match daemon::Client::new()?.call(reqwest::Method::GET, &url, None, None, DAEMON_STATUS).await {
         Ok(answer) => answer,
         Err(error) => {
-            eprintln!("exwatch: cannot read the status at {url}: {error}");
+            eprintln!("exwatch: cannot read the status: {error}");
             return Ok(ExitCode::FAILURE);
         }
     };
@@ -564,10 +545,12 @@ async fn breaker(args: BreakerArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(args.admin)?;
     let answer = match args.action {
         BreakerAction::Status => {
-            let status = client.call(reqwest::Method::GET, "circuit-breaker", None, None).await;
+            let status = client.call(reqwest::Method::GET, "circuit-breaker", None, None, BREAKER_STATUS).await;
             return admin_output(status.map(|status| breaker_line(&status)));
         }
-        BreakerAction::Reset => client.call(reqwest::Method::POST, "circuit-breaker", Some("reset"), None).await,
+        BreakerAction::Reset => {
+            client.call(reqwest::Method::POST, "circuit-breaker", Some("reset"), None, BREAKER_CHANGE).await
+        }
         BreakerAction::HalfOpen => client.force(breaker::State::HalfOpen).await,
         BreakerAction::ForceOpen => client.force(breaker::State::ForcedOpen).await,
         BreakerAction::Disable => client.force(breaker::State::Disabled).await,
@@ -593,10 +576,10 @@ async fn breaker(args: BreakerArgs) -> anyhow::Result<ExitCode> {
 async fn rate_limit(args: RateLimitArgs) -> anyhow::Result<ExitCode> {
     let client = AdminClient::new(args.admin)?;
     let answer = match args.action {
-        RateLimitAction::Status => client.call(reqwest::Method::GET, "rate-limit", None, None).await,
+        RateLimitAction::Status => client.call(reqwest::Method::GET, "rate-limit", None, None, RATE_LIMIT_STATUS).await,
         RateLimitAction::Set { factor } => {
             let body = serde_json::json!({"factor": factor});
-            client.call(reqwest::Method::PUT, "rate-limit", None, Some(body)).await
+            client.call(reqwest::Method::PUT, "rate-limit", None, Some(body), RATE_LIMIT_STATUS).await
         }
     };
     admin_output(answer.map(|status| rate_limit_line(&status)))
@@ -610,7 +593,7 @@ fn admin_output(result: anyhow::Result<String>) -> anyhow::Result<ExitCode> {
             println!("{text}");
             Ok(ExitCode::SUCCESS)
         }
-        Err(error) if error.is::<AdminFailure>() => {
+        Err(error) if error.is::<daemon::Failure>() => {
             eprintln!("exwatch: {error}");
             Ok(ExitCode::FAILURE)
         }

@@ -63,6 +63,13 @@ pub const DEFAULT_API_SECRET: &str =
 /// How long `slow` waits when no latency is configured: beyond the monitor's 5 s "slow" threshold.
 const DEFAULT_SLOW_LATENCY: Duration = Duration::from_secs(6);
 
+/// Where the `redirect_*` scenarios point unless told otherwise: a reserved name (RFC 2606) that never resolves.
+pub const DEFAULT_REDIRECT_TO: &str = "http://redirected.invalid";
+
+/// How long `silent` holds a request before resetting its connection: far beyond any client's timeout, and a
+/// bound on what a client that never gives up can hold.
+pub const SILENT_HOLD: Duration = Duration::from_secs(600);
+
 /// Private request bodies are a nonce and little else; anything bigger is not a client we simulate.
 const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
 
@@ -117,10 +124,35 @@ pub enum Scenario {
     Reset,
     /// Each call fails with `EService:Unavailable` with probability `failure_rate`.
     Flaky,
+    // Outbound faults (issue 11): a front end that redirects or refuses every path, a Kraken that no longer
+    // knows the pair or the method, a server that never answers.
+    /// Every call is HTTP 301 to the same path on `redirect_to` (default [`DEFAULT_REDIRECT_TO`]).
+    Redirect301,
+    /// As `redirect_301`, with 302.
+    Redirect302,
+    /// As `redirect_301`, with 303.
+    Redirect303,
+    /// As `redirect_301`, with 307 (a client that follows re-sends the signed body).
+    Redirect307,
+    /// As `redirect_301`, with 308.
+    Redirect308,
+    /// Every call is HTTP 404 with the front end's HTML page (an endpoint removed, a proxy in the way).
+    NotFound,
+    /// Every call is HTTP 400 with the front end's HTML page.
+    BadRequest,
+    /// Every call is HTTP 405 `Not Allowed`, as Kraken answers a wrong verb.
+    MethodNotAllowed,
+    /// Ticker and Depth are `EQuery:Unknown asset pair` (a delisted pair); other calls stay healthy.
+    UnknownPair,
+    /// Every call is `EGeneral:Unknown method` (an endpoint removed).
+    UnknownMethod,
+    /// The connection is accepted and the request read, and nothing is ever answered (after
+    /// [`SILENT_HOLD`] the connection is reset, so a forgotten client cannot hold it forever).
+    Silent,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 21] = [
+    pub const ALL: [Scenario; 32] = [
         Scenario::Healthy,
         Scenario::Maintenance,
         Scenario::CancelOnly,
@@ -142,6 +174,17 @@ impl Scenario {
         Scenario::Slow,
         Scenario::Reset,
         Scenario::Flaky,
+        Scenario::Redirect301,
+        Scenario::Redirect302,
+        Scenario::Redirect303,
+        Scenario::Redirect307,
+        Scenario::Redirect308,
+        Scenario::NotFound,
+        Scenario::BadRequest,
+        Scenario::MethodNotAllowed,
+        Scenario::UnknownPair,
+        Scenario::UnknownMethod,
+        Scenario::Silent,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -167,7 +210,30 @@ impl Scenario {
             Scenario::Slow => "slow",
             Scenario::Reset => "reset",
             Scenario::Flaky => "flaky",
+            Scenario::Redirect301 => "redirect_301",
+            Scenario::Redirect302 => "redirect_302",
+            Scenario::Redirect303 => "redirect_303",
+            Scenario::Redirect307 => "redirect_307",
+            Scenario::Redirect308 => "redirect_308",
+            Scenario::NotFound => "not_found",
+            Scenario::BadRequest => "bad_request",
+            Scenario::MethodNotAllowed => "method_not_allowed",
+            Scenario::UnknownPair => "unknown_pair",
+            Scenario::UnknownMethod => "unknown_method",
+            Scenario::Silent => "silent",
         }
+    }
+
+    /// The redirect status a `redirect_*` scenario answers with.
+    pub fn redirect_status(self) -> Option<StatusCode> {
+        Some(match self {
+            Scenario::Redirect301 => StatusCode::MOVED_PERMANENTLY,
+            Scenario::Redirect302 => StatusCode::FOUND,
+            Scenario::Redirect303 => StatusCode::SEE_OTHER,
+            Scenario::Redirect307 => StatusCode::TEMPORARY_REDIRECT,
+            Scenario::Redirect308 => StatusCode::PERMANENT_REDIRECT,
+            _ => return None,
+        })
     }
 }
 
@@ -194,6 +260,15 @@ impl Scenario {
             Scenario::Html200 | Scenario::EmptyBody | Scenario::TruncatedJson => all(BadResponse),
             Scenario::Slow => all(Timeout),
             Scenario::Reset => all(Network),
+            Scenario::Redirect301
+            | Scenario::Redirect302
+            | Scenario::Redirect303
+            | Scenario::Redirect307
+            | Scenario::Redirect308 => all(BadResponse),
+            Scenario::NotFound | Scenario::BadRequest | Scenario::MethodNotAllowed => all(InvalidRequest),
+            Scenario::UnknownPair => [None, Some(InvalidRequest), Some(InvalidRequest), None],
+            Scenario::UnknownMethod => all(InvalidRequest),
+            Scenario::Silent => all(Timeout),
         }
     }
 }
@@ -296,6 +371,9 @@ pub struct Options {
     pub lockout_after: u32,
     /// How long a lockout lasts; a retry with a bad key during a lockout restarts it.
     pub lockout_duration: Duration,
+    /// Where the `redirect_*` scenarios send clients (the request's path and query are kept); `None` is
+    /// [`DEFAULT_REDIRECT_TO`].
+    pub redirect_to: Option<url::Url>,
 }
 
 impl Default for Options {
@@ -311,6 +389,7 @@ impl Default for Options {
             private_counter: PrivateCounter::STARTER,
             lockout_after: 5,
             lockout_duration: Duration::from_secs(15 * 60),
+            redirect_to: None,
         }
     }
 }
@@ -381,6 +460,11 @@ impl Simulator {
     }
 
     /// Clamped to 0.0..=1.0 (NaN counts as 0.0): a rate is a probability, and this setter cannot report errors.
+    /// Where the `redirect_*` scenarios send clients from now on.
+    pub fn set_redirect_to(&self, redirect_to: url::Url) {
+        *lock(&self.shared.redirect_to) = Some(redirect_to);
+    }
+
     pub fn set_failure_rate(&self, rate: f64) {
         let rate = if rate.is_nan() { 0.0 } else { rate.clamp(0.0, 1.0) };
         self.shared.update_settings(|settings| settings.failure_rate = rate);
@@ -448,6 +532,7 @@ struct Shared {
     request_counts: Mutex<BTreeMap<String, u64>>,
     account: Mutex<Account>,
     public_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
+    redirect_to: Mutex<Option<url::Url>>,
 }
 
 impl Shared {
@@ -483,6 +568,7 @@ impl Shared {
             request_counts: Mutex::new(BTreeMap::new()),
             account: Mutex::new(Account::new(counter, options.lockout_after, options.lockout_duration)),
             public_buckets: Mutex::new(HashMap::new()),
+            redirect_to: Mutex::new(options.redirect_to.clone()),
         })
     }
 
@@ -510,7 +596,20 @@ impl Shared {
             latency_ms: u64::try_from(settings.latency.as_millis()).unwrap_or(u64::MAX),
             failure_rate: settings.failure_rate,
             requests: lock(&self.request_counts).clone(),
+            redirect_to: lock(&self.redirect_to).as_ref().map(url::Url::to_string),
         }
+    }
+
+    /// The same path and query on the redirect host (under its path prefix, if it has one).
+    fn redirect_location(&self, uri: &axum::http::Uri) -> String {
+        let configured = lock(&self.redirect_to).clone();
+        let mut location = configured.unwrap_or_else(|| {
+            url::Url::parse(DEFAULT_REDIRECT_TO).expect("the default redirect target is a valid URL")
+        });
+        let prefix = location.path().trim_end_matches('/').to_owned();
+        location.set_path(&format!("{prefix}{}", uri.path()));
+        location.set_query(uri.query());
+        location.to_string()
     }
 
     fn public_call_allowed(&self, client: IpAddr, now: Instant) -> bool {
@@ -549,6 +648,10 @@ impl Shared {
             Scenario::InvalidKey if private => Some(answer::INVALID_KEY),
             Scenario::InvalidSignature if private => Some(answer::INVALID_SIGNATURE),
             Scenario::Lockout if private => Some(answer::TEMPORARY_LOCKOUT),
+            Scenario::UnknownPair if matches!(call.method.as_str(), "Ticker" | "Depth") => {
+                Some(answer::UNKNOWN_ASSET_PAIR)
+            }
+            Scenario::UnknownMethod => Some(answer::UNKNOWN_METHOD),
             _ => None,
         };
         if let Some(error) = scenario_error {
@@ -709,21 +812,18 @@ async fn kraken(State(shared): State<Arc<Shared>>, request: Request) -> Response
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
     }
+    if let Some(status) = settings.scenario.redirect_status() {
+        return Answer::redirect(status, shared.redirect_location(&parts.uri)).into_response();
+    }
     let answer = match settings.scenario {
-        Scenario::Reset => match context {
-            Some(context) => {
-                context.reset.cancel();
-                // The connection task drops this future together with the connection; nothing is ever sent.
-                return std::future::pending().await;
-            }
-            // Without our accept loop (a router driven in process) there is no socket to reset: the marker
-            // asks the client's in-memory transport to report a reset. Anything else sees an empty 200.
-            None => {
-                let mut response = Answer::empty().into_response();
-                response.extensions_mut().insert(ConnectionReset);
-                return response;
-            }
-        },
+        Scenario::Reset => return reset(context).await,
+        Scenario::Silent => {
+            tokio::time::sleep(SILENT_HOLD).await;
+            return reset(context).await;
+        }
+        Scenario::NotFound => Answer::front_end_error(StatusCode::NOT_FOUND),
+        Scenario::BadRequest => Answer::front_end_error(StatusCode::BAD_REQUEST),
+        Scenario::MethodNotAllowed => Answer::front_end_error(StatusCode::METHOD_NOT_ALLOWED),
         Scenario::Cloudflare520 => {
             Answer::cloudflare_error(StatusCode::from_u16(520).unwrap_or(StatusCode::BAD_GATEWAY))
         }
@@ -748,6 +848,24 @@ async fn kraken(State(shared): State<Arc<Shared>>, request: Request) -> Response
     answer.into_response()
 }
 
+/// Resets the connection without an answer. Without our accept loop (a router driven in process) there is no
+/// socket to reset: the marker asks the client's in-memory transport to report a reset. Anything else sees an
+/// empty 200.
+async fn reset(context: Option<ConnectionContext>) -> Response {
+    match context {
+        Some(context) => {
+            context.reset.cancel();
+            // The connection task drops this future together with the connection; nothing is ever sent.
+            std::future::pending().await
+        }
+        None => {
+            let mut response = Answer::empty().into_response();
+            response.extensions_mut().insert(ConnectionReset);
+            response
+        }
+    }
+}
+
 /// The control endpoint's view of the simulator.
 #[derive(Debug, serde::Serialize)]
 struct ControlState {
@@ -755,6 +873,9 @@ struct ControlState {
     latency_ms: u64,
     failure_rate: f64,
     requests: BTreeMap<String, u64>,
+    /// Only once set (in the options or through the control endpoint); otherwise [`DEFAULT_REDIRECT_TO`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    redirect_to: Option<String>,
 }
 
 /// A change requested through `PUT /__exwatch/simulator`; absent fields stay as they are.
@@ -765,6 +886,8 @@ struct ControlUpdate {
     /// Human-readable, e.g. "250ms" or "2s".
     latency: Option<String>,
     failure_rate: Option<f64>,
+    /// Where the `redirect_*` scenarios point: an http(s) URL with a host.
+    redirect_to: Option<String>,
 }
 
 async fn get_control(State(shared): State<Arc<Shared>>) -> Response {
@@ -801,8 +924,18 @@ async fn put_control(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
     {
         problems.push(format!("failure_rate must be between 0.0 and 1.0, got {rate}"));
     }
+    let redirect_to = match update.redirect_to.as_deref().map(parse_redirect_to).transpose() {
+        Ok(redirect_to) => redirect_to,
+        Err(problem) => {
+            problems.push(problem);
+            None
+        }
+    };
     if !problems.is_empty() {
         return control_error(StatusCode::UNPROCESSABLE_ENTITY, problems.join("; "));
+    }
+    if let Some(redirect_to) = redirect_to {
+        *lock(&shared.redirect_to) = Some(redirect_to);
     }
     let settings = shared.update_settings(|settings| {
         if let Some(scenario) = scenario {
@@ -822,6 +955,14 @@ async fn put_control(State(shared): State<Arc<Shared>>, body: Bytes) -> Response
         "Simulator settings changed."
     );
     axum::Json(shared.control_state()).into_response()
+}
+
+/// A redirect target: an absolute http(s) URL with a host.
+pub fn parse_redirect_to(text: &str) -> Result<url::Url, String> {
+    match url::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(url),
+        _ => Err(format!("invalid redirect_to {text:?}: expected an http or https URL with a host")),
+    }
 }
 
 fn control_error(status: StatusCode, message: String) -> Response {
@@ -922,7 +1063,12 @@ mod tests {
         // reqwest is built without a default TLS provider; installing one is harmless and makes the builder
         // happy whichever way it checks. The error only says one was already installed.
         let _ = rustls::crypto::ring::default_provider().install_default();
-        reqwest::Client::builder().no_proxy().build().expect("a plain HTTP client builds")
+        client_builder().build().expect("a plain HTTP client builds")
+    }
+
+    /// Never follows a redirect: the tests look at the redirect itself.
+    fn client_builder() -> reqwest::ClientBuilder {
+        reqwest::Client::builder().no_proxy().redirect(reqwest::redirect::Policy::none())
     }
 
     /// A status, headers and body as the client saw them.
@@ -1345,6 +1491,9 @@ mod tests {
         Empty,
         BrokenJson,
         Reset,
+        Redirect(u16),
+        FrontEnd(u16, &'static str),
+        Silent,
     }
 
     #[derive(Debug, Clone, Copy)]
@@ -1393,6 +1542,20 @@ mod tests {
             Scenario::Reset => Reset,
             // The table runs `flaky` with failure_rate 1.0, so every call fails.
             Scenario::Flaky => KrakenError(200, "EService:Unavailable"),
+            Scenario::Redirect301 => Redirect(301),
+            Scenario::Redirect302 => Redirect(302),
+            Scenario::Redirect303 => Redirect(303),
+            Scenario::Redirect307 => Redirect(307),
+            Scenario::Redirect308 => Redirect(308),
+            Scenario::NotFound => FrontEnd(404, "404 Not Found"),
+            Scenario::BadRequest => FrontEnd(400, "400 Bad Request"),
+            Scenario::MethodNotAllowed => FrontEnd(405, "405 Not Allowed"),
+            Scenario::UnknownPair => match call {
+                Call::Ticker => KrakenError(200, "EQuery:Unknown asset pair"),
+                _ => healthy,
+            },
+            Scenario::UnknownMethod => KrakenError(200, "EGeneral:Unknown method"),
+            Scenario::Silent => Silent,
         }
     }
 
@@ -1402,6 +1565,10 @@ mod tests {
             (Expected::Reset, Err(error)) => {
                 let chain = error_chain(&error);
                 assert!(chain.contains("reset") || chain.contains("closed"), "{context}: {chain}");
+                return;
+            }
+            (Expected::Silent, Err(error)) => {
+                assert!(error.is_timeout(), "{context}: {}", error_chain(&error));
                 return;
             }
             (expected, Err(error)) => panic!("{context}: expected {expected:?}, got {}", error_chain(&error)),
@@ -1443,7 +1610,21 @@ mod tests {
                 assert!(seen.body.starts_with("{\""), "{context}: {:?}", seen.body);
                 assert!(serde_json::from_str::<Value>(&seen.body).is_err(), "{context}: {:?}", seen.body);
             }
+            Expected::Redirect(status) => {
+                assert_eq!(seen.status, status, "{context}");
+                let location = seen.header("location");
+                assert!(location.starts_with(&format!("{DEFAULT_REDIRECT_TO}/0/")), "{context}: {location}");
+                assert!(seen.body.contains(&format!("<title>{status} ")), "{context}: {}", seen.body);
+            }
+            Expected::FrontEnd(status, title) => {
+                assert_eq!(seen.status, status, "{context}");
+                assert!(seen.header("content-type").starts_with("text/html"), "{context}");
+                assert_eq!(seen.header("server"), "cloudflare", "{context}");
+                assert!(seen.body.contains(&format!("<title>{title}</title>")), "{context}: {}", seen.body);
+                assert!(serde_json::from_str::<Value>(&seen.body).is_err(), "{context}");
+            }
             Expected::Reset => panic!("{context}: expected a reset, got HTTP {}", seen.status),
+            Expected::Silent => panic!("{context}: expected no answer, got HTTP {}", seen.status),
         }
     }
 
@@ -1467,7 +1648,11 @@ mod tests {
                 ..test_options(scenario)
             };
             let simulator = start(options).await;
-            let client = client();
+            // `silent` never answers: only a client timeout ends its calls.
+            let client = match scenario {
+                Scenario::Silent => client_builder().timeout(Duration::from_millis(300)).build().unwrap(),
+                _ => client(),
+            };
             let started = Instant::now();
             check(scenario, Call::SystemStatus, try_get(&client, &simulator, "/0/public/SystemStatus").await);
             if scenario == Scenario::Slow {

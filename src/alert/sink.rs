@@ -15,7 +15,7 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use url::Url;
 
-use crate::exchange::kraken::transport::{Request, Transport};
+use crate::exchange::kraken::transport::{self, Request, Transport};
 use crate::secret::Secret;
 
 use super::notification::{self, Alert, Kind};
@@ -166,6 +166,11 @@ impl Target {
             .map_err(|error| Failure { retry: true, message: format!("{}: {}", error.class, error.message) })?;
         if (200..300).contains(&answer.status) {
             return Ok(());
+        }
+        // Never followed: the next hop would get the body, the token and the signature. Retried like a 5xx.
+        if transport::is_redirect(answer.status, answer.redirect_host.as_deref()) {
+            let redirect = transport::redirect_description(answer.redirect_host.as_deref());
+            return Err(Failure { retry: true, message: format!("HTTP {}: {redirect}", answer.status) });
         }
         // The receiver's own words help (Alertmanager explains a 400); a short printable prefix only.
         let said: String = String::from_utf8_lossy(&answer.body)

@@ -353,6 +353,8 @@ pub(crate) struct Answer {
     pub(crate) status: u16,
     pub(crate) content_type: Option<String>,
     pub(crate) server: Option<String>,
+    /// Where a `Location` header points, reduced to its host ([`transport::location_host`]).
+    pub(crate) redirect_host: Option<String>,
     pub(crate) body: Vec<u8>,
 }
 
@@ -406,8 +408,14 @@ fn classify_answer(answer: &Answer) -> Result<Envelope, Error> {
 }
 
 /// A non-2xx answer. The status decides the class; a Kraken envelope in the body only adds its strings.
+/// A 3xx is never followed (a redirect would carry the key and signature elsewhere): it is a `bad_response`
+/// that names where it pointed.
 fn classify_http_failure(answer: &Answer) -> Error {
     let status = answer.status;
+    if transport::is_redirect(status, answer.redirect_host.as_deref()) {
+        let message = format!("http {status} {}", transport::redirect_description(answer.redirect_host.as_deref()));
+        return Error::new(ErrorClass::BadResponse, message).with_status(status);
+    }
     let class = match status {
         429 => ErrorClass::RateLimited,
         401 | 403 => ErrorClass::Auth,
@@ -764,7 +772,8 @@ mod tests {
     }
 
     fn answer(status: u16, content_type: Option<&str>, body: &str) -> Answer {
-        Answer { status, content_type: content_type.map(str::to_owned), server: None, body: body.as_bytes().to_vec() }
+        let content_type = content_type.map(str::to_owned);
+        Answer { status, content_type, server: None, redirect_host: None, body: body.as_bytes().to_vec() }
     }
 
     fn json_answer(body: &str) -> Answer {
@@ -812,6 +821,18 @@ mod tests {
             }
         });
         format!("http://{address}")
+    }
+
+    /// A router that counts every request it gets and answers each with a Balance body.
+    fn counting_router() -> (Router, Arc<AtomicUsize>) {
+        let requests = Arc::new(AtomicUsize::new(0));
+        let router = Router::new()
+            .fallback(|State(requests): State<Arc<AtomicUsize>>| async move {
+                requests.fetch_add(1, Ordering::SeqCst);
+                ([(CONTENT_TYPE, "application/json")], BALANCE_BODY)
+            })
+            .with_state(Arc::clone(&requests));
+        (router, requests)
     }
 
     /// A server that accepts connections and never says a word.
@@ -1435,14 +1456,91 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn balance_without_credentials_is_an_invalid_request_that_sends_nothing() {
-        let requests_seen = Arc::new(AtomicUsize::new(0));
-        let router = Router::new()
-            .fallback(|State(requests_seen): State<Arc<AtomicUsize>>| async move {
-                requests_seen.fetch_add(1, Ordering::SeqCst);
-                BALANCE_BODY
+    async fn every_redirect_is_a_bad_response_naming_only_the_location_host_and_is_never_followed() {
+        let (second_host, second_host_requests) = counting_router();
+        let second_host = spawn_router(second_host).await;
+        let second_authority = second_host.trim_start_matches("http://").to_owned();
+        let location = format!("http://user:password@{second_authority}/0/private/Balance?otp=123456");
+        for status in [301, 302, 303, 307, 308] {
+            let location = location.clone();
+            let router = Router::new().fallback(move || async move {
+                let status = axum::http::StatusCode::from_u16(status).unwrap();
+                (status, [(axum::http::header::LOCATION, location)], "moved")
+            });
+            let client = test_client(&spawn_router(router).await, Some(credentials("redirect-test-key")));
+            for error in [client.ticker().await.result.unwrap_err(), client.balance().await.result.unwrap_err()] {
+                assert_eq!(error.class, ErrorClass::BadResponse, "{status}: {error}");
+                assert_eq!(error.http_status, Some(status));
+                assert_eq!(error.message, format!("http {status} redirect to {second_authority} (not followed)"));
+            }
+        }
+        assert_eq!(second_host_requests.load(Ordering::SeqCst), 0, "no request reached the redirect's host");
+    }
+
+    #[test]
+    fn a_location_is_reduced_to_its_host_and_port() {
+        let cases = [
+            ("https://user:secret@api.example.com:8443/path?token=1#x", "api.example.com:8443"),
+            ("https://api.example.com/0/public/Time", "api.example.com"),
+            ("http://[::1]:9/x", "[::1]:9"),
+            ("/0/public/Time?token=1", "a path on the same host"),
+            ("http://", "an invalid location"),
+        ];
+        for (location, expected) in cases {
+            assert_eq!(transport::location_host(location), expected, "{location}");
+        }
+        let error = classify_failure(&answer(302, None, ""));
+        assert_eq!(error.message, "http 302 redirect without a location (not followed)");
+    }
+
+    #[tokio::test]
+    async fn tls_to_a_plain_http_port_is_named_a_tls_handshake_failure() {
+        let router = Router::new().route("/0/public/Time", get(|| async { "plain http" }));
+        let plain = spawn_router(router).await;
+        let client = test_client(&plain.replace("http://", "https://"), None);
+        let error = client.server_time().await.result.unwrap_err();
+        assert_eq!(error.class, ErrorClass::Network, "{error}");
+        assert!(error.message.starts_with("connect failed: tls handshake failed: "), "{}", error.message);
+    }
+
+    #[tokio::test]
+    async fn a_garbage_status_line_is_an_invalid_http_response() {
+        for garbage in ["SSH-2.0-OpenSSH_9.6\r\n\r\n", "HTTP/1.1 abc Whatever\r\n\r\n", "\u{0}\u{1}\u{2}\r\n\r\n"] {
+            let base_url = spawn_raw_server(move |mut stream| async move {
+                let _ = stream.write_all(garbage.as_bytes()).await;
+                let _ = stream.shutdown().await;
             })
-            .with_state(Arc::clone(&requests_seen));
+            .await;
+            let error = test_client(&base_url, None).server_time().await.result.unwrap_err();
+            assert_eq!(error.class, ErrorClass::BadResponse, "{garbage:?}: {error}");
+            assert!(error.message.starts_with("request failed: invalid http response: "), "{}", error.message);
+            assert!(!error.message.contains("OpenSSH"), "the bytes are described, not quoted: {}", error.message);
+        }
+    }
+
+    /// A resolver that knows no name, so the test never asks a real DNS server.
+    struct NoNames;
+
+    impl reqwest::dns::Resolve for NoNames {
+        fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
+            Box::pin(async { Err("no such host".into()) })
+        }
+    }
+
+    #[tokio::test]
+    async fn a_dns_failure_names_the_host() {
+        install_crypto_provider();
+        let http = transport::client_builder(TEST_TIMEOUT).dns_resolver(Arc::new(NoNames)).build().unwrap();
+        let config = test_config("https://user:secret@exchange.invalid/prefix?x=1", "XBTAUD", None);
+        let client = Client::build(&config, TEST_TIMEOUT, || Ok(Transport::Http(http))).unwrap();
+        let error = client.system_status().await.result.unwrap_err();
+        assert_eq!(error.class, ErrorClass::Network, "{error}");
+        assert_eq!(error.message, "connect failed: dns lookup failed for exchange.invalid");
+    }
+
+    #[tokio::test]
+    async fn balance_without_credentials_is_an_invalid_request_that_sends_nothing() {
+        let (router, requests_seen) = counting_router();
         let client = test_client(&spawn_router(router).await, None);
         assert!(!client.has_credentials());
         let outcome = client.balance().await;

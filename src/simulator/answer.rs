@@ -32,11 +32,13 @@ pub(super) struct Answer {
     /// Cloudflare pages carry `server: cloudflare` and a `cf-ray` id; Kraken's own answers carry neither.
     pub(super) cloudflare_ray: Option<String>,
     pub(super) allow: Option<&'static str>,
+    /// Where a redirect points.
+    pub(super) location: Option<String>,
 }
 
 impl Answer {
     fn new(status: StatusCode, content_type: &'static str, body: impl Into<Bytes>) -> Answer {
-        Answer { status, content_type, body: body.into(), cloudflare_ray: None, allow: None }
+        Answer { status, content_type, body: body.into(), cloudflare_ray: None, allow: None, location: None }
     }
 
     /// A success: `{"error":[],"result":...}`, HTTP 200.
@@ -80,7 +82,7 @@ impl Answer {
             _ => "Web server is returning an unknown error",
         };
         let code = status.as_u16();
-        let ray = format!("{:016x}-SYD", rand::rng().random::<u64>());
+        let ray = ray_id();
         let body = format!(
             "<!DOCTYPE html>\n<html lang=\"en-US\">\n<head>\n<title>api.kraken.com | {code}: {reason}</title>\n\
              <meta charset=\"UTF-8\" />\n</head>\n<body>\n<div id=\"cf-wrapper\">\n<div id=\"cf-error-details\">\n\
@@ -90,6 +92,26 @@ impl Answer {
         );
         let mut answer = Answer::new(status, HTML, body);
         answer.cloudflare_ray = Some(ray);
+        answer
+    }
+
+    /// The short nginx page Kraken's front end (Cloudflare in front of nginx) serves for a status it produces
+    /// itself: a redirect, a 404, a 400 or a 405. Not the JSON envelope.
+    pub(super) fn front_end_error(status: StatusCode) -> Answer {
+        let line = format!("{} {}", status.as_u16(), front_end_reason(status));
+        let body = format!(
+            "<html>\r\n<head><title>{line}</title></head>\r\n<body>\r\n<center><h1>{line}</h1></center>\r\n\
+             <hr><center>nginx</center>\r\n</body>\r\n</html>\r\n"
+        );
+        let mut answer = Answer::new(status, "text/html", body);
+        answer.cloudflare_ray = Some(ray_id());
+        answer
+    }
+
+    /// A redirect to `location`, as the front end sends it.
+    pub(super) fn redirect(status: StatusCode, location: String) -> Answer {
+        let mut answer = Answer::front_end_error(status);
+        answer.location = Some(location);
         answer
     }
 
@@ -120,6 +142,9 @@ impl IntoResponse for Answer {
         *response.status_mut() = self.status;
         let headers = response.headers_mut();
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(self.content_type));
+        if let Some(location) = self.location.and_then(|location| HeaderValue::from_str(&location).ok()) {
+            headers.insert(header::LOCATION, location);
+        }
         if let Some(allow) = self.allow {
             headers.insert(header::ALLOW, HeaderValue::from_static(allow));
         }
@@ -130,6 +155,20 @@ impl IntoResponse for Answer {
             }
         }
         response
+    }
+}
+
+/// A Cloudflare ray id, as the Sydney edge writes it.
+fn ray_id() -> String {
+    format!("{:016x}-SYD", rand::rng().random::<u64>())
+}
+
+/// nginx's reason phrases, which differ from the standard ones for 405 ("Not Allowed").
+fn front_end_reason(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::METHOD_NOT_ALLOWED => "Not Allowed",
+        StatusCode::FOUND => "Found",
+        status => status.canonical_reason().unwrap_or("Error"),
     }
 }
 

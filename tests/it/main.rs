@@ -14,6 +14,7 @@ mod deploy;
 mod durability;
 mod helpers;
 mod outage;
+mod outbound;
 mod paused;
 mod prometheus;
 mod proxy;

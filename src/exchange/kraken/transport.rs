@@ -4,7 +4,8 @@
 //!
 //! What it owns: sending one [`Request`], enforcing the timeout over the whole exchange (headers and every
 //! chunk of the body), the body limit, and naming transport failures (no complete answer arrived). What it
-//! deliberately does not do: look at the status or the body. Both transports hand back the same [`Answer`],
+//! deliberately does not do: look at the status or the body, or follow a redirect ([`client_builder`] builds
+//! every HTTP client exwatch has, and none follows one). Both transports hand back the same [`Answer`],
 //! which the client classifies and parses with the same functions whichever way it travelled.
 
 use std::pin::Pin;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::body::{Body, HttpBody as _};
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, SERVER, USER_AGENT};
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, SERVER, USER_AGENT};
 use axum::http::{self, HeaderMap, HeaderValue, Method, StatusCode};
 use tower::ServiceExt as _;
 use url::Url;
@@ -60,6 +61,14 @@ impl Request {
     }
 }
 
+/// The one way exwatch builds an HTTP client (exchanges, sinks and the CLI's daemon client): the whole-request
+/// `timeout`, exwatch's user agent, and redirects never followed. A 3xx comes back as an answer to classify: a
+/// followed redirect would carry `API-Key`, `API-Sign`, a signed body or a sink's headers to whatever host the
+/// `Location` names, and would report that host's answer as the configured one's.
+pub(crate) fn client_builder(timeout: Duration) -> reqwest::ClientBuilder {
+    reqwest::Client::builder().timeout(timeout).user_agent(USER_AGENT_TEXT).redirect(reqwest::redirect::Policy::none())
+}
+
 /// Where requests go. Chosen once, when the client is built.
 pub(crate) enum Transport {
     Http(reqwest::Client),
@@ -69,10 +78,8 @@ pub(crate) enum Transport {
 
 impl Transport {
     pub(crate) fn http(timeout: Duration) -> Result<Transport, BuildError> {
-        reqwest::Client::builder()
-            .timeout(timeout)
+        client_builder(timeout)
             .connect_timeout(timeout.min(CONNECT_TIMEOUT_CAP))
-            .user_agent(USER_AGENT_TEXT)
             .build()
             .map(Transport::Http)
             .map_err(BuildError::HttpClient)
@@ -118,8 +125,37 @@ fn answer_head(status: StatusCode, headers: &HeaderMap) -> Result<Answer, Error>
         status,
         content_type: header_text(CONTENT_TYPE).map(str::to_owned),
         server: header_text(SERVER).map(str::to_owned),
+        redirect_host: header_text(LOCATION).map(location_host),
         body: Vec::new(),
     })
+}
+
+/// Where a `Location` points, for messages and logs: the host and port of an absolute URL, never its userinfo,
+/// path or query (a webhook URL's path or a query can be a credential). A relative one stays on the same host.
+pub(crate) fn location_host(location: &str) -> String {
+    const HOST_LIMIT_CHARS: usize = 255;
+    match Url::parse(location) {
+        Ok(url) => match (url.host_str(), url.port()) {
+            (Some(host), Some(port)) => format!("{host}:{port}").chars().take(HOST_LIMIT_CHARS).collect(),
+            (Some(host), None) => host.chars().take(HOST_LIMIT_CHARS).collect(),
+            (None, _) => format!("a {} url without a host", url.scheme().chars().take(16).collect::<String>()),
+        },
+        Err(url::ParseError::RelativeUrlWithoutBase) => "a path on the same host".to_owned(),
+        Err(_) => "an invalid location".to_owned(),
+    }
+}
+
+/// A redirect: one of the five redirect statuses, or any 3xx that names a `Location`.
+pub(crate) fn is_redirect(status: u16, redirect_host: Option<&str>) -> bool {
+    matches!(status, 301 | 302 | 303 | 307 | 308) || ((300..400).contains(&status) && redirect_host.is_some())
+}
+
+/// `redirect to <host> (not followed)`, or `redirect without a location`: how a 3xx is described everywhere.
+pub(crate) fn redirect_description(redirect_host: Option<&str>) -> String {
+    match redirect_host {
+        Some(host) => format!("redirect to {host} (not followed)"),
+        None => "redirect without a location (not followed)".to_owned(),
+    }
 }
 
 fn append_chunk(answer: &mut Answer, chunk: &[u8]) -> Result<(), Error> {
@@ -152,9 +188,10 @@ async fn send_over_http(client: &reqwest::Client, request: Request, timeout: Dur
 }
 
 /// Classifies a `reqwest` failure. Timeouts first (reqwest reports a timeout inside a connect or body error
-/// too), then everything else that kept a complete answer from arriving is `network`. The message names the
-/// cause and the stage, never the URL or a header.
-fn classify_transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
+/// too), then an answer that is not HTTP at all (`bad_response`), then everything else that kept a complete
+/// answer from arriving is `network`. The message names the cause and the stage, never the URL or a header;
+/// a DNS failure names the host it could not resolve.
+pub(crate) fn classify_transport_error(error: &reqwest::Error, timeout: Duration) -> Error {
     if error.is_timeout() {
         return timeout_error(timeout);
     }
@@ -171,36 +208,80 @@ fn classify_transport_error(error: &reqwest::Error, timeout: Duration) -> Error 
     } else {
         "request failed"
     };
-    Error::new(ErrorClass::Network, format!("{stage}: {}", transport_cause(error)))
+    let cause = transport_cause(error);
+    let class = if matches!(cause, Cause::InvalidHttp(_)) { ErrorClass::BadResponse } else { ErrorClass::Network };
+    Error::new(class, format!("{stage}: {cause}"))
 }
 
-/// A short name for the root cause of a transport failure, found by walking the source chain.
-fn transport_cause(error: &reqwest::Error) -> &'static str {
-    if error.is_dns() {
-        return "dns lookup failed";
+/// The root cause of a transport failure, found by walking the source chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Cause {
+    Dns {
+        host: Option<String>,
+    },
+    Tls(String),
+    /// Something answered, but not in HTTP (a garbage status line, a non-HTTP service on the port).
+    InvalidHttp(String),
+    ClosedEarly,
+    Io(&'static str),
+    Unknown,
+}
+
+impl std::fmt::Display for Cause {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Cause::Dns { host: Some(host) } => write!(formatter, "dns lookup failed for {host}"),
+            Cause::Dns { host: None } => formatter.write_str("dns lookup failed"),
+            Cause::Tls(detail) => write!(formatter, "tls handshake failed: {detail}"),
+            Cause::InvalidHttp(detail) => write!(formatter, "invalid http response: {detail}"),
+            Cause::ClosedEarly => formatter.write_str("connection closed before the answer was complete"),
+            Cause::Io(name) => formatter.write_str(name),
+            Cause::Unknown => formatter.write_str("unknown transport error"),
+        }
     }
+}
+
+/// Error texts from libraries are short, but a message is bounded whatever a dependency does.
+const CAUSE_LIMIT_CHARS: usize = 200;
+
+fn bounded_text(error: &dyn std::error::Error) -> String {
+    error.to_string().chars().take(CAUSE_LIMIT_CHARS).collect()
+}
+
+fn transport_cause(error: &reqwest::Error) -> Cause {
+    if error.is_dns() {
+        let host = error.url().and_then(Url::host_str).map(|host| host.chars().take(CAUSE_LIMIT_CHARS).collect());
+        return Cause::Dns { host };
+    }
+    let mut io_kind = None;
     let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
     while let Some(cause) = source {
-        if cause.is::<rustls::Error>() {
-            return "tls";
+        if let Some(tls_error) = cause.downcast_ref::<rustls::Error>() {
+            return Cause::Tls(bounded_text(tls_error));
+        }
+        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>() {
+            if hyper_error.is_parse() {
+                return Cause::InvalidHttp(bounded_text(hyper_error));
+            }
+            if hyper_error.is_incomplete_message() || hyper_error.is_closed() || hyper_error.is_canceled() {
+                return Cause::ClosedEarly;
+            }
         }
         if let Some(io_error) = cause.downcast_ref::<std::io::Error>() {
-            // An io::Error hides its custom payload from `source()`, and that is where rustls puts its errors.
-            if io_error.get_ref().is_some_and(|inner| inner.is::<rustls::Error>()) {
-                return "tls";
+            io_kind = io_kind.or_else(|| io_error_cause(io_error.kind()));
+            // An io::Error hides its custom payload from `source()` (it returns the payload's source), and that
+            // payload is where rustls puts its errors: walk on from the payload itself.
+            if let Some(payload) = io_error.get_ref() {
+                source = Some(payload as &(dyn std::error::Error + 'static));
+                continue;
             }
-            if let Some(name) = io_error_cause(io_error.kind()) {
-                return name;
+            if let Some(name) = io_kind {
+                return Cause::Io(name);
             }
-        }
-        if let Some(hyper_error) = cause.downcast_ref::<hyper::Error>()
-            && (hyper_error.is_incomplete_message() || hyper_error.is_closed() || hyper_error.is_canceled())
-        {
-            return "connection closed before the answer was complete";
         }
         source = cause.source();
     }
-    "unknown transport error"
+    io_kind.map_or(Cause::Unknown, Cause::Io)
 }
 
 fn io_error_cause(kind: std::io::ErrorKind) -> Option<&'static str> {
