@@ -117,10 +117,14 @@ pub enum Scenario {
     Reset,
     /// Each call fails with `EService:Unavailable` with probability `failure_rate`.
     Flaky,
+    /// Every call is a Kraken error whose one string is 900 kB long (`EGeneral:Internal error:` and padding).
+    OversizedError,
+    /// Every call is a Kraken error whose string holds a NUL character.
+    NulError,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 21] = [
+    pub const ALL: [Scenario; 23] = [
         Scenario::Healthy,
         Scenario::Maintenance,
         Scenario::CancelOnly,
@@ -142,6 +146,8 @@ impl Scenario {
         Scenario::Slow,
         Scenario::Reset,
         Scenario::Flaky,
+        Scenario::OversizedError,
+        Scenario::NulError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -167,6 +173,8 @@ impl Scenario {
             Scenario::Slow => "slow",
             Scenario::Reset => "reset",
             Scenario::Flaky => "flaky",
+            Scenario::OversizedError => "oversized_error",
+            Scenario::NulError => "nul_error",
         }
     }
 }
@@ -194,6 +202,7 @@ impl Scenario {
             Scenario::Html200 | Scenario::EmptyBody | Scenario::TruncatedJson => all(BadResponse),
             Scenario::Slow => all(Timeout),
             Scenario::Reset => all(Network),
+            Scenario::OversizedError | Scenario::NulError => all(ServerError),
         }
     }
 }
@@ -549,6 +558,8 @@ impl Shared {
             Scenario::InvalidKey if private => Some(answer::INVALID_KEY),
             Scenario::InvalidSignature if private => Some(answer::INVALID_SIGNATURE),
             Scenario::Lockout if private => Some(answer::TEMPORARY_LOCKOUT),
+            Scenario::OversizedError => return answer::oversized_error_answer(),
+            Scenario::NulError => Some(answer::NUL_ERROR),
             _ => None,
         };
         if let Some(error) = scenario_error {
@@ -1393,6 +1404,8 @@ mod tests {
             Scenario::Reset => Reset,
             // The table runs `flaky` with failure_rate 1.0, so every call fails.
             Scenario::Flaky => KrakenError(200, "EService:Unavailable"),
+            Scenario::OversizedError => KrakenError(200, answer::oversized_error()),
+            Scenario::NulError => KrakenError(200, "EGeneral:Internal error:\0nul"),
         }
     }
 
