@@ -150,23 +150,23 @@ impl Outbox {
         self.shared.targets.len()
     }
 
-    /// A new alert fired: remembered as active and queued for every target. `exchange_api_down` also opens the
-    /// incident row.
-    pub fn fire(&self, alert: Alert, scenario: &str, first_error: Option<String>) {
+    /// A new alert fired: remembered as active and queued for every target. `incident` (`exchange_api_down`'s
+    /// [`Op::IncidentOpened`]) opens the incident row first.
+    pub fn fire(&self, alert: Alert, incident: Option<Op>) {
         let shared = &self.shared;
-        if alert.label("alertname") == super::DOWN {
-            shared.record(Op::IncidentOpened {
-                provider: alert.label("exchange").to_owned(),
-                alertname: alert.label("alertname").to_owned(),
-                scenario: scenario.to_owned(),
-                at: alert.starts_at,
-                first_error,
-            });
+        if let Some(incident) = incident {
+            shared.record(incident);
         }
         shared.save_state(&alert);
         let mut state = shared.lock();
         state.active.insert(alert.key(), alert.clone());
         shared.enqueue(&mut state, Kind::Firing, &alert);
+    }
+
+    /// Progress on an open incident ([`Op::IncidentProgress`]: its calls, scenario and latest error), recorded in
+    /// order with the rest.
+    pub fn incident_progress(&self, progress: Op) {
+        self.shared.record(progress);
     }
 
     /// A firing alert's annotations changed (scenario, evidence): kept for the next re-send and for a restart.
