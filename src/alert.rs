@@ -104,7 +104,9 @@ impl ActiveAlert {
             SLOW => (SLOW, "warning"),
             _ => return None,
         };
-        let annotation = |name: &str| alert.annotations.get(name).cloned().unwrap_or_default();
+        // Bounded as this version bounds them: the row may come from an older one.
+        let annotation =
+            |name: &str| alert.annotations.get(name).map(|value| notification::annotation(value)).unwrap_or_default();
         Some(ActiveAlert {
             alertname,
             severity,
