@@ -18,7 +18,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::breaker;
-use crate::exchange::{ErrorClass, Outcome, TradingStatus};
+use crate::exchange::{Endpoint, ErrorClass, Outcome, TradingStatus};
+use crate::store::alerts::Op::{IncidentOpened, IncidentProgress};
+use crate::store::alerts::{Op, Tally};
 use crate::telemetry;
 
 use self::diagnosis::{Actions, Diagnosis, Evidence};
@@ -86,7 +88,10 @@ impl ActiveAlert {
         ];
         notification::Alert {
             labels: labels.into_iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
-            annotations: annotations.into_iter().map(|(name, value)| (name.to_owned(), value.clone())).collect(),
+            annotations: annotations
+                .into_iter()
+                .map(|(name, value)| (name.to_owned(), notification::annotation(value)))
+                .collect(),
             starts_at: self.since,
             ends_at: None,
         }
@@ -99,7 +104,9 @@ impl ActiveAlert {
             SLOW => (SLOW, "warning"),
             _ => return None,
         };
-        let annotation = |name: &str| alert.annotations.get(name).cloned().unwrap_or_default();
+        // Bounded as this version bounds them: the row may come from an older one.
+        let annotation =
+            |name: &str| alert.annotations.get(name).map(|value| notification::annotation(value)).unwrap_or_default();
         Some(ActiveAlert {
             alertname,
             severity,
@@ -131,8 +138,23 @@ impl Metrics {
     }
 }
 
+/// The most bytes of an incident's first or last error.
+const MAX_INCIDENT_ERROR_BYTES: usize = 1024;
+
+/// The polls since the first failed one, while they keep failing or `exchange_api_down` fires: what the incident
+/// counts, so its row and its report agree.
+#[derive(Debug, Clone)]
+struct Streak {
+    /// Wall-clock time just before its first poll: after every call row of the poll before, before any of its own.
+    since: DateTime<Utc>,
+    first_error: Option<String>,
+    /// The streak's calls so far.
+    tally: Tally,
+}
+
 /// One exchange's alert state: the two rules, the evidence for the diagnosis, and the alerts firing now. It logs
-/// each firing and resolution with the scenario and evidence and hands it to the outbox.
+/// each firing and resolution with the scenario and evidence and hands it to the outbox, with the incident's
+/// opening and progress.
 pub struct Engine {
     exchange: String,
     config: Config,
@@ -144,6 +166,11 @@ pub struct Engine {
     last_status: Option<TradingStatus>,
     /// Where firings, changes and resolutions go (sinks, `alert_state`, `incidents`); `None` in unit tests.
     outbox: Option<outbox::Outbox>,
+    streak: Option<Streak>,
+    /// The wall-clock time of the last observation: every call row of earlier polls is older.
+    last_observed: DateTime<Utc>,
+    /// The scenario last recorded on the open incident.
+    incident_scenario: Option<String>,
 }
 
 impl Engine {
@@ -161,6 +188,9 @@ impl Engine {
             metrics,
             last_status: None,
             outbox,
+            streak: None,
+            last_observed: Utc::now(),
+            incident_scenario: None,
         }
     }
 
@@ -174,6 +204,7 @@ impl Engine {
         let now = Instant::now();
         if active.alertname == DOWN {
             self.down.restore_firing(now);
+            self.incident_scenario = Some(active.scenario.clone());
         } else {
             self.slow.restore_firing(now);
         }
@@ -194,49 +225,66 @@ impl Engine {
         actions: &Actions,
     ) {
         for outcome in outcomes {
-            self.evidence.record(now, outcome.endpoint, &outcome.result);
+            self.evidence.record(now, outcome.endpoint, outcome.latency, &outcome.result);
         }
         if let Some(status) = status {
             self.evidence.record_status(now, status.clone());
             self.last_status = Some(status.clone());
         }
-        // While private calls are paused (a lockout, or invalid keys) the exchange cannot be traded on, even
-        // with public calls healthy: every poll counts as failed until they resume and succeed (scenario C).
-        let result = if refused {
-            PollResult::NotPermitted
-        } else if outcomes.iter().filter_map(Outcome::error).any(|error| error.class != ErrorClass::InvalidRequest)
-            || actions.private_paused.is_some()
-        {
-            PollResult::Failed
-        } else {
-            PollResult::Succeeded { latencies: outcomes.iter().map(|outcome| outcome.latency).collect() }
+        let result = poll_result(outcomes, refused, actions);
+        let errors: Vec<String> = outcomes.iter().filter_map(Outcome::error).map(error_text).collect();
+        let poll = Tally {
+            last_error: errors.last().cloned(),
+            failed_calls: errors.len() as i64,
+            total_calls: outcomes.len() as i64,
         };
-        let first_error =
-            outcomes.iter().filter_map(Outcome::error).next().map(|error| match error.exchange_errors.is_empty() {
-                true => format!("{}: {}", error.class, error.message),
-                false => format!("{} {}: {}", error.class, error.exchange_errors.join(", "), error.message),
-            });
+        if result == PollResult::Failed && self.streak.is_none() {
+            self.streak = Some(Streak { since: self.last_observed, first_error: None, tally: Tally::default() });
+        }
+        if let Some(streak) = &mut self.streak {
+            streak.first_error = streak.first_error.take().or_else(|| errors.first().cloned());
+            streak.tally.last_error = poll.last_error.clone().or(streak.tally.last_error.take());
+            streak.tally.failed_calls += poll.failed_calls;
+            streak.tally.total_calls += poll.total_calls;
+        }
+
+        let was_down = self.down.is_firing();
         let down = self.down.observe(now, &result, breaker);
-        self.apply(DOWN, down, now, actions, first_error.clone());
+        let diagnosis =
+            (was_down || down.is_some() || !self.active.is_empty()).then(|| self.evidence.diagnose(now, actions));
+        if was_down && let Some(diagnosis) = &diagnosis {
+            self.record_progress(poll, diagnosis.scenario.as_str());
+        }
+        self.apply(DOWN, down, now, diagnosis.as_ref());
+        if !self.down.is_firing() && matches!(result, PollResult::Succeeded { .. }) {
+            self.streak = None;
+        }
         let slow = self.slow.observe(now, &result, self.down.is_firing());
-        self.apply(SLOW, slow, now, actions, first_error);
+        self.apply(SLOW, slow, now, diagnosis.as_ref());
         // A changed scenario during an incident shows in the status (and on the next resend).
-        if !self.active.is_empty() {
-            let diagnosis = self.evidence.diagnose(now, actions);
+        if let Some(diagnosis) = &diagnosis
+            && !self.active.is_empty()
+        {
             let average = self.slow.average(now);
+            let slow_diagnosis = self.active.contains_key(SLOW).then(|| self.evidence.diagnose_slow(now, average));
             for (alertname, alert) in self.active.iter_mut() {
                 if *alertname == DOWN {
                     alert.scenario = diagnosis.scenario.as_str().to_owned();
                     alert.description = diagnosis.summary.clone();
-                } else if let Some(average) = average {
-                    alert.description = format!("Kraken API response time elevated: {}ms", average.as_millis());
+                    alert.evidence = diagnosis.evidence.clone();
+                } else if let Some(slow) = &slow_diagnosis {
+                    if let Some(average) = average {
+                        alert.description = format!("Kraken API response time elevated: {}ms", average.as_millis());
+                    }
+                    alert.scenario = slow.scenario.as_str().to_owned();
+                    alert.evidence = slow.evidence.clone();
                 }
-                alert.evidence = diagnosis.evidence.clone();
                 if let Some(outbox) = &self.outbox {
                     outbox.update(alert.notification(&self.exchange));
                 }
             }
         }
+        self.last_observed = Utc::now();
     }
 
     /// The alerts firing now.
@@ -248,27 +296,42 @@ impl Engine {
         self.last_status.as_ref()
     }
 
-    fn apply(
-        &mut self,
-        alertname: &'static str,
-        change: Option<Change>,
-        now: Instant,
-        actions: &Actions,
-        first_error: Option<String>,
-    ) {
+    /// One poll's calls (and the scenario, when it changed) added to the open incident.
+    fn record_progress(&mut self, poll: Tally, scenario: &str) {
+        let scenario_changed = self.incident_scenario.as_deref() != Some(scenario);
+        if poll.total_calls == 0 && !scenario_changed {
+            return;
+        }
+        self.incident_scenario = Some(scenario.to_owned());
+        if let Some(outbox) = &self.outbox {
+            outbox.incident_progress(IncidentProgress {
+                provider: self.exchange.clone(),
+                alertname: DOWN.to_owned(),
+                scenario: scenario.to_owned(),
+                tally: poll,
+            });
+        }
+    }
+
+    fn apply(&mut self, alertname: &'static str, change: Option<Change>, now: Instant, diagnosis: Option<&Diagnosis>) {
         let Some(change) = change else { return };
         let exchange = self.exchange.clone();
         match change {
             Change::Fire { reason } => {
-                let diagnosis: Diagnosis = self.evidence.diagnose(now, actions);
-                let (severity, summary, description) = if alertname == DOWN {
-                    ("critical", format!("Exchange API down: {exchange}"), diagnosis.summary.clone())
+                let (severity, summary, description, diagnosis) = if alertname == DOWN {
+                    let diagnosis = match diagnosis {
+                        Some(diagnosis) => diagnosis.clone(),
+                        None => self.evidence.diagnose(now, &Actions::default()),
+                    };
+                    ("critical", format!("Exchange API down: {exchange}"), diagnosis.summary.clone(), diagnosis)
                 } else {
-                    let average = self.slow.average(now).unwrap_or_default();
+                    let average = self.slow.average(now);
+                    let diagnosis = self.evidence.diagnose_slow(now, average);
                     (
                         "warning",
                         "Exchange API Response Time Warning".to_owned(),
-                        format!("Kraken API response time elevated: {}ms", average.as_millis()),
+                        format!("Kraken API response time elevated: {}ms", average.unwrap_or_default().as_millis()),
+                        diagnosis,
                     )
                 };
                 tracing::warn!(
@@ -292,14 +355,19 @@ impl Engine {
                     evidence: diagnosis.evidence,
                     runbook_url: self.config.runbook_url.clone(),
                 };
+                let incident = (alertname == DOWN).then(|| self.opening(&active.scenario));
                 if let Some(outbox) = &self.outbox {
-                    outbox.fire(active.notification(&exchange), &active.scenario, first_error);
+                    outbox.fire(active.notification(&exchange), incident);
                 }
                 self.active.insert(alertname, active);
             }
             Change::Resolve { reason } => {
                 tracing::info!(alertname, exchange, reason, "Alert resolved.");
                 self.metrics.firing.with_label_values(&[alertname, &exchange]).set(0);
+                if alertname == DOWN {
+                    self.streak = None;
+                    self.incident_scenario = None;
+                }
                 if let (Some(active), Some(outbox)) = (self.active.remove(alertname), &self.outbox) {
                     let mut alert = active.notification(&exchange);
                     alert.ends_at = Some(Utc::now());
@@ -307,5 +375,149 @@ impl Engine {
                 }
             }
         }
+    }
+
+    /// The incident `exchange_api_down` opens: from the first failure of the streak that caused it, with the
+    /// streak's calls. Without a streak (the breaker opened on slow calls) it starts with this poll.
+    fn opening(&mut self, scenario: &str) -> Op {
+        let streak = self.streak.get_or_insert_with(|| Streak {
+            since: self.last_observed,
+            first_error: None,
+            tally: Tally::default(),
+        });
+        self.incident_scenario = Some(scenario.to_owned());
+        IncidentOpened {
+            provider: self.exchange.clone(),
+            alertname: DOWN.to_owned(),
+            scenario: scenario.to_owned(),
+            at: streak.since,
+            first_error: streak.first_error.clone(),
+            tally: streak.tally.clone(),
+        }
+    }
+}
+
+/// What one poll tells the rules. Our own errors (`invalid_request`) do not say the exchange is down, and the
+/// breaker ignores them; but a price check that does not succeed, for whatever reason, is a failed poll: with an
+/// endpoint removed or the pair delisted nothing is checked at all, and that must page. Only successful calls'
+/// latencies count for `exchange_api_slow`.
+fn poll_result(outcomes: &[Outcome<()>], refused: bool, actions: &Actions) -> PollResult {
+    if refused {
+        return PollResult::NotPermitted;
+    }
+    let price_check_failed =
+        outcomes.iter().any(|outcome| outcome.endpoint == Endpoint::Ticker && outcome.result.is_err());
+    let exchange_failed =
+        outcomes.iter().filter_map(Outcome::error).any(|error| error.class != ErrorClass::InvalidRequest);
+    // While private calls are paused (a lockout, or invalid keys) the exchange cannot be traded on, even with
+    // public calls healthy: every poll counts as failed until they resume and succeed (scenario C).
+    if price_check_failed || exchange_failed || actions.private_paused.is_some() {
+        PollResult::Failed
+    } else {
+        let latencies =
+            outcomes.iter().filter(|outcome| outcome.result.is_ok()).map(|outcome| outcome.latency).collect();
+        PollResult::Succeeded { latencies }
+    }
+}
+
+/// One failed call in words for the incident row: class, exchange error strings and message, bounded.
+fn error_text(error: &crate::exchange::Error) -> String {
+    let text = if error.exchange_errors.is_empty() {
+        format!("{}: {}", error.class, error.message)
+    } else {
+        format!("{} {}: {}", error.class, error.exchange_errors.join(", "), error.message)
+    };
+    crate::text::bounded(&text, MAX_INCIDENT_ERROR_BYTES).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::exchange::Error;
+
+    const POLL: Duration = Duration::from_secs(30);
+
+    fn outcome(endpoint: Endpoint, millis: u64, class: Option<ErrorClass>) -> Outcome<()> {
+        let result = match class {
+            Some(class) => Err(Error::new(class, "failed")),
+            None => Ok(()),
+        };
+        Outcome { endpoint, latency: Duration::from_millis(millis), result, warnings: Vec::new() }
+    }
+
+    fn engine() -> Engine {
+        Engine::new("kraken", Config::default(), Metrics::new(&telemetry::registry()), None)
+    }
+
+    fn poll(engine: &mut Engine, now: Instant, outcomes: &[Outcome<()>]) {
+        let status = TradingStatus::Online;
+        engine.observe(now, outcomes, Some(&status), false, breaker::State::Closed, &Actions::default());
+    }
+
+    #[test]
+    fn a_price_check_refused_as_our_own_error_on_every_poll_pages() {
+        let mut engine = engine();
+        let start = Instant::now();
+        // The Ticker fails slowly with invalid_request (the breaker ignores it); SystemStatus answers fast.
+        let outcomes = [
+            outcome(Endpoint::Ticker, 9000, Some(ErrorClass::InvalidRequest)),
+            outcome(Endpoint::SystemStatus, 100, None),
+        ];
+        for index in 0..3 {
+            poll(&mut engine, start + POLL * index, &outcomes);
+        }
+        let active = engine.active();
+        assert_eq!(active.iter().map(|alert| alert.alertname).collect::<Vec<_>>(), [DOWN]);
+        assert_eq!(active[0].scenario, "invalid_request");
+        assert_eq!(active[0].reason, "3 consecutive failed polls");
+    }
+
+    #[test]
+    fn failed_calls_never_count_as_successful_latency() {
+        let mut engine = engine();
+        let start = Instant::now();
+        // The price check works; another call fails slowly as our own error: the poll succeeds, but only the
+        // successful call's latency is a sample for exchange_api_slow.
+        let outcomes = [
+            outcome(Endpoint::Ticker, 100, None),
+            outcome(Endpoint::SystemStatus, 9000, Some(ErrorClass::InvalidRequest)),
+        ];
+        for index in 0..12 {
+            poll(&mut engine, start + POLL * index, &outcomes);
+        }
+        assert_eq!(engine.slow.average(start + POLL * 11), Some(Duration::from_millis(100)));
+        assert!(engine.active().is_empty(), "{:?}", engine.active());
+    }
+
+    #[test]
+    fn an_incident_counts_its_streak_from_the_first_failed_poll_until_it_resolves() {
+        let mut engine = engine();
+        let start = Instant::now();
+        let healthy = [outcome(Endpoint::Ticker, 100, None), outcome(Endpoint::SystemStatus, 100, None)];
+        let failing = [
+            outcome(Endpoint::Ticker, 100, Some(ErrorClass::Maintenance)),
+            outcome(Endpoint::SystemStatus, 100, Some(ErrorClass::Maintenance)),
+        ];
+        poll(&mut engine, start, &healthy);
+        let after_the_good_poll = Utc::now();
+        for index in 1..=3 {
+            poll(&mut engine, start + POLL * index, &failing);
+        }
+        assert_eq!(engine.active().len(), 1, "fired on the third failed poll");
+        let streak = engine.streak.clone().expect("a streak while firing");
+        assert!(streak.since <= after_the_good_poll, "the incident starts before its first failed poll's calls");
+        assert_eq!((streak.tally.failed_calls, streak.tally.total_calls), (6, 6));
+        assert_eq!(streak.first_error.as_deref(), Some("maintenance: failed"));
+        // A refused poll sends nothing and counts nothing; recovery polls count until the alert resolves.
+        engine.observe(start + POLL * 4, &[], None, true, breaker::State::Open, &Actions::default());
+        poll(&mut engine, start + POLL * 5, &healthy);
+        assert_eq!(engine.streak.as_ref().map(|streak| streak.tally.total_calls), Some(8));
+        poll(&mut engine, start + POLL * 6, &healthy);
+        assert!(engine.active().is_empty(), "resolved after two successful polls");
+        assert!(engine.streak.is_none());
+        // A failed poll followed by a good one is a streak that ends without an incident.
+        poll(&mut engine, start + POLL * 7, &failing);
+        poll(&mut engine, start + POLL * 8, &healthy);
+        assert!(engine.streak.is_none());
     }
 }

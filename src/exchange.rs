@@ -13,6 +13,7 @@ use async_trait::async_trait;
 use serde::Serialize;
 
 use crate::secret::Secret;
+use crate::text;
 
 /// The settings of one monitored exchange, validated.
 #[derive(Debug, Clone)]
@@ -141,16 +142,24 @@ impl fmt::Display for ErrorClass {
     }
 }
 
+/// The most bytes an error keeps of its message and of each exchange error string: longer text is cut on a
+/// character boundary and marked `… [truncated, N bytes]`, so one oversized answer cannot fill every log line, row,
+/// status page and notification that quotes it.
+pub const MAX_ERROR_TEXT_BYTES: usize = 1024;
+/// The most exchange error strings an error keeps (Kraken sends one or two); the rest are counted in a last entry.
+pub const MAX_EXCHANGE_ERRORS: usize = 4;
+
 /// A classified failure of one call. It keeps the evidence on-call needs: the HTTP status (when an answer
-/// came) and the exchange's own error strings, verbatim. It never holds credentials or signed headers.
+/// came) and the exchange's own error strings, as sent but bounded ([`MAX_ERROR_TEXT_BYTES`] each, at most
+/// [`MAX_EXCHANGE_ERRORS`]) and without control characters. It never holds credentials or signed headers.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{class}: {message}")]
 pub struct Error {
     pub class: ErrorClass,
     pub http_status: Option<u16>,
-    /// The exchange's error strings (`EService:Unavailable`), as sent.
+    /// The exchange's error strings (`EService:Unavailable`), as sent, bounded (see [`Error::with_exchange_errors`]).
     pub exchange_errors: Vec<String>,
-    /// A short, human-readable description, lowercase, without secrets.
+    /// A short, human-readable description, lowercase, without secrets, bounded (see [`Error::new`]).
     pub message: String,
     /// Which credential check failed, for `auth` failures the client could tell apart. The limiter pauses private
     /// calls on the ones that extend a lockout when repeated.
@@ -171,8 +180,10 @@ pub enum AuthFailure {
 }
 
 impl Error {
+    /// The message is made printable and bounded to [`MAX_ERROR_TEXT_BYTES`]: it often quotes the answer.
     pub fn new(class: ErrorClass, message: impl Into<String>) -> Error {
-        Error { class, http_status: None, exchange_errors: Vec::new(), message: message.into(), auth: None }
+        let message = text::external(&message.into(), MAX_ERROR_TEXT_BYTES);
+        Error { class, http_status: None, exchange_errors: Vec::new(), message, auth: None }
     }
 
     pub fn with_status(mut self, status: u16) -> Error {
@@ -180,8 +191,15 @@ impl Error {
         self
     }
 
+    /// Keeps the first [`MAX_EXCHANGE_ERRORS`] strings, each printable and bounded to [`MAX_ERROR_TEXT_BYTES`];
+    /// when there were more, a last entry says how many were left out.
     pub fn with_exchange_errors(mut self, errors: Vec<String>) -> Error {
-        self.exchange_errors = errors;
+        let left_out = errors.len().saturating_sub(MAX_EXCHANGE_ERRORS);
+        self.exchange_errors =
+            errors.iter().take(MAX_EXCHANGE_ERRORS).map(|error| text::external(error, MAX_ERROR_TEXT_BYTES)).collect();
+        if left_out > 0 {
+            self.exchange_errors.push(format!("… [{left_out} more exchange errors not kept]"));
+        }
         self
     }
 }
@@ -365,6 +383,24 @@ mod tests {
             assert_eq!(serde_json::to_value(class).unwrap(), serde_json::json!(class.as_str()));
         }
         assert_eq!(ErrorClass::parse("not_permitted"), None);
+    }
+
+    #[test]
+    fn error_text_is_bounded_and_printable_where_the_error_is_made() {
+        let huge = format!("EGeneral:Internal error:{}", "x".repeat(900_000));
+        let error = Error::new(ErrorClass::ServerError, format!("exchange error {huge}"))
+            .with_exchange_errors(vec![huge.clone(), "EService:Busy\0now".to_owned()]);
+        assert!(error.message.len() <= MAX_ERROR_TEXT_BYTES, "{}", error.message.len());
+        assert!(error.message.starts_with("exchange error EGeneral:Internal error:xxx"), "{}", &error.message[..60]);
+        assert!(error.message.ends_with("… [truncated, 900039 bytes]"), "{}", error.message);
+        assert!(error.exchange_errors[0].len() <= MAX_ERROR_TEXT_BYTES);
+        assert!(error.exchange_errors[0].ends_with("… [truncated, 900024 bytes]"), "{}", error.exchange_errors[0]);
+        assert_eq!(error.exchange_errors[1], "EService:Busy\u{FFFD}now");
+
+        let many = (0..10).map(|index| format!("EGeneral:Error {index}")).collect();
+        let error = Error::new(ErrorClass::ServerError, "many").with_exchange_errors(many);
+        assert_eq!(error.exchange_errors.len(), MAX_EXCHANGE_ERRORS + 1);
+        assert_eq!(error.exchange_errors[MAX_EXCHANGE_ERRORS], "… [6 more exchange errors not kept]");
     }
 
     #[test]

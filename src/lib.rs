@@ -12,6 +12,7 @@
 //!   writer, retention, reports.
 //! - [`alert`]: the alert rules and the diagnosis of the runbook's scenarios.
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
+//! - [`text`]: outside text bounded in bytes and cleaned of control characters.
 
 pub mod alert;
 pub mod app;
@@ -27,3 +28,4 @@ pub mod secret;
 pub mod simulator;
 pub mod store;
 pub mod telemetry;
+pub mod text;

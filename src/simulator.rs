@@ -149,10 +149,14 @@ pub enum Scenario {
     /// The connection is accepted and the request read, and nothing is ever answered (after
     /// [`SILENT_HOLD`] the connection is reset, so a forgotten client cannot hold it forever).
     Silent,
+    /// Every call is a Kraken error whose one string is 900 kB long (`EGeneral:Internal error:` and padding).
+    OversizedError,
+    /// Every call is a Kraken error whose string holds a NUL character.
+    NulError,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 32] = [
+    pub const ALL: [Scenario; 34] = [
         Scenario::Healthy,
         Scenario::Maintenance,
         Scenario::CancelOnly,
@@ -185,6 +189,8 @@ impl Scenario {
         Scenario::UnknownPair,
         Scenario::UnknownMethod,
         Scenario::Silent,
+        Scenario::OversizedError,
+        Scenario::NulError,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -221,6 +227,8 @@ impl Scenario {
             Scenario::UnknownPair => "unknown_pair",
             Scenario::UnknownMethod => "unknown_method",
             Scenario::Silent => "silent",
+            Scenario::OversizedError => "oversized_error",
+            Scenario::NulError => "nul_error",
         }
     }
 
@@ -269,6 +277,7 @@ impl Scenario {
             Scenario::UnknownPair => [None, Some(InvalidRequest), Some(InvalidRequest), None],
             Scenario::UnknownMethod => all(InvalidRequest),
             Scenario::Silent => all(Timeout),
+            Scenario::OversizedError | Scenario::NulError => all(ServerError),
         }
     }
 }
@@ -652,6 +661,8 @@ impl Shared {
                 Some(answer::UNKNOWN_ASSET_PAIR)
             }
             Scenario::UnknownMethod => Some(answer::UNKNOWN_METHOD),
+            Scenario::OversizedError => return answer::oversized_error_answer(),
+            Scenario::NulError => Some(answer::NUL_ERROR),
             _ => None,
         };
         if let Some(error) = scenario_error {
@@ -1556,6 +1567,8 @@ mod tests {
             },
             Scenario::UnknownMethod => KrakenError(200, "EGeneral:Unknown method"),
             Scenario::Silent => Silent,
+            Scenario::OversizedError => KrakenError(200, answer::oversized_error()),
+            Scenario::NulError => KrakenError(200, "EGeneral:Internal error:\0nul"),
         }
     }
 

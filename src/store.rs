@@ -175,6 +175,13 @@ impl CallRecord {
     }
 }
 
+/// Text as every statement binds it, on either backend: NUL and the other control characters replaced (Postgres
+/// `text` cannot hold NUL, and a row refused for it would be refused on every retry), so both backends keep the
+/// same value. Every text column goes through here.
+pub(crate) fn text(value: &str) -> String {
+    crate::text::printable(value).into_owned()
+}
+
 /// The `error_class` of a call the breaker refused.
 pub const NOT_PERMITTED: &str = "not_permitted";
 

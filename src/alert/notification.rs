@@ -86,6 +86,14 @@ pub fn key(exchange: &str, alertname: &str) -> String {
     format!("{exchange}/{alertname}")
 }
 
+/// The most bytes of one annotation: notifications stay small whatever the evidence quotes.
+pub const MAX_ANNOTATION_BYTES: usize = 4096;
+
+/// An annotation's value, bounded to [`MAX_ANNOTATION_BYTES`] (cut on a character boundary and marked).
+pub fn annotation(value: &str) -> String {
+    crate::text::bounded(value, MAX_ANNOTATION_BYTES).into_owned()
+}
+
 fn wire_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -150,6 +158,13 @@ mod tests {
             starts_at: "2026-11-29T04:28:27Z".parse().unwrap(),
             ends_at: None,
         }
+    }
+
+    #[test]
+    fn annotations_are_bounded() {
+        assert_eq!(annotation("short"), "short");
+        let long = annotation(&"x".repeat(100_000));
+        assert!(long.len() <= MAX_ANNOTATION_BYTES && long.ends_with("… [truncated, 100000 bytes]"), "{long}");
     }
 
     #[test]

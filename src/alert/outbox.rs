@@ -254,23 +254,23 @@ impl Outbox {
         self.shared.targets.len()
     }
 
-    /// A new alert fired: remembered as active and queued for every target. `exchange_api_down` also opens the
-    /// incident row.
-    pub fn fire(&self, alert: Alert, scenario: &str, first_error: Option<String>) {
+    /// A new alert fired: remembered as active and queued for every target. `incident` (`exchange_api_down`'s
+    /// [`Op::IncidentOpened`]) opens the incident row first.
+    pub fn fire(&self, alert: Alert, incident: Option<Op>) {
         let shared = &self.shared;
-        if alert.label("alertname") == super::DOWN {
-            shared.record(Op::IncidentOpened {
-                provider: alert.label("exchange").to_owned(),
-                alertname: alert.label("alertname").to_owned(),
-                scenario: scenario.to_owned(),
-                at: alert.starts_at,
-                first_error,
-            });
+        if let Some(incident) = incident {
+            shared.record(incident);
         }
         shared.save_state(&alert);
         let mut state = shared.lock();
         state.active.insert(alert.key(), alert.clone());
         shared.enqueue(&mut state, Kind::Firing, &alert);
+    }
+
+    /// Progress on an open incident ([`Op::IncidentProgress`]: its calls, scenario and latest error), recorded in
+    /// order with the rest.
+    pub fn incident_progress(&self, progress: Op) {
+        self.shared.record(progress);
     }
 
     /// A firing alert's annotations changed (scenario, evidence): kept for the next re-send and for a restart.
@@ -957,7 +957,7 @@ mod tests {
     async fn a_page_the_receiver_rejects_is_sent_again_after_a_pause_and_counted() {
         let receiver = Receiver::answering(&[422]);
         let (outbox, registry, _stop) = started(&[webhook("ops")], &receiver);
-        outbox.fire(alert(), "maintenance", None);
+        outbox.fire(alert(), None);
         run_for(Duration::from_secs(1)).await;
         assert_eq!(receiver.seen().len(), 1, "first attempt rejected");
         assert_eq!(counter(&registry, "exwatch_notifications_rejected_total", "ops"), 1.0);
@@ -1011,9 +1011,9 @@ mod tests {
     async fn a_firing_supersedes_a_resolve_of_the_same_alert_still_queued() {
         let receiver = Receiver::default();
         let (outbox, _registry) = outbox(&[webhook("ops")], &receiver);
-        outbox.fire(alert(), "maintenance", None);
+        outbox.fire(alert(), None);
         outbox.resolve(resolved());
-        outbox.fire(alert(), "maintenance", None);
+        outbox.fire(alert(), None);
         let _stop = start(&outbox);
         run_for(Duration::from_secs(5)).await;
         let firing = ("/ops".to_owned(), "firing".to_owned());
@@ -1031,7 +1031,7 @@ mod tests {
         outbox.shared.lock().peers = PeerView { enabled: true, firing, taken: Some(now), attempted: Some(now) };
         let slow =
             Alert { labels: BTreeMap::from([("alertname".to_owned(), "exchange_api_slow".to_owned())]), ..alert() };
-        outbox.fire(slow, "slow", None);
+        outbox.fire(slow, None);
         let _stop = start(&outbox);
         run_for(Duration::from_secs(5)).await;
         assert_eq!(receiver.seen(), [("/ops".to_owned(), "firing".to_owned())], "the resolve waits, the firing not");

@@ -63,9 +63,11 @@ pub enum Change {
 /// What one poll (or verification step) told the rules.
 #[derive(Debug, Clone, PartialEq)]
 pub enum PollResult {
-    /// Every call that counts succeeded; the latencies of the successful calls.
+    /// Every call that counts succeeded; the latencies of the successful calls only (a failed call's latency is
+    /// never a sample of `exchange_api_slow`).
     Succeeded { latencies: Vec<Duration> },
-    /// A call failed (its class in words, for the reason).
+    /// The exchange failed a call, or the price check did not succeed at all (even as our own `invalid_request`:
+    /// nothing was checked). The engine decides; see `alert::poll_result`.
     Failed,
     /// The breaker refused the poll: nothing was learned about the exchange.
     NotPermitted,

@@ -19,6 +19,27 @@ pub(super) const INTERNAL_ERROR: &str = "EGeneral:Internal error:5";
 pub(super) const UNKNOWN_ASSET_PAIR: &str = "EQuery:Unknown asset pair";
 pub(super) const UNAVAILABLE: &str = "EService:Unavailable";
 pub(super) const BUSY: &str = "EService:Busy";
+/// An internal error whose text holds a NUL, which Postgres `text` refuses.
+pub(super) const NUL_ERROR: &str = "EGeneral:Internal error:\0nul";
+/// The length of [`oversized_error`]: under the client's 1 MiB body limit, so the client must bound it itself.
+pub(super) const OVERSIZED_ERROR_BYTES: usize = 900_000;
+
+/// An internal error string of [`OVERSIZED_ERROR_BYTES`], made once.
+pub(super) fn oversized_error() -> &'static str {
+    static ERROR: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+        let prefix = "EGeneral:Internal error:";
+        format!("{prefix}{}", "x".repeat(OVERSIZED_ERROR_BYTES - prefix.len()))
+    });
+    &ERROR
+}
+
+/// The error-only envelope around [`oversized_error`], made once: serialising 900 kB per call would make the
+/// simulator, not the client, the slow part.
+pub(super) fn oversized_error_answer() -> Answer {
+    static BODY: std::sync::LazyLock<String> =
+        std::sync::LazyLock::new(|| serde_json::json!({ "error": [oversized_error()] }).to_string());
+    Answer::new(StatusCode::OK, JSON, Bytes::from_static(BODY.as_bytes()))
+}
 
 const JSON: &str = "application/json; charset=utf-8";
 const HTML: &str = "text/html; charset=UTF-8";

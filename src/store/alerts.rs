@@ -31,6 +31,7 @@ use tokio_util::sync::CancellationToken;
 use crate::store::connector::Connector;
 use crate::store::database::{Database, Error, query_error};
 use crate::store::spool::{Quarantined, Spool, SpoolError};
+use crate::store::text;
 use crate::telemetry;
 
 /// One undelivered notification for one sink target.
@@ -43,10 +44,25 @@ pub struct OutboxRow {
     pub created_at_ms: i64,
 }
 
+/// Calls counted towards an incident: in its opening, the whole failure streak so far; in a progress, one poll.
+/// Calls the breaker refused were never sent and are never counted.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Tally {
+    /// The latest error of these calls; `None` keeps the one recorded.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Calls sent that failed.
+    pub failed_calls: i64,
+    /// Calls sent.
+    pub total_calls: i64,
+}
+
 /// One write, in the order the alert side made them. Also the recorder spool's line format (inside [`Spooled`]).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Op {
+    /// `at` is the first failure of the streak that caused the incident; `tally` counts the streak's calls (none
+    /// in a line spooled by an older version).
     IncidentOpened {
         provider: String,
         alertname: String,
@@ -54,6 +70,16 @@ pub enum Op {
         at: DateTime<Utc>,
         #[serde(default)]
         first_error: Option<String>,
+        #[serde(default)]
+        tally: Tally,
+    },
+    /// More calls during the open incident of `provider` and `alertname` (one poll's), and its scenario now. Not
+    /// idempotent: a crash between its write and its spool's commit counts that poll twice.
+    IncidentProgress {
+        provider: String,
+        alertname: String,
+        scenario: String,
+        tally: Tally,
     },
     IncidentResolved {
         provider: String,
@@ -81,6 +107,7 @@ impl Op {
     pub fn kind(&self) -> &'static str {
         match self {
             Op::IncidentOpened { .. } => "incident_opened",
+            Op::IncidentProgress { .. } => "incident_progress",
             Op::IncidentResolved { .. } => "incident_resolved",
             Op::OutboxPut(_) => "outbox_put",
             Op::OutboxDone { .. } => "outbox_done",
@@ -92,8 +119,15 @@ impl Op {
     /// Its size in memory, estimated (the enum and its strings), for the queue's byte bound.
     fn bytes(&self) -> u64 {
         let strings: usize = match self {
-            Op::IncidentOpened { provider, alertname, scenario, first_error, .. } => {
-                provider.len() + alertname.len() + scenario.len() + first_error.as_ref().map_or(0, String::len)
+            Op::IncidentOpened { provider, alertname, scenario, first_error, tally, .. } => {
+                provider.len()
+                    + alertname.len()
+                    + scenario.len()
+                    + first_error.as_ref().map_or(0, String::len)
+                    + tally.last_error.as_ref().map_or(0, String::len)
+            }
+            Op::IncidentProgress { provider, alertname, scenario, tally } => {
+                provider.len() + alertname.len() + scenario.len() + tally.last_error.as_ref().map_or(0, String::len)
             }
             Op::IncidentResolved { provider, alertname, .. } => provider.len() + alertname.len(),
             Op::OutboxPut(row) => row.id.len() + row.target.len() + row.kind.len() + row.payload.len(),
@@ -730,22 +764,30 @@ async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// Runs one operation. Each is idempotent, so a replay after a crash (written, not yet committed in the spool)
-/// changes nothing: outbox and state rows are keyed, an incident opens once per start time (and once while open)
-/// and a resolve closes only incidents that started before it.
+/// Runs one operation. Each but an incident's progress is idempotent, so a replay after a crash (written, not yet
+/// committed in the spool) changes nothing: outbox and state rows are keyed, an incident opens (and counts its
+/// streak) once per start time (and once while open) and a resolve closes only incidents that started before it. A
+/// replayed progress counts one poll's calls twice, at worst.
 pub async fn apply(database: &Database, instance: &str, op: &Op) -> Result<(), Error> {
     match op {
-        Op::IncidentOpened { provider, alertname, scenario, at, first_error } => {
+        Op::IncidentOpened { provider, alertname, scenario, at, first_error, tally } => {
             let since = (Utc::now() - *at).to_std().unwrap_or_default() + Duration::from_secs(1);
             let recorded = database.list_incidents(since).await?.into_iter().any(|incident| {
                 &incident.provider == provider
                     && &incident.alertname == alertname
                     && incident.started_at.timestamp_micros() == at.timestamp_micros()
             });
+            // A replayed opening neither opens nor counts again.
             if !recorded {
                 let id = database.open_incident(provider, alertname, scenario, *at, first_error.as_deref()).await?;
+                // Another replica may have opened it first: its calls and ours add up, as in the report.
+                let Tally { last_error, failed_calls, total_calls } = tally;
+                database.update_incident(id, scenario, last_error.as_deref(), *failed_calls, *total_calls).await?;
                 tracing::info!(incident = id, provider, alertname, scenario, "Incident opened.");
             }
+        }
+        Op::IncidentProgress { provider, alertname, scenario, tally } => {
+            database.update_open_incident(provider, alertname, scenario, tally).await?;
         }
         Op::IncidentResolved { provider, alertname, at } => {
             // The open row may predate this process (a restart mid-incident): find it by provider and alert.
@@ -814,18 +856,18 @@ impl Database {
             "INSERT INTO alert_outbox (id, instance, target, kind, payload, created_at_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
             |query| query
-                .bind(&row.id)
-                .bind(instance)
-                .bind(&row.target)
-                .bind(&row.kind)
-                .bind(&row.payload)
+                .bind(text(&row.id))
+                .bind(text(instance))
+                .bind(text(&row.target))
+                .bind(text(&row.kind))
+                .bind(text(&row.payload))
                 .bind(row.created_at_ms)
         );
         Ok(())
     }
 
     pub async fn outbox_done(&self, id: &str) -> Result<(), Error> {
-        execute!(self, "DELETE FROM alert_outbox WHERE id = ?1", |query| query.bind(id));
+        execute!(self, "DELETE FROM alert_outbox WHERE id = ?1", |query| query.bind(text(id)));
         Ok(())
     }
 
@@ -835,7 +877,7 @@ impl Database {
             self,
             (String, String, String, String, i64),
             "SELECT id, target, kind, payload, created_at_ms FROM alert_outbox WHERE instance = ?1 ORDER BY seq",
-            |query| query.bind(instance)
+            |query| query.bind(text(instance))
         );
         Ok(rows
             .into_iter()
@@ -855,14 +897,19 @@ impl Database {
             "INSERT INTO alert_state (instance, exchange, alertname, payload, updated_at_ms) \
              VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (instance, exchange, alertname) \
              DO UPDATE SET payload = excluded.payload, updated_at_ms = excluded.updated_at_ms",
-            |query| query.bind(instance).bind(exchange).bind(alertname).bind(payload).bind(now_ms())
+            |query| query
+                .bind(text(instance))
+                .bind(text(exchange))
+                .bind(text(alertname))
+                .bind(text(payload))
+                .bind(now_ms())
         );
         Ok(())
     }
 
     pub async fn alert_state_clear(&self, instance: &str, exchange: &str, alertname: &str) -> Result<(), Error> {
         execute!(self, "DELETE FROM alert_state WHERE instance = ?1 AND exchange = ?2 AND alertname = ?3", |query| {
-            query.bind(instance).bind(exchange).bind(alertname)
+            query.bind(text(instance)).bind(text(exchange)).bind(text(alertname))
         });
         Ok(())
     }
@@ -890,13 +937,39 @@ impl Database {
         ))
     }
 
+    /// Adds a tally to the open incident of `provider` and `alertname`: its calls, its scenario now, its latest
+    /// error (also the first one if none was recorded). Returns whether an open incident took it.
+    pub async fn update_open_incident(
+        &self,
+        provider: &str,
+        alertname: &str,
+        scenario: &str,
+        tally: &Tally,
+    ) -> Result<bool, Error> {
+        let updated = execute!(
+            self,
+            "UPDATE incidents SET scenario = ?3, last_error = COALESCE(?4, last_error), \
+             first_error = COALESCE(first_error, ?4), \
+             failed_calls = failed_calls + ?5, total_calls = total_calls + ?6 \
+             WHERE provider = ?1 AND alertname = ?2 AND resolved_at IS NULL",
+            |query| query
+                .bind(text(provider))
+                .bind(text(alertname))
+                .bind(text(scenario))
+                .bind(tally.last_error.as_deref().map(text))
+                .bind(tally.failed_calls)
+                .bind(tally.total_calls)
+        );
+        Ok(updated == 1)
+    }
+
     /// The alerts this replica had firing: `(exchange, alertname, payload)`.
     pub async fn alert_state(&self, instance: &str) -> Result<Vec<(String, String, String)>, Error> {
         Ok(fetch_all!(
             self,
             (String, String, String),
             "SELECT exchange, alertname, payload FROM alert_state WHERE instance = ?1 ORDER BY exchange, alertname",
-            |query| query.bind(instance)
+            |query| query.bind(text(instance))
         ))
     }
 }
@@ -955,6 +1028,7 @@ mod tests {
             scenario: "network".into(),
             at: Utc::now(),
             first_error: None,
+            tally: Tally::default(),
         };
         let line = Spooled { version: SPOOL_VERSION, queued_at_ms: 1, op };
         let text = serde_json::to_string(&line).unwrap();

@@ -26,7 +26,7 @@ use sqlx::{Connection as _, QueryBuilder, Row, Sqlite};
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use super::{CallRecord, Config, Sink, WriteError};
+use super::{CallRecord, Config, Sink, WriteError, text};
 use crate::secret::Secret;
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -101,7 +101,7 @@ pub struct Incident {
     pub id: i64,
     pub provider: String,
     pub alertname: String,
-    /// The runbook scenario diagnosed (maintenance, rate_limiting, authentication, network, unknown).
+    /// The runbook scenario diagnosed, kept current while the incident is open (`alert::diagnosis::Scenario`).
     pub scenario: String,
     pub started_at: DateTime<Utc>,
     /// `None` while the incident is open.
@@ -112,19 +112,23 @@ pub struct Incident {
     pub total_calls: i64,
 }
 
-/// What happened during an incident, computed from `api_call_logs` between its start and its end (or now).
+/// What happened during an incident, computed from `api_call_logs` between its start (the first failure of the
+/// streak that caused it) and its end (or now).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct IncidentReport {
     pub incident: Incident,
     /// `resolved_at`, or the time of the report for an open incident.
     pub window_end: DateTime<Utc>,
+    /// Calls sent, and how many of them failed. Calls the breaker refused were never sent: they are counted in
+    /// `not_sent_calls` only, as the incident row counts them.
     pub total_calls: u64,
     pub failed_calls: u64,
+    pub not_sent_calls: u64,
     /// Failed calls per `error_class` (`unclassified` when none was recorded), most first.
     pub failures_by_class: Vec<Count>,
     /// Failed calls per endpoint, most first.
     pub failures_by_endpoint: Vec<Count>,
-    /// Over every call in the window, failed or not; `None` when there were no calls.
+    /// Over every call sent in the window, failed or not; `None` when none was sent.
     pub response_time: Option<Latency>,
     pub first_error: Option<ErrorSample>,
     pub last_error: Option<ErrorSample>,
@@ -369,11 +373,11 @@ impl Database {
                          VALUES ($1, $2, $3, $4, $5, $5) \
                          ON CONFLICT (provider, alertname) WHERE resolved_at IS NULL DO NOTHING RETURNING id",
                     )
-                    .bind(provider)
-                    .bind(alertname)
-                    .bind(scenario)
+                    .bind(text(provider))
+                    .bind(text(alertname))
+                    .bind(text(scenario))
                     .bind(started_at)
-                    .bind(first_error)
+                    .bind(first_error.map(text))
                     .fetch_optional(pool)
                     .await
                     .map_err(query_error)?;
@@ -382,8 +386,8 @@ impl Database {
                         None => sqlx::query_scalar(
                             "SELECT id FROM incidents WHERE provider = $1 AND alertname = $2 AND resolved_at IS NULL",
                         )
-                        .bind(provider)
-                        .bind(alertname)
+                        .bind(text(provider))
+                        .bind(text(alertname))
                         .fetch_optional(pool)
                         .await
                         .map_err(query_error)?,
@@ -395,11 +399,11 @@ impl Database {
                          VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
                          ON CONFLICT (provider, alertname) WHERE resolved_at IS NULL DO NOTHING RETURNING id",
                     )
-                    .bind(provider)
-                    .bind(alertname)
-                    .bind(scenario)
+                    .bind(text(provider))
+                    .bind(text(alertname))
+                    .bind(text(scenario))
                     .bind(sqlite_time(started_at))
-                    .bind(first_error)
+                    .bind(first_error.map(text))
                     .fetch_optional(pool)
                     .await
                     .map_err(query_error)?;
@@ -408,8 +412,8 @@ impl Database {
                         None => sqlx::query_scalar(
                             "SELECT id FROM incidents WHERE provider = ?1 AND alertname = ?2 AND resolved_at IS NULL",
                         )
-                        .bind(provider)
-                        .bind(alertname)
+                        .bind(text(provider))
+                        .bind(text(alertname))
                         .fetch_optional(pool)
                         .await
                         .map_err(query_error)?,
@@ -440,8 +444,8 @@ impl Database {
                  failed_calls = failed_calls + $4, total_calls = total_calls + $5 WHERE id = $1",
             )
             .bind(id)
-            .bind(scenario)
-            .bind(last_error)
+            .bind(text(scenario))
+            .bind(last_error.map(text))
             .bind(failed_calls_delta)
             .bind(total_calls_delta)
             .execute(pool)
@@ -453,8 +457,8 @@ impl Database {
                  failed_calls = failed_calls + ?4, total_calls = total_calls + ?5 WHERE id = ?1",
             )
             .bind(id)
-            .bind(scenario)
-            .bind(last_error)
+            .bind(text(scenario))
+            .bind(last_error.map(text))
             .bind(failed_calls_delta)
             .bind(total_calls_delta)
             .execute(pool)
@@ -650,16 +654,16 @@ impl Database {
             let mut builder = QueryBuilder::<Postgres>::new(INSERT_CALLS);
             builder.push_values(chunk, |mut row, record| {
                 row.push_bind(record.id)
-                    .push_bind(postgres_text(&record.provider))
-                    .push_bind(postgres_text(&record.endpoint))
+                    .push_bind(text(&record.provider))
+                    .push_bind(text(&record.endpoint))
                     .push_bind(record.success)
                     .push_bind(clamp_milliseconds(record.response_time))
-                    .push_bind(record.error_message.as_deref().map(postgres_text))
+                    .push_bind(record.error_message.as_deref().map(text))
                     .push_bind(record.created_at)
                     .push_bind(record.http_status)
-                    .push_bind(record.error_class.as_deref().map(postgres_text))
-                    .push_bind(record.exchange_error.as_deref().map(postgres_text))
-                    .push_bind(postgres_text(&record.instance));
+                    .push_bind(record.error_class.as_deref().map(text))
+                    .push_bind(record.exchange_error.as_deref().map(text))
+                    .push_bind(text(&record.instance));
             });
             builder.push(" ON CONFLICT (id) DO NOTHING");
             builder
@@ -682,16 +686,16 @@ impl Database {
             let mut builder = QueryBuilder::<Sqlite>::new(INSERT_CALLS);
             builder.push_values(chunk, |mut row, record| {
                 row.push_bind(record.id.to_string())
-                    .push_bind(record.provider.clone())
-                    .push_bind(record.endpoint.clone())
+                    .push_bind(text(&record.provider))
+                    .push_bind(text(&record.endpoint))
                     .push_bind(record.success)
                     .push_bind(record.response_time)
-                    .push_bind(record.error_message.clone())
+                    .push_bind(record.error_message.as_deref().map(text))
                     .push_bind(sqlite_time(record.created_at))
                     .push_bind(record.http_status)
-                    .push_bind(record.error_class.clone())
-                    .push_bind(record.exchange_error.clone())
-                    .push_bind(record.instance.clone());
+                    .push_bind(record.error_class.as_deref().map(text))
+                    .push_bind(record.exchange_error.as_deref().map(text))
+                    .push_bind(text(&record.instance));
             });
             builder.push(" ON CONFLICT (id) DO NOTHING");
             builder
@@ -753,11 +757,14 @@ pub async fn run_retention(database: Database, retention: Duration, interval: Du
 impl IncidentReport {
     /// Computes the report from the calls in the incident's window (in any order).
     pub fn from_calls(incident: Incident, window_end: DateTime<Utc>, calls: &[CallRecord]) -> IncidentReport {
+        let is_sent = |call: &&CallRecord| call.error_class.as_deref() != Some(super::NOT_PERMITTED);
+        let not_sent_calls = calls.iter().filter(|call| !is_sent(call)).count() as u64;
+        let calls: Vec<&CallRecord> = calls.iter().filter(is_sent).collect();
         let mut by_class: std::collections::BTreeMap<String, u64> = Default::default();
         let mut by_endpoint: std::collections::BTreeMap<String, u64> = Default::default();
         let mut first_error: Option<&CallRecord> = None;
         let mut last_error: Option<&CallRecord> = None;
-        for call in calls.iter().filter(|call| !call.success) {
+        for call in calls.iter().copied().filter(|call| !call.success) {
             let class = call.error_class.clone().unwrap_or_else(|| "unclassified".to_owned());
             *by_class.entry(class).or_default() += 1;
             *by_endpoint.entry(call.endpoint.clone()).or_default() += 1;
@@ -778,6 +785,7 @@ impl IncidentReport {
             window_end,
             total_calls: calls.len() as u64,
             failed_calls,
+            not_sent_calls,
             failures_by_class: most_first(by_class),
             failures_by_endpoint: most_first(by_endpoint),
             response_time,
@@ -817,11 +825,6 @@ fn ago(duration: Duration) -> DateTime<Utc> {
         .ok()
         .and_then(|delta| Utc::now().checked_sub_signed(delta))
         .map_or(DateTime::UNIX_EPOCH, |time| time.max(DateTime::UNIX_EPOCH))
-}
-
-/// Postgres text cannot hold NUL; an exchange's error text containing one must not get its whole batch rejected.
-fn postgres_text(text: &str) -> String {
-    text.replace('\0', "\u{FFFD}")
 }
 
 /// `response_time` is an `integer` column; 2^31 ms is 24 days, far beyond any timeout.
@@ -1062,6 +1065,24 @@ mod tests {
         assert_eq!((first.endpoint.as_str(), first.error_class.as_deref()), ("Balance", Some("auth")));
         let last = report.last_error.unwrap();
         assert_eq!(last.error_message.as_deref(), Some("Ticker failed at 40"));
+    }
+
+    #[test]
+    fn calls_never_sent_are_counted_apart_and_never_enter_the_percentiles() {
+        let mut refused = call("Ticker", false, 0, Some(crate::store::NOT_PERMITTED), 20);
+        refused.error_message = Some("not sent: circuit breaker open".to_owned());
+        let calls = vec![
+            call("Ticker", false, 900, Some("timeout"), 10),
+            refused.clone(),
+            refused,
+            call("Ticker", true, 1000, None, 30),
+        ];
+        let report = IncidentReport::from_calls(incident(), DateTime::UNIX_EPOCH + TimeDelta::seconds(60), &calls);
+        assert_eq!((report.total_calls, report.failed_calls, report.not_sent_calls), (2, 1, 2));
+        assert_eq!(report.response_time, Some(Latency { p50: 900, p95: 1000, max: 1000 }));
+        let classes: Vec<&str> = report.failures_by_class.iter().map(|count| count.name.as_str()).collect();
+        assert_eq!(classes, ["timeout"]);
+        assert_eq!(report.last_error.unwrap().error_class.as_deref(), Some("timeout"));
     }
 
     #[test]

@@ -54,7 +54,8 @@ pub fn render_incidents(incidents: &[Incident], now: DateTime<Utc>) -> String {
     table(&["ID", "PROVIDER", "ALERTNAME", "SCENARIO", "STARTED", "ENDED", "DURATION"], rows)
 }
 
-/// One incident's report: the incident, call counts, latency, failures by class and endpoint, first and last error.
+/// One incident's report: the incident, call counts (sent, failed, not sent), latency of the calls sent, failures by
+/// class and endpoint, first and last error.
 pub fn render_incident_report(report: &IncidentReport) -> String {
     let incident = &report.incident;
     let mut text = format!(
@@ -70,6 +71,7 @@ pub fn render_incident_report(report: &IncidentReport) -> String {
         vec!["ended".to_owned(), ended],
         vec!["duration".to_owned(), incident_duration(incident, report.window_end)],
         vec!["calls".to_owned(), format!("{} total, {} failed", report.total_calls, report.failed_calls)],
+        vec!["not sent".to_owned(), format!("{} (refused by the circuit breaker)", report.not_sent_calls)],
         vec![
             "response time".to_owned(),
             match report.response_time {
@@ -263,6 +265,7 @@ mod tests {
             window_end: started + TimeDelta::minutes(15),
             total_calls: 41,
             failed_calls: 40,
+            not_sent_calls: 6,
             failures_by_class: vec![Count { name: "maintenance".to_owned(), calls: 40 }],
             failures_by_endpoint: vec![
                 Count { name: "Ticker".to_owned(), calls: 30 },
@@ -282,6 +285,7 @@ mod tests {
             "Incident 7: kraken ExchangeApiDown (scenario maintenance)",
             "duration       15m",
             "41 total, 40 failed",
+            "not sent       6 (refused by the circuit breaker)",
             "p50 120 ms, p95 4800 ms, max 10000 ms",
             "first error    2025-01-15 10:30:00.000Z Ticker class=maintenance EService:Unavailable",
             "last error     none",

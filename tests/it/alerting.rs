@@ -229,3 +229,105 @@ async fn a_scenario_change_during_an_incident_shows_on_the_next_resend() {
     assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
     daemon.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_price_check_refused_as_our_own_bad_request_on_every_poll_pages_within_three_polls() {
+    let start = Instant::now();
+    // A pair Kraken does not list: every Ticker answers `EQuery:Unknown asset pair` (invalid_request), which the
+    // breaker ignores as our own error. SystemStatus stays healthy.
+    let extra = format!("pair = \"NOSUCHPAIR\"\n{}", webhook_only());
+    let daemon = PausedDaemon::start_with("alerting-invalid-request-key", &extra).await;
+    at(start, Duration::from_secs(31)).await;
+    assert!(daemon.capture.received().is_empty(), "two polls do not page");
+    // The third poll, at 60 s, pages.
+    at(start, Duration::from_secs(61)).await;
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
+    let received = daemon.capture.received();
+    let annotations = &received[0].body["alerts"][0]["annotations"];
+    assert_eq!(annotations["scenario"], "invalid_request", "{annotations}");
+    let description = annotations["description"].as_str().unwrap();
+    assert!(
+        description.starts_with("Our request is wrong: endpoint removed, pair delisted or a proxy in the way"),
+        "{description}"
+    );
+    assert!(annotations["evidence"].as_str().unwrap().contains("EQuery:Unknown asset pair"), "{annotations}");
+    let status = daemon.status().await;
+    assert_eq!(status["up"], false, "{status}");
+    // The breaker still ignores our own errors: it is the down rule that pages.
+    assert_eq!(status["breaker"]["state"], "CLOSED", "{status}");
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_oversized_exchange_error_is_capped_in_the_call_log_the_status_and_the_notification() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-oversized-error-key", webhook_only()).await;
+    daemon.simulator.set_scenario(Scenario::OversizedError);
+    at(start, Duration::from_secs(90)).await;
+
+    let failed: Vec<_> =
+        daemon.log.rows().into_iter().filter(|row| row.error_class.as_deref() == Some("server_error")).collect();
+    assert!(failed.len() >= 6, "{}", failed.len());
+    for row in &failed {
+        for text in [row.error_message.as_deref().unwrap(), row.exchange_error.as_deref().unwrap()] {
+            assert!(text.len() <= exwatch::exchange::MAX_ERROR_TEXT_BYTES, "{}", text.len());
+            assert!(text.ends_with(" bytes]") && text.contains("… [truncated, 9000"), "{}", &text[text.len() - 40..]);
+        }
+    }
+
+    let status = daemon.status().await;
+    let status_bytes = status.to_string().len();
+    assert!(status_bytes < 8 * 1024, "/api/v1/status is {status_bytes} bytes");
+    let evidence = status["active_alerts"][0]["evidence"].as_str().unwrap();
+    assert!(evidence.contains("EGeneral:Internal error:xxx") && evidence.contains("[truncated, "), "{evidence}");
+
+    let received = daemon.capture.received();
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
+    assert!(received[0].raw.len() < 16 * 1024, "the notification is {} bytes", received[0].raw.len());
+    for (name, value) in received[0].body["alerts"][0]["annotations"].as_object().unwrap() {
+        let length = value.as_str().unwrap().len();
+        assert!(length <= exwatch::alert::notification::MAX_ANNOTATION_BYTES, "{name}: {length}");
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_key_right_after_maintenance_is_diagnosed_as_authentication_at_once() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-maintenance-then-key", webhook_only()).await;
+    daemon.simulator.set_scenario(Scenario::Maintenance);
+    at(start, Duration::from_secs(61)).await;
+    assert_eq!(daemon.status().await["active_alerts"][0]["scenario"], "maintenance");
+
+    // Kraken is back, but our key is refused: the same incident goes on, for another reason. The maintenance
+    // failures are still most of the five-minute window; what fails now is the key.
+    daemon.simulator.set_scenario(Scenario::InvalidKey);
+    at(start, Duration::from_secs(280)).await;
+    let status = daemon.status().await;
+    let alert = &status["active_alerts"][0];
+    assert_eq!(alert["alertname"], "exchange_api_down", "{status}");
+    assert_eq!(alert["scenario"], "authentication", "{status}");
+    let evidence = alert["evidence"].as_str().unwrap();
+    assert!(evidence.contains("maintenance") && evidence.contains("failing now: Balance auth"), "{evidence}");
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn exchange_api_slow_is_diagnosed_as_slowness_with_where_the_time_goes() {
+    let start = Instant::now();
+    let daemon = PausedDaemon::start_with("alerting-slow-scenario-key", webhook_only()).await;
+    daemon.simulator.set_latency(Duration::from_millis(3500));
+    at(start, Duration::from_secs(360)).await;
+    let received = daemon.capture.received();
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_slow".to_owned())]);
+    let annotations = &received[0].body["alerts"][0]["annotations"];
+    assert_eq!(annotations["scenario"], "slow", "{annotations}");
+    let evidence = annotations["evidence"].as_str().unwrap();
+    assert!(evidence.contains(", 0 failed"), "{evidence}");
+    assert!(
+        evidence.contains("successful calls by endpoint: ") && evidence.contains("Ticker avg 3500 ms"),
+        "{evidence}"
+    );
+    assert_eq!(daemon.status().await["active_alerts"][0]["scenario"], "slow");
+    daemon.stop().await;
+}

@@ -13,6 +13,7 @@ mod delivery;
 mod deploy;
 mod durability;
 mod helpers;
+mod incidents;
 mod outage;
 mod outbound;
 mod paused;

@@ -22,7 +22,7 @@ use crate::helpers::{Capture, SIMULATOR_API_SECRET, metric};
 pub(crate) struct PausedDaemon {
     pub(crate) simulator: Simulator,
     /// The call log, kept in memory.
-    log: Arc<MemorySink>,
+    pub(crate) log: Arc<MemorySink>,
     pub(crate) capture: Capture,
     router: axum::Router,
     cancel: CancellationToken,

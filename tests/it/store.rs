@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, TimeDelta, Utc};
 use exwatch::secret::Secret;
+use exwatch::store::alerts::{OutboxRow, Tally};
 use exwatch::store::database::{self, Count, Latency};
 use exwatch::store::{self, CallRecord, Database, Sink, WriteError, report};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
@@ -122,6 +123,8 @@ on_both_backends!(
     retention_deletes_only_rows_older_than_the_cutoff,
     the_retention_loop_deletes_old_rows_soon_after_start_and_stops_on_cancel,
     write_errors_say_whether_a_retry_can_help,
+    text_with_nul_and_control_characters_is_stored_cleaned_everywhere,
+    an_incident_and_its_report_count_the_same_calls_from_the_first_failure,
 );
 
 /// Microsecond precision: what both backends store.
@@ -409,6 +412,91 @@ async fn an_incident_report_summarises_the_calls_in_its_window(test: &TestDataba
     assert_eq!((report.total_calls, report.failed_calls), (1, 1));
     assert!(report.window_end >= now);
     assert!(database.incident_report(9_999_999).await.unwrap().is_none());
+}
+
+async fn text_with_nul_and_control_characters_is_stored_cleaned_everywhere(test: &TestDatabase) {
+    let database = &test.database;
+    let dirty = "EGeneral:Internal error:\0nul\u{1b}[2J";
+    let clean = "EGeneral:Internal error:\u{FFFD}nul\u{FFFD}[2J";
+    // Postgres refuses NUL in text: before, each of these writes failed, and the recorder retried it forever.
+    let id =
+        database.open_incident("kraken", "exchange_api_down", "exchange_errors", now(), Some(dirty)).await.unwrap();
+    let tally = Tally { last_error: Some(format!("last {dirty}")), failed_calls: 2, total_calls: 2 };
+    assert!(database.update_open_incident("kraken", "exchange_api_down", "exchange_errors", &tally).await.unwrap());
+    database
+        .alert_state_put("pod-a", "kraken", "exchange_api_down", &format!("{{\"evidence\":\"{dirty}\"}}"))
+        .await
+        .unwrap();
+    let row = OutboxRow {
+        id: "n-1".to_owned(),
+        target: "ops".to_owned(),
+        kind: "firing".to_owned(),
+        payload: format!("{{\"evidence\":\"{dirty}\"}}"),
+        created_at_ms: 1,
+    };
+    database.outbox_put("pod-a", &row).await.unwrap();
+    let call = CallRecord { exchange_error: Some(dirty.to_owned()), ..failure("Ticker", now(), "server_error", dirty) };
+    database.insert_batch(std::slice::from_ref(&call)).await.unwrap();
+
+    let incident = database.incident(id).await.unwrap().unwrap();
+    assert_eq!(incident.first_error.as_deref(), Some(clean));
+    assert_eq!(incident.last_error, Some(format!("last {clean}")));
+    let state = database.alert_state("pod-a").await.unwrap();
+    assert_eq!(state, [("kraken".to_owned(), "exchange_api_down".to_owned(), format!("{{\"evidence\":\"{clean}\"}}"))]);
+    let outbox = database.outbox("pod-a").await.unwrap();
+    assert_eq!(outbox[0].payload, format!("{{\"evidence\":\"{clean}\"}}"));
+    let stored = database.recent_calls("kraken", Duration::from_secs(60), 1, true).await.unwrap();
+    assert_eq!(stored[0].exchange_error.as_deref(), Some(clean));
+    assert_eq!(stored[0].error_message.as_deref(), Some(clean));
+}
+
+async fn an_incident_and_its_report_count_the_same_calls_from_the_first_failure(test: &TestDatabase) {
+    let database = &test.database;
+    let first_failure = now() - TimeDelta::minutes(10);
+    let at = |seconds: i64| first_failure + TimeDelta::seconds(seconds);
+    let refused = || CallRecord {
+        response_time: 0,
+        error_message: Some("not sent: circuit breaker open".to_owned()),
+        http_status: None,
+        error_class: Some(store::NOT_PERMITTED.to_owned()),
+        ..failure("Ticker", at(60), "not_permitted", "")
+    };
+    let rows = vec![
+        // The last good poll, just before the streak: not the incident's.
+        CallRecord { response_time: 9_000, ..call("kraken", "Ticker", at(-1)) },
+        // The three failed polls that opened the breaker, then two refused calls, then recovery.
+        failure("Ticker", at(0), "maintenance", "EService:Unavailable"),
+        failure("Ticker", at(30), "maintenance", "EService:Unavailable"),
+        failure("Ticker", at(45), "maintenance", "EService:Unavailable"),
+        refused(),
+        refused(),
+        CallRecord { response_time: 100, ..call("kraken", "Ticker", at(120)) },
+    ];
+    database.insert_batch(&rows).await.unwrap();
+    // As the alert side records it: the opening counts the streak so far, each later poll adds its calls.
+    let opening =
+        Tally { last_error: Some("maintenance EService:Unavailable".to_owned()), failed_calls: 3, total_calls: 3 };
+    let id = database.open_incident("kraken", "exchange_api_down", "maintenance", at(0), Some("first")).await.unwrap();
+    let Tally { last_error, failed_calls, total_calls } = &opening;
+    assert!(
+        database.update_incident(id, "maintenance", last_error.as_deref(), *failed_calls, *total_calls).await.unwrap()
+    );
+    let recovery = Tally { last_error: None, failed_calls: 0, total_calls: 1 };
+    assert!(database.update_open_incident("kraken", "exchange_api_down", "maintenance", &recovery).await.unwrap());
+    assert!(database.resolve_incident(id, at(121)).await.unwrap());
+    let after = database.update_open_incident("kraken", "exchange_api_down", "maintenance", &recovery).await.unwrap();
+    assert!(!after, "resolved");
+
+    let report = database.incident_report(id).await.unwrap().unwrap();
+    let incident = &report.incident;
+    assert_eq!((incident.failed_calls, incident.total_calls), (3, 4));
+    assert_eq!((report.failed_calls, report.total_calls, report.not_sent_calls), (3, 4, 2));
+    assert_eq!(incident.last_error.as_deref(), Some("maintenance EService:Unavailable"));
+    assert_eq!(report.first_error.as_ref().unwrap().created_at, at(0), "the report starts at the first failure");
+    // Refused calls (0 ms) and the call before the streak (9 s) are not in the percentiles.
+    assert_eq!(report.response_time, Some(Latency { p50: 5012, p95: 5012, max: 5012 }));
+    let text = report::render_incident_report(&report);
+    assert!(text.contains("4 total, 3 failed") && text.contains("not sent       2"), "{text}");
 }
 
 async fn retention_deletes_only_rows_older_than_the_cutoff(test: &TestDatabase) {
