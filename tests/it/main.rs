@@ -12,6 +12,7 @@ mod daemon;
 mod delivery;
 mod deploy;
 mod durability;
+mod detection;
 mod helpers;
 mod outage;
 mod paused;
