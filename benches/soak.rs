@@ -63,13 +63,19 @@ impl Sink for CountingSink {
 struct Sample {
     polls: f64,
     rss_kb: f64,
+    /// The process's own memory (heap, stacks): what a leak grows. Total RSS also holds the binary's mapped pages,
+    /// which the kernel may drop and map again when other processes need memory.
+    anon_kb: f64,
     fds: usize,
 }
 
-fn rss_kb() -> f64 {
+/// Resident and anonymous-resident kB: `/proc/self/statm` (resident minus shared, in 4 kB pages).
+fn rss_kb() -> (f64, f64) {
     let statm = std::fs::read_to_string("/proc/self/statm").unwrap_or_default();
-    let resident: f64 = statm.split_whitespace().nth(1).and_then(|pages| pages.parse().ok()).unwrap_or(0.0);
-    resident * 4.0
+    let pages: Vec<f64> = statm.split_whitespace().filter_map(|field| field.parse().ok()).collect();
+    let resident = pages.get(1).copied().unwrap_or(0.0);
+    let shared = pages.get(2).copied().unwrap_or(0.0);
+    (resident * 4.0, (resident - shared) * 4.0)
 }
 
 fn open_fds() -> usize {
@@ -151,7 +157,8 @@ async fn soak(polls: u64) -> Vec<Sample> {
         simulator.set_latency(if fault == 4 { Duration::from_millis(800) } else { Duration::ZERO });
         let done = metric(&router, "exwatch_poll_ticks_total").await;
         if done >= next_sample {
-            samples.push(Sample { polls: done, rss_kb: rss_kb(), fds: open_fds() });
+            let (rss_kb, anon_kb) = rss_kb();
+            samples.push(Sample { polls: done, rss_kb, anon_kb, fds: open_fds() });
             next_sample += 1000.0;
         }
         if done >= polls as f64 {
@@ -173,20 +180,25 @@ fn report(polls: u64, samples: &[Sample], wall: Duration) {
     let warm_up = polls as f64 / 8.0;
     let after: Vec<&Sample> = samples.iter().filter(|sample| sample.polls >= warm_up).collect();
     let rss_slope = slope(&after.iter().map(|sample| (sample.polls / 1000.0, sample.rss_kb)).collect::<Vec<_>>());
+    let anon_slope = slope(&after.iter().map(|sample| (sample.polls / 1000.0, sample.anon_kb)).collect::<Vec<_>>());
     let fd_slope = slope(&after.iter().map(|sample| (sample.polls / 1000.0, sample.fds as f64)).collect::<Vec<_>>());
     println!(
         "## Soak: {polls} polls at 1 s, faults switched every 20 s (paused clock, {:.0} s of wall time)",
         wall.as_secs_f64()
     );
     println!();
-    println!("| polls | RSS (kB) | open fds |");
-    println!("| --- | --- | --- |");
+    println!("| polls | RSS (kB) | anonymous RSS (kB) | open fds |");
+    println!("| --- | --- | --- | --- |");
     for sample in samples {
-        println!("| {:.0} | {:.0} | {} |", sample.polls, sample.rss_kb, sample.fds);
+        println!("| {:.0} | {:.0} | {:.0} | {} |", sample.polls, sample.rss_kb, sample.anon_kb, sample.fds);
     }
     println!();
+    // Growth is what a leak shows; a fall (pages returned or reclaimed) is not one.
+    let verdict = |slope: f64| if slope < 1.0 { "flat" } else { "GROWING" };
     println!(
-        "Slope after {warm_up:.0} polls of warm-up: RSS {rss_slope:+.2} kB per 1,000 polls ({}), open fds {fd_slope:+.3} per 1,000 polls.",
-        if rss_slope.abs() < 1.0 { "flat" } else { "NOT flat" }
+        "Slope after {warm_up:.0} polls of warm-up, per 1,000 polls: anonymous RSS {anon_slope:+.2} kB ({}), RSS \
+         {rss_slope:+.2} kB ({}), open fds {fd_slope:+.3}.",
+        verdict(anon_slope),
+        verdict(rss_slope)
     );
 }
