@@ -155,8 +155,9 @@ pub struct View {
 pub struct Schedule {
     config: Config,
     mode: Mode,
-    /// The regular grid's next slot.
+    /// The regular grid's next slot, and the poll it counts from.
     slot: Instant,
+    anchor: Instant,
     /// The next confirmation poll or recovery action, outside `normal`.
     soon: Option<Instant>,
     /// Failed polls (rate-limited ones included) since the last success.
@@ -177,6 +178,7 @@ impl Schedule {
             config,
             mode: Mode::Normal,
             slot: now,
+            anchor: now,
             soon: None,
             failures: 0,
             suspect: false,
@@ -251,9 +253,9 @@ impl Schedule {
     /// A poll that started at `started` finished at `now` with `poll`; `facts` are those after it.
     pub fn polled(&mut self, started: Instant, now: Instant, poll: Poll, facts: Facts) -> Option<Change> {
         // A regular poll moves the grid on; a fast poll re-anchors it, so the next regular poll is a period later.
-        let anchor = if started >= self.slot { self.slot } else { started };
+        self.anchor = if started >= self.slot { self.slot } else { started };
         self.facts = facts;
-        self.slot = next_slot(anchor, self.period(), now);
+        self.slot = next_slot(self.anchor, self.period(), now);
         match poll {
             Poll::Succeeded => {
                 self.failures = 0;
@@ -294,9 +296,15 @@ impl Schedule {
         self.decide(now, true)
     }
 
-    /// The facts changed without a poll (the breaker's timer, an operator, the rate factor).
+    /// The facts changed without a poll (the breaker's timer, an operator, the rate factor). A new rate factor
+    /// moves the next regular poll to one new period after the last poll (at once, if that is past), so raising
+    /// the factor again resumes polling without waiting out the slow period.
     pub fn refresh(&mut self, now: Instant, facts: Facts) -> Option<Change> {
+        let factor_changed = facts.factor != self.facts.factor;
         self.facts = facts;
+        if factor_changed && self.slot > now {
+            self.slot = (self.anchor + self.period()).max(now);
+        }
         self.decide(now, false)
     }
 
@@ -459,6 +467,20 @@ mod tests {
         let (next, action) = schedule.next();
         assert_eq!(action, Action::Poll);
         assert!(next >= confirming_at + 60 * SECOND, "{:?}", next - confirming_at);
+    }
+
+    #[test]
+    fn a_raised_factor_brings_the_next_regular_poll_back_at_once() {
+        let (mut schedule, start) = schedule();
+        poll_at(&mut schedule, start, Poll::Succeeded, Facts { factor: 0.001, ..closed() });
+        assert_eq!(schedule.next().0, start + 30_000 * SECOND);
+        let restored = start + 40 * SECOND;
+        schedule.refresh(restored, closed());
+        assert_eq!(schedule.next(), (restored, Action::Poll), "30 s after the last poll is past: poll now");
+        // Lowered: the next poll moves out to the new period after the last one.
+        poll_at(&mut schedule, restored, Poll::Succeeded, closed());
+        schedule.refresh(restored + SECOND, Facts { factor: 0.5, ..closed() });
+        assert_eq!(schedule.next().0, restored + 60 * SECOND);
     }
 
     #[test]
