@@ -228,6 +228,7 @@ impl App {
             heartbeat: state.heartbeat.clone(),
             log,
             instance: config.server.instance.clone(),
+            schedule: poller::schedule::Config::new(&config),
         };
         let exchange_count = exchanges.len();
         for exchange in exchanges {

@@ -467,6 +467,22 @@ impl Breaker {
         }
     }
 
+    /// A recovery check made outside the breaker (a cheap public call while OPEN) succeeded: HALF_OPEN now, without
+    /// waiting out the open wait, so the trial (the recovery verification) decides at once. Only from OPEN: an
+    /// operator's FORCED_OPEN stays, and in any other state there is nothing to shorten.
+    pub fn recovery_check_passed(&mut self, now: Instant) -> Vec<Transition> {
+        if self.state != State::Open {
+            return Vec::new();
+        }
+        let reason = format!(
+            "a recovery check succeeded after {} in OPEN",
+            humantime::format_duration(Duration::from_millis(
+                now.saturating_duration_since(self.since).as_millis() as u64
+            ))
+        );
+        vec![self.transition(State::HalfOpen, now, reason)]
+    }
+
     /// When the next timer fires, if any: the caller sleeps until then so HALF_OPEN comes on time.
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.state {
@@ -743,6 +759,14 @@ impl Shared {
         self.lock().next_deadline()
     }
 
+    /// A recovery check succeeded: OPEN becomes HALF_OPEN at once. Returns the state afterwards.
+    pub fn recovery_check_passed(&self) -> State {
+        let mut machine = self.lock();
+        let transitions = machine.recovery_check_passed(Instant::now());
+        self.apply(&mut machine, transitions);
+        machine.state()
+    }
+
     /// An operator's change of state; returns the transition made, if any.
     pub fn force(&self, target: State) -> Option<Transition> {
         let mut machine = self.lock();
@@ -854,6 +878,33 @@ mod tests {
         let (refused, _) = breaker.try_acquire(start + Duration::from_secs(61), 0.5);
         assert_eq!(refused, Err(State::Open));
         assert_eq!(breaker.snapshot(start + Duration::from_secs(61)).not_permitted_calls, 1);
+    }
+
+    #[test]
+    fn a_passed_recovery_check_moves_open_to_half_open_before_the_wait_is_over() {
+        let (mut breaker, start) = breaker(Config::default());
+        for _ in 0..3 {
+            call(&mut breaker, start, failure());
+        }
+        assert_eq!(breaker.state(), State::Open);
+        let checked = start + Duration::from_secs(5);
+        let transitions = breaker.recovery_check_passed(checked);
+        assert_eq!((transitions[0].from, transitions[0].to), (State::Open, State::HalfOpen));
+        assert_eq!(transitions[0].reason, "a recovery check succeeded after 5s in OPEN");
+        // The trial is the breaker's own: permits as configured, and the trial closes it as always.
+        for _ in 0..3 {
+            call(&mut breaker, checked, Call::Success(FAST));
+        }
+        assert_eq!(breaker.state(), State::Closed);
+    }
+
+    #[test]
+    fn a_recovery_check_changes_nothing_outside_open() {
+        let (mut breaker, now) = breaker(Config::default());
+        assert!(breaker.recovery_check_passed(now).is_empty());
+        breaker.force(State::ForcedOpen, now);
+        assert!(breaker.recovery_check_passed(now).is_empty(), "an operator's FORCED_OPEN stays");
+        assert_eq!(breaker.state(), State::ForcedOpen);
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub struct Poll {
     /// A call slower than this logs the runbook's "Slow API response" warning.
     #[serde(serialize_with = "human_duration")]
     pub slow_call_threshold: Duration,
+    /// After a failed poll, the time to the next one until the down rule's streak is reached or a poll succeeds.
+    #[serde(serialize_with = "human_duration")]
+    pub confirm_interval: Duration,
+    /// While the breaker is open or `exchange_api_down` fires, the time between two recovery checks (or polls).
+    #[serde(serialize_with = "human_duration")]
+    pub recovery_check_interval: Duration,
 }
 
 /// One exchange's settings as configured; [`ExchangeView::exchange`] is what the clients are built from.
@@ -839,6 +845,8 @@ impl Reader {
             timeout: self.duration(&mut poll_table, "timeout", Duration::from_secs(10)),
             balance_interval: self.duration(&mut poll_table, "balance_interval", Duration::from_secs(300)),
             slow_call_threshold: self.duration(&mut poll_table, "slow_call_threshold", Duration::from_secs(5)),
+            confirm_interval: self.duration(&mut poll_table, "confirm_interval", Duration::from_secs(2)),
+            recovery_check_interval: self.duration(&mut poll_table, "recovery_check_interval", Duration::from_secs(5)),
         };
         self.finish(poll_table);
         if poll.timeout > poll.interval {

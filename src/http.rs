@@ -140,6 +140,7 @@ async fn status(Extract(state): Extract<State>) -> Response {
                             "failureRate": breaker.failure_rate, "notPermittedCalls": breaker.not_permitted_calls},
                 "rate_limit": {"factor": limiter.factor, "privatePauseReason": limiter.private_pause_reason,
                                "privatePausedForSeconds": limiter.private_paused_for.map(|left| left.as_secs())},
+                "schedule": state.heartbeat.schedule_view(name, now),
                 "active_alerts": active,
             })
         })

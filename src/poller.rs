@@ -5,6 +5,10 @@
 //! client. Ticks that are missed (a slow call, a stalled runtime) are skipped, never bursted. A started poll always
 //! finishes, even during shutdown, so a call and its record are never cut in half. Each tick stamps a heartbeat
 //! that `/health` reads: the daemon is alive while every loop keeps ticking.
+//!
+//! When it acts is [`schedule`]'s decision (a pure state machine): the regular interval while all is well,
+//! confirmation polls seconds apart after a failed poll, and cheap recovery checks while the breaker is open or the
+//! down alert fires. The loop carries the decisions out and reports each result back.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -22,6 +26,10 @@ use crate::store::{CallRecord, writer};
 use crate::telemetry;
 use crate::{alert, breaker};
 
+pub mod schedule;
+
+use self::schedule::{Action, Mode, Schedule};
+
 /// The label value of `error_class` on successful calls.
 const NO_ERROR: &str = "none";
 
@@ -38,6 +46,8 @@ struct Beat {
     exchange: String,
     last: Instant,
     period: Duration,
+    /// The schedule's state after the loop's last action, for `/api/v1/status`.
+    schedule: Option<Schedule>,
 }
 
 /// A loop that has not ticked within its limit.
@@ -61,7 +71,7 @@ impl Heartbeat {
     }
 
     fn register(&self, exchange: &str, now: Instant, period: Duration) {
-        self.lock().push(Beat { exchange: exchange.to_owned(), last: now, period });
+        self.lock().push(Beat { exchange: exchange.to_owned(), last: now, period, schedule: None });
     }
 
     fn beat(&self, exchange: &str, now: Instant, period: Duration) {
@@ -69,6 +79,18 @@ impl Heartbeat {
             beat.last = now;
             beat.period = period;
         }
+    }
+
+    fn schedule(&self, exchange: &str, schedule: &Schedule) {
+        if let Some(beat) = self.lock().iter_mut().find(|beat| beat.exchange == exchange) {
+            beat.schedule = Some(schedule.clone());
+        }
+    }
+
+    /// The poll schedule of `exchange` as of its loop's last action: mode, failed polls, what comes next and when.
+    pub fn schedule_view(&self, exchange: &str, now: Instant) -> Option<schedule::View> {
+        let beats = self.lock();
+        Some(beats.iter().find(|beat| beat.exchange == exchange)?.schedule.as_ref()?.view(now))
     }
 
     /// The loops that have not ticked within `MISSED_INTERVALS` periods of `now`.
@@ -104,6 +126,7 @@ pub struct Metrics {
     system_status: IntGaugeVec,
     ticks: IntCounterVec,
     last_tick: prometheus::GaugeVec,
+    mode: IntGaugeVec,
 }
 
 impl Metrics {
@@ -159,7 +182,16 @@ impl Metrics {
             &["exchange"],
         )
         .expect("valid metric definition");
+        let mode = IntGaugeVec::new(
+            Opts::new(
+                "exwatch_poll_mode",
+                "The poll schedule's mode per exchange, one-hot: normal, confirming, recovering.",
+            ),
+            &["exchange", "mode"],
+        )
+        .expect("valid metric definition");
         Metrics {
+            mode: telemetry::register(registry, mode),
             calls: telemetry::register(registry, calls),
             duration: telemetry::register(registry, duration),
             slow_calls: telemetry::register(registry, slow_calls),
@@ -181,9 +213,31 @@ impl Metrics {
         }
         self.up.with_label_values(&[exchange]).set(0);
         self.ticks.with_label_values(&[exchange]);
+        self.set_mode(exchange, Mode::Normal);
         for status in TradingStatus::KNOWN {
             self.system_status.with_label_values(&[exchange, status]).set(0);
         }
+    }
+
+    fn set_mode(&self, exchange: &str, current: Mode) {
+        for mode in Mode::ALL {
+            self.mode.with_label_values(&[exchange, mode.as_str()]).set(i64::from(mode == current));
+        }
+    }
+
+    /// Records a change of the poll schedule's mode.
+    fn mode_changed(&self, exchange: &str, change: &schedule::Change) {
+        self.set_mode(exchange, change.to);
+        tracing::info!(
+            exchange,
+            from = change.from.as_str(),
+            to = change.to.as_str(),
+            reason = change.reason,
+            failed_polls = change.failed_polls,
+            next = ?change.next,
+            next_in_ms = change.next_in.as_millis() as u64,
+            "Poll schedule changed."
+        );
     }
 
     fn tick(&self, exchange: &str) {
@@ -268,6 +322,8 @@ pub struct Context {
     pub log: writer::Handle,
     /// This replica's name for the `instance` column.
     pub instance: String,
+    /// When to poll, confirm and check (built from `[poll]`, `alerts.down`, `[rate_limit]` and `[breaker]`).
+    pub schedule: schedule::Config,
 }
 
 /// The poll loop of one exchange: limiter, then breaker, then the exchange, for every call.
@@ -278,19 +334,22 @@ pub struct Poller {
     limiter: Arc<Limiter>,
     alerts: Arc<Mutex<alert::Engine>>,
     next_balance: Instant,
+    schedule: Schedule,
 }
 
 impl Poller {
     pub fn new(exchange: Arc<dyn Exchange>, context: Context, control: Control) -> Poller {
         let Control { breaker, limiter, alerts } = control;
         let now = Instant::now();
-        let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus, Endpoint::Depth];
+        let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus, Endpoint::Depth, Endpoint::Time];
         if exchange.has_credentials() {
             endpoints.push(Endpoint::Balance);
         }
         context.metrics.prepare(exchange.name(), &endpoints);
         context.heartbeat.register(exchange.name(), now, context.config.interval);
-        Poller { exchange, context, breaker, limiter, alerts, next_balance: now }
+        let schedule = Schedule::new(context.schedule.clone(), now);
+        context.heartbeat.schedule(exchange.name(), &schedule);
+        Poller { exchange, context, breaker, limiter, alerts, next_balance: now, schedule }
     }
 
     /// The time between polls now: the interval stretched by the rate factor.
@@ -298,8 +357,9 @@ impl Poller {
         self.context.config.interval.div_f64(self.limiter.factor().clamp(0.001, 1.0))
     }
 
-    /// Polls until `cancel` fires. The poll in progress when it fires is finished first. Between polls it also
-    /// wakes for the breaker's timer, so OPEN turns HALF_OPEN on time and the recovery verification runs at once.
+    /// Polls until `cancel` fires, when and as the schedule says (a poll or a recovery check). The action in
+    /// progress when it fires is finished first. Between actions it also wakes for the breaker's timer, so OPEN
+    /// turns HALF_OPEN on time and the recovery verification runs at once.
     pub async fn run(mut self, cancel: CancellationToken) {
         tracing::info!(
             exchange = self.exchange.name(),
@@ -308,36 +368,46 @@ impl Poller {
             private_calls = self.exchange.has_credentials(),
             "Poll loop started."
         );
-        let mut next_poll = Instant::now();
         loop {
             let breaker_deadline = self.breaker.next_deadline();
+            let (due, action) = self.schedule.next();
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
                 () = sleep_until_some(breaker_deadline) => {
                     if self.breaker.advance() == breaker::State::HalfOpen {
                         self.verify().await;
+                    } else {
+                        self.refresh_schedule();
                     }
                 }
                 () = self.breaker.changed() => {
                     if self.breaker.state() == breaker::State::HalfOpen {
                         self.verify().await;
+                    } else {
+                        self.refresh_schedule();
                     }
                 }
-                () = tokio::time::sleep_until(next_poll) => {
-                    self.poll_once().await;
-                    next_poll = next_slot(next_poll, self.period(), Instant::now());
-                }
+                () = tokio::time::sleep_until(due) => match action {
+                    Action::Poll => self.poll_once().await,
+                    Action::Check => self.recovery_check().await,
+                },
             }
         }
         tracing::info!(exchange = self.exchange.name(), "Poll loop stopped.");
     }
 
     /// One poll: Ticker and SystemStatus together, and Balance when it is due, under one breaker permit. In
-    /// HALF_OPEN the poll is the recovery verification instead.
+    /// HALF_OPEN the poll is the recovery verification instead. The schedule learns the poll's result.
     pub async fn poll_once(&mut self) {
-        let name = self.exchange.name().to_owned();
         let started = Instant::now();
+        let result = self.poll(started).await;
+        let change = self.schedule.polled(started, Instant::now(), result, self.facts());
+        self.settle(change);
+    }
+
+    async fn poll(&mut self, started: Instant) -> schedule::Poll {
+        let name = self.exchange.name().to_owned();
         self.context.heartbeat.beat(&name, started, self.period());
         self.context.metrics.tick(&name);
         self.limiter.tick(started);
@@ -350,8 +420,9 @@ impl Poller {
         }
 
         if self.breaker.state() == breaker::State::HalfOpen {
+            // The verification reports itself to the schedule; this slot only moves the grid on.
             self.verify().await;
-            return;
+            return schedule::Poll::NotPermitted;
         }
         let permit = match self.breaker.try_acquire() {
             Ok(permit) => permit,
@@ -364,7 +435,7 @@ impl Poller {
                 }
                 self.context.metrics.up(&name, false);
                 self.alert(&[], None, true);
-                return;
+                return schedule::Poll::NotPermitted;
             }
         };
 
@@ -405,6 +476,68 @@ impl Poller {
         self.context.metrics.up(&name, outcomes[0].result.is_ok() && outcomes[1].result.is_ok());
         self.breaker.record(permit, self.poll_verdict(&outcomes));
         self.alert(&outcomes, trading_status.as_ref(), false);
+        schedule_result(&outcomes)
+    }
+
+    /// The cheap recovery check while the breaker refuses calls: SystemStatus (which must say online) and Time,
+    /// public calls outside the breaker, recorded like any call. Both passing moves the breaker from OPEN to
+    /// HALF_OPEN, and the recovery verification runs at once.
+    async fn recovery_check(&mut self) {
+        let name = self.exchange.name().to_owned();
+        self.context.heartbeat.beat(&name, Instant::now(), self.period());
+        let exchange = self.exchange.as_ref();
+        let limiter = &self.limiter;
+        let status = async {
+            limiter.acquire(Budget::Public).await;
+            exchange.system_status().await
+        };
+        let time = async {
+            limiter.acquire(Budget::Public).await;
+            exchange.server_time().await.erase()
+        };
+        let (status, time) = tokio::join!(status, time);
+        let (status, trading_status) = status_as_call(&status);
+        for outcome in [&status, &time] {
+            self.record(&name, outcome);
+        }
+        if let Some(trading_status) = &trading_status {
+            self.context.metrics.system_status(&name, trading_status);
+        }
+        let passed = status.result.is_ok() && time.result.is_ok();
+        if passed {
+            self.breaker.recovery_check_passed();
+        }
+        let change = self.schedule.checked(Instant::now(), passed, self.facts());
+        self.settle(change);
+        if self.breaker.state() == breaker::State::HalfOpen {
+            self.verify().await;
+        }
+    }
+
+    /// What the schedule decides on: the breaker, the down alert and the rate factor now.
+    fn facts(&self) -> schedule::Facts {
+        let down_firing = self
+            .alerts
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .active()
+            .iter()
+            .any(|alert| alert.alertname == alert::DOWN);
+        schedule::Facts { breaker: self.breaker.state(), down_firing, factor: self.limiter.factor() }
+    }
+
+    /// The breaker changed without a poll (its timer, an operator): the schedule follows.
+    fn refresh_schedule(&mut self) {
+        let change = self.schedule.refresh(Instant::now(), self.facts());
+        self.settle(change);
+    }
+
+    /// Logs and counts a change of mode, and publishes the schedule for the status endpoint.
+    fn settle(&self, change: Option<schedule::Change>) {
+        if let Some(change) = change {
+            self.context.metrics.mode_changed(self.exchange.name(), &change);
+        }
+        self.context.heartbeat.schedule(self.exchange.name(), &self.schedule);
     }
 
     /// Feeds the alert rules with a poll's calls and the breaker's state after it.
@@ -418,10 +551,17 @@ impl Poller {
         engine.observe(now, outcomes, status, refused, self.breaker.state(), &actions);
     }
 
+    /// The recovery verification, and the schedule told how it went.
+    async fn verify(&mut self) {
+        let passed = self.verification().await;
+        let change = self.schedule.verified(Instant::now(), passed, self.facts());
+        self.settle(change);
+    }
+
     /// The runbook's recovery verification as the HALF_OPEN trial: Ticker, Balance (with credentials, unless
     /// private calls are paused), Depth, each under its own trial permit, stopping at the first failure. The breaker
-    /// closes when every step passed and opens again on a failure.
-    async fn verify(&mut self) {
+    /// closes when every step passed and opens again on a failure. Returns whether it passed.
+    async fn verification(&mut self) -> bool {
         let name = self.exchange.name().to_owned();
         let private_paused = self.limiter.private_paused(Instant::now()).is_some();
         let steps = crate::probe::verification_steps(self.exchange.has_credentials() && !private_paused);
@@ -433,7 +573,7 @@ impl Poller {
                 Err(state) => {
                     self.not_permitted(&name, endpoint, state);
                     self.alert(&outcomes, None, outcomes.is_empty());
-                    return;
+                    return false;
                 }
             };
             let budget = if endpoint.is_private() { Budget::Private } else { Budget::Public };
@@ -447,12 +587,13 @@ impl Poller {
             if !passed {
                 tracing::warn!(exchange = name, endpoint = endpoint.as_str(), "Recovery verification failed.");
                 self.alert(&outcomes, None, false);
-                return;
+                return false;
             }
         }
         self.breaker.trial_passed();
         self.alert(&outcomes, None, false);
         tracing::info!(exchange = name, state = self.breaker.state().as_str(), "Recovery verification passed.");
+        true
     }
 
     /// The breaker's view of a poll: the first failure that counts, else a success; latency is the slowest call's.
@@ -486,16 +627,16 @@ pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
     }
 }
 
-/// The next poll's slot: one period after the last, or, when polls overran, the first slot of that grid still
-/// ahead. Missed slots are skipped, never caught up in a burst.
-fn next_slot(previous: Instant, period: Duration, now: Instant) -> Instant {
-    let next = previous + period;
-    if next > now {
-        return next;
+/// A poll as the schedule sees it: a `rate_limited` answer asks for less, any other failure for confirmation.
+fn schedule_result(outcomes: &[Outcome<()>]) -> schedule::Poll {
+    let mut errors = outcomes.iter().filter_map(Outcome::error).peekable();
+    if errors.peek().is_none() {
+        schedule::Poll::Succeeded
+    } else if errors.any(|error| error.class == crate::exchange::ErrorClass::RateLimited) {
+        schedule::Poll::RateLimited
+    } else {
+        schedule::Poll::Failed
     }
-    let behind = now.saturating_duration_since(next).as_nanos();
-    let skipped = behind / period.as_nanos().max(1) + 1;
-    next + period * u32::try_from(skipped).unwrap_or(u32::MAX)
 }
 
 /// SystemStatus as a recorded call: a non-online status is a `maintenance` failure even though the HTTP call
@@ -629,6 +770,14 @@ mod tests {
         exchange: Arc<FakeExchange>,
         breaker_config: breaker::Config,
     ) -> (Poller, Registry, Arc<Heartbeat>, writer::Handle) {
+        poller_with_schedule(exchange, breaker_config, schedule::Config::default())
+    }
+
+    fn poller_with_schedule(
+        exchange: Arc<FakeExchange>,
+        breaker_config: breaker::Config,
+        schedule_config: schedule::Config,
+    ) -> (Poller, Registry, Arc<Heartbeat>, writer::Handle) {
         let registry = telemetry::registry();
         let heartbeat = Arc::new(Heartbeat::new());
         let spool_dir = std::env::temp_dir().join(format!("exwatch-poller-test-{}", uuid::Uuid::now_v7()));
@@ -641,6 +790,7 @@ mod tests {
             heartbeat: heartbeat.clone(),
             log: log.clone(),
             instance: "test".to_owned(),
+            schedule: schedule_config,
         };
         let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
         let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));
@@ -755,16 +905,18 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
-    async fn the_breaker_opens_after_three_failed_polls_and_then_refuses_to_send() {
+    async fn the_breaker_opens_after_three_failed_polls_seconds_apart_and_then_refuses_to_send() {
         let exchange = FakeExchange::new(false);
         *exchange.status.lock().unwrap() = "maintenance";
         let cancel = CancellationToken::new();
         let (poller, registry, _) = poller(exchange.clone());
         let task = tokio::spawn(poller.run(cancel.clone()));
-        // Polls at 0, 30 and 60 s fail; the third opens the breaker; the polls at 90 and 120 s are refused.
-        tokio::time::sleep(Duration::from_secs(61)).await;
+        // Polls at 0, 2 and 4 s fail (each takes 100 ms); the third opens the breaker; the regular poll 30 s after
+        // the last one is refused, and the recovery checks in between (SystemStatus still says maintenance) fail.
+        tokio::time::sleep(Duration::from_millis(4500)).await;
         assert_eq!(sample(&registry, "exwatch_circuit_breaker_state", &[("state", "open")]), 1.0);
-        tokio::time::sleep(Duration::from_secs(59)).await;
+        assert_eq!(sample(&registry, "exwatch_poll_mode", &[("mode", "recovering")]), 1.0);
+        tokio::time::sleep(Duration::from_millis(58_000)).await;
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 3, "no call is sent while OPEN");
@@ -782,12 +934,17 @@ mod tests {
         let breaker_config =
             breaker::Config { wait_duration_in_open: Duration::from_secs(45), ..breaker::Config::default() };
         let cancel = CancellationToken::new();
-        let (poller, registry, _) = poller_with(exchange.clone(), breaker_config);
+        let hourly_checks =
+            schedule::Config { recovery_check_interval: Duration::from_secs(3600), ..schedule::Config::default() };
+        let (poller, registry, _, _) = poller_with_schedule(exchange.clone(), breaker_config, hourly_checks);
         let task = tokio::spawn(poller.run(cancel.clone()));
-        tokio::time::sleep(Duration::from_secs(61)).await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
         *exchange.status.lock().unwrap() = "online";
-        // OPEN at 60 s; HALF_OPEN at 105 s, between two polls, and the verification (Ticker, Depth) runs then.
-        tokio::time::sleep(Duration::from_secs(45)).await;
+        // OPEN at about 4 s; HALF_OPEN at about 49 s, between two polls, and the verification (Ticker, Depth) runs
+        // then. (Recovery checks are hourly here, so only the timer can move the breaker.)
+        tokio::time::sleep(Duration::from_secs(43)).await;
+        assert_eq!(exchange.depth_calls.load(Ordering::SeqCst), 0);
+        tokio::time::sleep(Duration::from_secs(2)).await;
         assert_eq!(exchange.depth_calls.load(Ordering::SeqCst), 1, "the verification ran on the timer");
         assert_eq!(sample(&registry, "exwatch_circuit_breaker_state", &[("state", "closed")]), 1.0);
         cancel.cancel();
@@ -805,8 +962,13 @@ mod tests {
         let cancel = CancellationToken::new();
         let (poller, registry, _) = poller(exchange.clone());
         let task = tokio::spawn(poller.run(cancel.clone()));
-        // OPEN at 60 s, HALF_OPEN at 120 s, the trial's Ticker fails: OPEN again, and Depth is never called.
-        tokio::time::sleep(Duration::from_secs(121)).await;
+        // OPEN after the polls at 0, 2 and 4 s; the recovery check 5 s later passes (SystemStatus and Time answer),
+        // so HALF_OPEN; the trial's Ticker fails: OPEN again, and Depth is never called.
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(
+            sample(&registry, "exwatch_exchange_calls_total", &[("endpoint", "Time"), ("outcome", "success")]),
+            1.0
+        );
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(exchange.depth_calls.load(Ordering::SeqCst), 0);

@@ -11,6 +11,7 @@ mod cli;
 mod daemon;
 mod delivery;
 mod deploy;
+mod detection;
 mod durability;
 mod helpers;
 mod incidents;

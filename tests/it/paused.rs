@@ -109,10 +109,14 @@ pub(crate) async fn at(start: tokio::time::Instant, at: Duration) {
     tokio::time::sleep_until(start + at).await;
 }
 
+/// The schedule held to the regular interval: no confirmation polls (`confirm_interval` = the interval) and no
+/// recovery checks (hourly), so the breaker's own timer path is what this test shows, poll by poll.
+pub(crate) const REGULAR_ONLY: &str = "[poll]\nconfirm_interval = \"30s\"\nrecovery_check_interval = \"1h\"\n";
+
 #[tokio::test(start_paused = true)]
 async fn maintenance_opens_the_breaker_after_three_polls_and_recovery_closes_it() {
     let start = tokio::time::Instant::now();
-    let daemon = PausedDaemon::start("paused-maintenance-key").await;
+    let daemon = PausedDaemon::start_with("paused-maintenance-key", REGULAR_ONLY).await;
     daemon.simulator.set_scenario(Scenario::Maintenance);
 
     // Polls at 0 and 30 s fail; the breaker is still closed.
