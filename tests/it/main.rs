@@ -13,6 +13,7 @@ mod delivery;
 mod deploy;
 mod durability;
 mod helpers;
+mod listener;
 mod outage;
 mod paused;
 mod prometheus;
