@@ -6,8 +6,10 @@
 //! (hyper's own timer), the inactivity timeout, and the metrics and log lines of all of them. When the cap is
 //! reached, the oldest connection that has not sent a byte yet is closed to make room (as nginx reuses its idle
 //! connections), so a probe of `/health` is served even while idle connections fill the cap; only when every
-//! open connection is busy is the new one closed at once. What it deliberately does not do: routing
-//! ([`super::router`]), TLS, HTTP/2.
+//! open connection is busy is the new one closed at once. It keeps accepting rather than pausing at the cap
+//! (tokio's mini-redis waits for a permit before `accept`): a paused listener leaves a probe queued in the
+//! kernel's backlog until it times out, while idle connections keep their places. What it deliberately does not
+//! do: routing ([`super::router`]), TLS, HTTP/2.
 //!
 //! Exhausting its own resources is exwatch's own problem: it is counted here and logged at most once per
 //! [`LOG_INTERVAL`](super::LOG_INTERVAL), and never reaches the exchange's error taxonomy.
