@@ -29,7 +29,7 @@ mod supervisor;
 
 pub struct App {
     config: Config,
-    listener: TcpListener,
+    server: http::serve::Server,
     exchanges: Vec<Arc<dyn Exchange>>,
     state: http::State,
     metrics: poller::Metrics,
@@ -74,6 +74,7 @@ impl App {
             .await
             .with_context(|| format!("cannot listen on {} (server.listen)", config.server.listen))?;
         let registry = telemetry::registry();
+        let server = http::serve::Server::new(listener, config.server.connections.clone(), &registry)?;
         let metrics = poller::Metrics::new(&registry);
         let breaker_metrics = breaker::Metrics::new(&registry);
         let limiter_metrics = limiter::Metrics::new(&registry);
@@ -139,6 +140,7 @@ impl App {
         let (writer, log) = writer::Writer::new(config.database.writer.clone(), sink, writer::Metrics::new(&registry))
             .context("cannot open the call-log spool (database.spool_dir)")?;
         let state = http::State {
+            admin_refusals: http::admin::Refusals::new(&registry),
             registry,
             heartbeat: Arc::new(Heartbeat::new()),
             readiness: Arc::new(Readiness::default()),
@@ -148,7 +150,7 @@ impl App {
         };
         Ok(App {
             config,
-            listener,
+            server,
             exchanges,
             state,
             metrics,
@@ -171,14 +173,14 @@ impl App {
     }
 
     pub fn local_addr(&self) -> SocketAddr {
-        self.listener.local_addr().unwrap_or(self.config.server.listen)
+        self.server.local_addr().unwrap_or(self.config.server.listen)
     }
 
     /// Runs until `cancel` fires (a signal) or a critical task dies. Returns an error naming the task in the second
     /// case (the binary exits 1).
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let App { config, listener, exchanges, state, metrics, writer, log, connector, outbox, recorder } = self;
-        let address = listener.local_addr().context("listener has no local address")?;
+        let App { config, server, exchanges, state, metrics, writer, log, connector, outbox, recorder } = self;
+        let address = server.local_addr().context("listener has no local address")?;
 
         // Every task but HTTP is critical: one that dies fails readiness and cancels `cancel` (supervisor.rs).
         // The stages stop in order: poll loops (on `cancel` itself), then the writer, retention and delivery, then
@@ -248,7 +250,7 @@ impl App {
         let server = tokio::spawn({
             let router = http::router(state.clone());
             let http_stop = http_stop.clone();
-            async move { axum::serve(listener, router).with_graceful_shutdown(http_stop.cancelled_owned()).await }
+            async move { server.run(router, http_stop).await }
         });
         state.readiness.set(true);
         tracing::info!(%address, exchanges = exchange_count, "exwatch is serving.");
@@ -270,8 +272,7 @@ impl App {
         }
         http_stop.cancel();
         match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
-            Ok(Ok(Ok(()))) => tracing::info!("Shutdown complete."),
-            Ok(Ok(Err(error))) => tracing::error!(error = %error, "HTTP server failed."),
+            Ok(Ok(())) => tracing::info!("Shutdown complete."),
             Ok(Err(error)) => tracing::error!(error = %error, "HTTP server task failed."),
             Err(_) => tracing::warn!("HTTP server did not stop in time; exiting."),
         }

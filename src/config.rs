@@ -53,6 +53,9 @@ pub struct Server {
     /// `alerts.runbook_url` is this URL's `/runbook`. Default: `http://` + `listen` (loopback for an unspecified
     /// address).
     pub external_url: String,
+    /// The bounds on connections to `listen`: how many, how long for a request head, how long idle.
+    #[serde(flatten)]
+    pub connections: crate::http::serve::Config,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -816,6 +819,43 @@ impl Reader {
         }
     }
 
+    /// The `[server]` keys that bound connections to `listen`.
+    fn connections(&mut self, table: &mut Table) -> crate::http::serve::Config {
+        use crate::http::serve;
+        let defaults = serve::Config::default();
+        let mut timeout = |this: &mut Self, name: &str, default: Duration| {
+            let value = this.duration(table, name, default);
+            let (low, high) = serve::TIMEOUT_RANGE;
+            if value < low || value > high {
+                let key = table.key(name);
+                this.problem(
+                    &key,
+                    format!(
+                        "{} is out of range; expected {} to {}",
+                        humantime::format_duration(value),
+                        humantime::format_duration(low),
+                        humantime::format_duration(high)
+                    ),
+                );
+                return default;
+            }
+            value
+        };
+        let header_read_timeout = timeout(self, "header_read_timeout", defaults.header_read_timeout);
+        let idle_timeout = timeout(self, "idle_timeout", defaults.idle_timeout);
+        serve::Config {
+            max_connections: self.integer(
+                table,
+                "max_connections",
+                defaults.max_connections,
+                serve::MAX_CONNECTIONS_RANGE,
+            ),
+            header_read_timeout,
+            idle_timeout,
+            fd_reserve: self.integer(table, "fd_reserve", defaults.fd_reserve, serve::FD_RESERVE_RANGE),
+        }
+    }
+
     fn config(&mut self, value: Value) -> Config {
         let mut root = self.table(String::new(), Some(value));
 
@@ -837,6 +877,7 @@ impl Reader {
             },
             None => default_external_url(listen),
         };
+        let connections = self.connections(&mut server);
         self.finish(server);
 
         let mut poll_table = self.section(&mut root, "poll");
@@ -909,7 +950,7 @@ impl Reader {
 
         self.finish(root);
         Config {
-            server: Server { listen, instance, shutdown_grace, external_url },
+            server: Server { listen, instance, shutdown_grace, external_url, connections },
             poll,
             exchanges,
             breaker,
@@ -1100,6 +1141,31 @@ mod tests {
             .to_string();
         assert!(error.contains("admin.token") && error.contains("placeholder"), "{error}");
         assert!(!error.contains("REPLACE_WITH"), "the value is a secret and is never printed: {error}");
+    }
+
+    #[test]
+    fn server_connection_bounds_have_defaults_and_reject_values_out_of_range() {
+        let defaults = Config::default().server.connections;
+        assert_eq!(defaults, crate::http::serve::Config::default());
+        let config = Config::from_toml(
+            "[server]\nmax_connections = 50\nheader_read_timeout = \"2s\"\nidle_timeout = \"5m\"\nfd_reserve = 64\n",
+        )
+        .unwrap();
+        let connections = config.server.connections;
+        assert_eq!(
+            (connections.max_connections, connections.header_read_timeout, connections.idle_timeout),
+            (50, Duration::from_secs(2), Duration::from_secs(300))
+        );
+        assert_eq!(connections.fd_reserve, 64);
+        let error = Config::from_toml(
+            "[server]\nmax_connections = 0\nheader_read_timeout = \"1ms\"\nidle_timeout = \"2h\"\nfd_reserve = 1\n",
+        )
+        .unwrap_err()
+        .to_string();
+        for key in ["server.max_connections", "server.header_read_timeout", "server.idle_timeout", "server.fd_reserve"]
+        {
+            assert!(error.contains(key), "{key} missing from: {error}");
+        }
     }
 
     #[test]

@@ -8,6 +8,8 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State as Extract;
@@ -25,6 +27,7 @@ use crate::store::writer;
 use crate::telemetry;
 
 pub mod admin;
+pub mod serve;
 
 /// What the handlers read. Cheap to clone.
 #[derive(Clone)]
@@ -38,6 +41,8 @@ pub struct State {
     pub admin_token: Option<Secret>,
     /// The call-log writer, whose state `/health` shows as information (never as a failure).
     pub log: Option<writer::Handle>,
+    /// Counts and logs the admin requests refused for want of a valid token.
+    pub admin_refusals: admin::Refusals,
 }
 
 /// Readiness: true from the moment the daemon serves until shutdown begins, or until a critical task fails.
@@ -67,6 +72,34 @@ impl Readiness {
     }
 }
 
+/// The least time between two log lines of one throttled kind; the lines held back are counted in the next.
+pub const LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Lets one log line through per [`LOG_INTERVAL`] for occurrences anyone outside can cause at will (refused admin
+/// calls, connections over the cap), so they cannot flood the log; their metrics still count every one.
+#[derive(Debug, Default)]
+pub struct Throttle {
+    state: Mutex<(Option<Instant>, u64)>,
+}
+
+impl Throttle {
+    /// `Some(held back since the last line)` when a line may be logged at `now`; `None` (and counted) otherwise.
+    pub fn admit(&self, now: Instant) -> Option<u64> {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let (last, suppressed) = &mut *state;
+        match last {
+            Some(last) if now.saturating_duration_since(*last) < LOG_INTERVAL => {
+                *suppressed += 1;
+                None
+            }
+            _ => {
+                *last = Some(now);
+                Some(std::mem::take(suppressed))
+            }
+        }
+    }
+}
+
 /// Without an admin token the admin paths are not mounted at all, so they are 404 like any unknown path.
 pub fn router(state: State) -> axum::Router {
     let mut router = axum::Router::new()
@@ -91,14 +124,17 @@ async fn health(Extract(state): Extract<State>) -> Response {
         .into_iter()
         .map(|(exchange, age)| json!({"exchange": exchange, "seconds_since_tick": age}))
         .collect();
-    // The database's state is information for on-call, never a reason to fail liveness.
+    // The database's state is information for on-call, never a reason to fail liveness. Its error is shown as a
+    // class and a time only: the text names hosts, databases and server messages, and `/health` is unauthenticated
+    // (the text is in the writer's log lines).
     let database = state.log.as_ref().map(|log| {
         let status = log.status();
+        let last_error = status.last_failure.map(|failure| json!({"class": failure.kind, "at": failure.at}));
         json!({
             "up": status.database_up,
             "buffered_rows": status.buffered,
             "spooled_rows": status.spooled,
-            "last_error": status.last_error,
+            "last_error": last_error,
         })
     });
     if stalls.is_empty() {
@@ -202,7 +238,19 @@ mod tests {
             controls: Arc::new(BTreeMap::new()),
             admin_token: None,
             log: None,
+            admin_refusals: admin::Refusals::new(&telemetry::registry()),
         }
+    }
+
+    #[test]
+    fn a_throttle_admits_one_line_per_interval_and_reports_the_ones_held_back() {
+        let throttle = Throttle::default();
+        let start = Instant::now();
+        assert_eq!(throttle.admit(start), Some(0));
+        assert_eq!(throttle.admit(start + Duration::from_millis(10)), None);
+        assert_eq!(throttle.admit(start + Duration::from_millis(999)), None);
+        assert_eq!(throttle.admit(start + LOG_INTERVAL), Some(2));
+        assert_eq!(throttle.admit(start + LOG_INTERVAL * 3), Some(0));
     }
 
     #[tokio::test]

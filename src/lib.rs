@@ -12,6 +12,7 @@
 //!   writer, retention, reports.
 //! - [`alert`]: the alert rules and the diagnosis of the runbook's scenarios.
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
+//! - [`resources`]: the process's open-file limit, and failures for want of file descriptors.
 //! - [`text`]: outside text bounded in bytes and cleaned of control characters.
 
 pub mod alert;
@@ -24,6 +25,7 @@ pub mod http;
 pub mod limiter;
 pub mod poller;
 pub mod probe;
+pub mod resources;
 pub mod secret;
 pub mod simulator;
 pub mod store;

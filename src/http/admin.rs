@@ -7,27 +7,30 @@
 //! which factors are valid); this module only translates HTTP to their calls, logs each change once and never
 //! logs a token, presented or configured.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Request, State as Extract};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, SecondsFormat, Utc};
+use prometheus::{IntCounter, Registry};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::time::Instant;
 
-use super::State;
+use super::{State, Throttle};
 use crate::app::Control;
 use crate::breaker;
 use crate::limiter;
 use crate::secret::Secret;
+use crate::telemetry;
 
 /// The states an operator may force; plain OPEN is the breaker's own decision (use FORCED_OPEN).
 const FORCEABLE: [breaker::State; 5] = [
@@ -108,13 +111,34 @@ async fn require_token(Extract(state): Extract<State>, request: Request, next: N
     match authorize(request.headers(), expected) {
         Ok(()) => next.run(request).await,
         Err(reason) => {
-            tracing::warn!(
-                method = %request.method(),
-                path = request.uri().path(),
-                reason,
-                "Admin API call refused."
-            );
+            state.admin_refusals.refused(request.method(), request.uri().path(), reason, Instant::now());
             Error::new(StatusCode::UNAUTHORIZED, reason).into_response()
+        }
+    }
+}
+
+/// Admin calls refused for want of a valid token: every one counted, at most one log line per
+/// [`LOG_INTERVAL`](super::LOG_INTERVAL), so a client retrying a bad token in a loop cannot flood the log.
+#[derive(Clone)]
+pub struct Refusals {
+    counter: IntCounter,
+    throttle: Arc<Throttle>,
+}
+
+impl Refusals {
+    pub fn new(registry: &Registry) -> Refusals {
+        let counter = IntCounter::new(
+            "exwatch_admin_requests_refused_total",
+            "Admin API requests refused with 401 (missing, malformed or invalid bearer token).",
+        )
+        .expect("valid metric definition");
+        Refusals { counter: telemetry::register(registry, counter), throttle: Arc::new(Throttle::default()) }
+    }
+
+    fn refused(&self, method: &Method, path: &str, reason: &str, now: Instant) {
+        self.counter.inc();
+        if let Some(suppressed) = self.throttle.admit(now) {
+            tracing::warn!(%method, path, reason, suppressed, "Admin API call refused.");
         }
     }
 }
@@ -327,6 +351,71 @@ mod tests {
         assert!(authorize(&headers("Bearer"), &expected).unwrap_err().starts_with("malformed"));
         assert!(authorize(&headers("Bearer "), &expected).unwrap_err().starts_with("malformed"));
         assert!(authorize(&HeaderMap::new(), &expected).unwrap_err().starts_with("missing"));
+    }
+
+    /// Collects what the log would print, for assertions on how often a line appears.
+    #[derive(Clone, Default)]
+    struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn lines(&self, containing: &str) -> Vec<String> {
+            let text = String::from_utf8(self.0.lock().unwrap().clone()).unwrap();
+            text.lines().filter(|line| line.contains(containing)).map(str::to_owned).collect()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refused_admin_calls_are_all_counted_but_logged_at_most_once_per_second_with_the_rest_counted() {
+        use axum::body::Body;
+        use tower::ServiceExt as _;
+
+        let captured = Captured::default();
+        let writer = captured.clone();
+        let subscriber = tracing_subscriber::fmt().with_writer(move || writer.clone()).with_ansi(false).finish();
+        let _guard = tracing::subscriber::set_default(subscriber);
+        let registry = crate::telemetry::registry();
+        let state = State {
+            registry: registry.clone(),
+            heartbeat: Arc::new(crate::poller::Heartbeat::new()),
+            readiness: Arc::new(super::super::Readiness::default()),
+            controls: Arc::new(std::collections::BTreeMap::new()),
+            admin_token: Some(Secret::new("0123456789abcdef")),
+            log: None,
+            admin_refusals: Refusals::new(&registry),
+        };
+        let refuse = |token: &'static str| {
+            let router = super::super::router(state.clone());
+            async move {
+                let request = axum::http::Request::get("/api/admin/rate-limit/kraken")
+                    .header(header::AUTHORIZATION, format!("Bearer {token}"))
+                    .body(Body::empty())
+                    .unwrap();
+                router.oneshot(request).await.unwrap().status()
+            }
+        };
+        for _ in 0..20 {
+            assert_eq!(refuse("wrong-token").await, StatusCode::UNAUTHORIZED);
+        }
+        assert_eq!(captured.lines("Admin API call refused.").len(), 1);
+        tokio::time::advance(crate::http::LOG_INTERVAL).await;
+        assert_eq!(refuse("still-wrong").await, StatusCode::UNAUTHORIZED);
+        let lines = captured.lines("Admin API call refused.");
+        assert_eq!(lines.len(), 2, "{lines:?}");
+        assert!(lines[1].contains("suppressed=19"), "{}", lines[1]);
+        assert!(lines.iter().all(|line| !line.contains("wrong-token") && !line.contains("0123456789abcdef")));
+        let text = crate::telemetry::encode(&registry).unwrap();
+        assert_eq!(crate::telemetry::sample(&text, "exwatch_admin_requests_refused_total", &[]), Some(21.0));
     }
 
     #[test]

@@ -284,6 +284,16 @@ pub struct Status {
     pub spooled: usize,
     /// The error of the last failed attempt, cleared by the next success.
     pub last_error: Option<String>,
+    /// The kind and time of the last failed attempt, cleared with `last_error`: what the unauthenticated `/health`
+    /// shows, since the error's text names hosts, databases and server messages.
+    pub last_failure: Option<Failure>,
+}
+
+/// The kind ([`WriteError::kind`]) and wall-clock time of a failed write attempt.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Failure {
+    pub kind: &'static str,
+    pub at: chrono::DateTime<chrono::Utc>,
 }
 
 /// What a run did, for the shutdown log and tests.
@@ -333,6 +343,7 @@ struct Shared {
     spooled: AtomicUsize,
     database_up: AtomicBool,
     last_error: Mutex<Option<String>>,
+    last_failure: Mutex<Option<Failure>>,
     dropped: AtomicU64,
     metrics: Metrics,
 }
@@ -465,6 +476,7 @@ impl Handle {
             buffered: shared.buffered(memory_rows),
             spooled: shared.spooled.load(Ordering::Relaxed),
             last_error: shared.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone(),
+            last_failure: shared.last_failure.lock().unwrap_or_else(PoisonError::into_inner).clone(),
         }
     }
 }
@@ -567,6 +579,7 @@ impl Writer {
             spooled: AtomicUsize::new(spool.len_rows()),
             database_up: AtomicBool::new(true),
             last_error: Mutex::new(None),
+            last_failure: Mutex::new(None),
             dropped: AtomicU64::new(0),
             metrics,
         });
@@ -750,6 +763,7 @@ impl Writer {
             Ok(()) => {
                 let recovered = !self.shared.database_up.swap(true, Ordering::Relaxed);
                 *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = None;
+                *self.shared.last_failure.lock().unwrap_or_else(PoisonError::into_inner) = None;
                 self.written += count as u64;
                 self.shared.metrics.batch_written(count, duration, recovered);
                 self.finish_chunk().await;
@@ -765,6 +779,8 @@ impl Writer {
                     }
                 };
                 *self.shared.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.to_string());
+                *self.shared.last_failure.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Some(Failure { kind: error.kind(), at: chrono::Utc::now() });
                 self.shared.metrics.batch_failed(count, duration, &error, first, self.backoff);
                 match error {
                     WriteError::Unavailable(_) => Attempt::Retry,

@@ -15,6 +15,7 @@ mod detection;
 mod durability;
 mod helpers;
 mod incidents;
+mod listener;
 mod outage;
 mod outbound;
 mod paused;

@@ -201,6 +201,9 @@ pub(crate) fn classify_transport_error(error: &reqwest::Error, timeout: Duration
     if error.is_redirect() {
         return Error::new(ErrorClass::BadResponse, "redirect loop or too many redirects");
     }
+    if out_of_descriptors(error) {
+        return Error::new(ErrorClass::InvalidRequest, OUT_OF_DESCRIPTORS);
+    }
     let stage = if error.is_connect() {
         "connect failed"
     } else if error.is_body() || error.is_decode() {
@@ -239,6 +242,22 @@ impl std::fmt::Display for Cause {
             Cause::Unknown => formatter.write_str("unknown transport error"),
         }
     }
+}
+
+/// The call could not open a socket because exwatch ran out of file descriptors: exwatch's own fault
+/// (`invalid_request`, which the breaker ignores), never the exchange's `network` failure.
+const OUT_OF_DESCRIPTORS: &str = "exwatch ran out of file descriptors (its own limit, not the exchange's fault)";
+
+/// Whether an I/O error somewhere in the failure's source chain is EMFILE or ENFILE.
+fn out_of_descriptors(error: &(dyn std::error::Error + 'static)) -> bool {
+    let mut source = Some(error);
+    while let Some(cause) = source {
+        if cause.downcast_ref::<std::io::Error>().is_some_and(crate::resources::out_of_descriptors) {
+            return true;
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// Error texts from libraries are short, but a message is bounded whatever a dependency does.
@@ -386,6 +405,57 @@ mod tests {
 
     /// The over-HTTP scenario table's client timeout (tests/it/scenarios.rs).
     const TIMEOUT: Duration = Duration::from_millis(400);
+
+    #[test]
+    fn running_out_of_file_descriptors_anywhere_in_the_chain_is_exwatchs_own_fault() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("client error (Connect)")]
+        struct Connect(#[source] std::io::Error);
+        let emfile = std::io::Error::from_raw_os_error(rustix::io::Errno::MFILE.raw_os_error());
+        assert!(out_of_descriptors(&Connect(emfile)));
+        assert!(!out_of_descriptors(&Connect(std::io::Error::from(std::io::ErrorKind::ConnectionRefused))));
+    }
+
+    const EMFILE_CHILD: &str = "EXWATCH_TEST_EMFILE_CHILD";
+
+    /// A real call whose socket cannot be opened for want of file descriptors. The limit is the process's, so the
+    /// body runs in a child process (this test binary again, with only this test) and the parent checks it passed.
+    #[tokio::test]
+    async fn a_call_that_cannot_open_a_socket_for_want_of_descriptors_is_exwatchs_own_fault_not_network() {
+        const NAME: &str = "exchange::kraken::transport::tests::\
+                            a_call_that_cannot_open_a_socket_for_want_of_descriptors_is_exwatchs_own_fault_not_network";
+        if std::env::var_os(EMFILE_CHILD).is_none() {
+            let output = tokio::process::Command::new(std::env::current_exe().unwrap())
+                .args([NAME, "--exact", "--nocapture", "--test-threads=1"])
+                .env(EMFILE_CHILD, "1")
+                .output()
+                .await
+                .unwrap();
+            let stdout = String::from_utf8_lossy(&output.stdout);
+            assert!(
+                output.status.success() && stdout.contains("1 passed"),
+                "{stdout}\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            return;
+        }
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let base_url = format!("http://{}", listener.local_addr().unwrap());
+        let client = Client::new(&config(&base_url, None), Duration::from_secs(5)).unwrap();
+        let maximum = getrlimit(Resource::Nofile).maximum;
+        setrlimit(Resource::Nofile, Rlimit { current: Some(256), maximum }).unwrap();
+        let mut held = Vec::new();
+        while let Ok(file) = std::fs::File::open("/dev/null") {
+            held.push(file);
+            assert!(held.len() <= 256, "the lowered limit was not enforced");
+        }
+        let error = client.server_time().await.result.unwrap_err();
+        drop(held);
+        assert_eq!(error.class, ErrorClass::InvalidRequest, "{error}");
+        assert_eq!(error.message, OUT_OF_DESCRIPTORS);
+    }
 
     /// Nonces and the send lock are per API key and process-wide. A paused-clock test that waited on a lock
     /// held by another test's runtime would see its timeout fire at once, so every client gets its own key.
