@@ -321,3 +321,48 @@ async fn spool_inspect_lists_a_quarantined_file_and_replay_writes_its_rows() {
     let written: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM api_call_logs").fetch_one(pool).await.unwrap();
     assert_eq!(written, 2);
 }
+
+/// Issue 11 item 8: a 900 kB Kraken error on every call, with the database cut for 60 s, used to grow RSS linearly
+/// (251 MB in 70 s): every row carried the whole string and memory was bounded in rows only. Now the string is cut
+/// to 1 KiB where the error is made and memory is bounded in bytes too.
+#[tokio::test]
+async fn an_oversized_error_keeps_memory_bounded_through_a_sixty_second_database_cut() {
+    crate::helpers::install_tls_provider();
+    let simulator = start_simulator().await;
+    simulator.set_scenario(Scenario::OversizedError);
+    let (url, direct, proxy, _cleanup) = proxied_postgres().await;
+    let directory = tempfile::tempdir().unwrap();
+    let config = write_daemon_config(directory.path(), &simulator.base_url(), &url, "");
+    let daemon = Daemon::start(&config).await;
+    eventually(WAIT, "a failed call logged before the cut", || async {
+        (count(postgres_pool(&direct), "SELECT COUNT(*) FROM api_call_logs").await >= 2).then_some(())
+    })
+    .await;
+
+    proxy.cut();
+    let calls_at_cut = simulator.requests("SystemStatus");
+    let mut peak = 0.0_f64;
+    let mut samples = tokio::time::interval(Duration::from_secs(2));
+    let cut_for = tokio::time::Instant::now() + Duration::from_secs(60);
+    while tokio::time::Instant::now() < cut_for {
+        samples.tick().await;
+        peak = peak.max(daemon.metric("process_resident_memory_bytes", &[]).await);
+    }
+    let calls_in_cut = simulator.requests("SystemStatus") - calls_at_cut;
+    assert!(calls_in_cut >= 10, "the daemon kept calling through the cut: {calls_in_cut} SystemStatus calls");
+    assert!(peak > 0.0 && peak < 40.0 * 1024.0 * 1024.0, "peak RSS {:.1} MB during the cut", peak / 1048576.0);
+
+    proxy.restore();
+    eventually(WAIT, "what the cut held back written", || async {
+        (daemon.metric("exwatch_store_buffered_rows", &[]).await == 0.0
+            && daemon.metric("exwatch_store_spooled_rows", &[]).await == 0.0)
+            .then_some(())
+    })
+    .await;
+    let longest: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(LENGTH(error_message)), 0) FROM api_call_logs")
+        .fetch_one(postgres_pool(&direct))
+        .await
+        .unwrap();
+    assert!((1..=1100).contains(&longest), "error messages are kept to about 1 KiB, longest {longest}");
+    daemon.kill().await;
+}
