@@ -13,7 +13,7 @@ use crate::exchange::{Endpoint, kraken};
 use crate::{http, limiter, telemetry};
 
 /// Statuses the Kraken harness picks from, so most inputs reach the body's classification.
-const STATUSES: [u16; 8] = [200, 200, 200, 200, 404, 429, 502, 520];
+const STATUSES: [u16; 8] = [200, 200, 200, 200, 302, 429, 502, 520];
 /// Content types the Kraken harness picks from.
 const CONTENT_TYPES: [Option<&str>; 4] =
     [Some("application/json; charset=utf-8"), Some("text/html"), Some("text/plain"), None];

@@ -417,7 +417,13 @@ pub fn parse_answer(
     body: &[u8],
     pair: &str,
 ) -> Result<Vec<String>, Error> {
-    let answer = Answer { status, content_type: content_type.map(str::to_owned), server: None, body: body.to_vec() };
+    let answer = Answer {
+        status,
+        content_type: content_type.map(str::to_owned),
+        server: None,
+        redirect_host: None,
+        body: body.to_vec(),
+    };
     let envelope = classify_answer(&answer)?;
     let result = &envelope.result;
     let parsed = match endpoint {

@@ -73,7 +73,7 @@ async fn the_clis_error_for_an_unreachable_daemon_never_shows_the_urls_credentia
         let output = exwatch_with(&arguments, directory.path(), &[]).await;
         assert_ne!(output.code, Some(0), "{arguments:?}: {}", output.stderr);
         assert!(!output.stderr.contains("hunter"), "{arguments:?}: {}", output.stderr);
-        assert!(output.stderr.contains("http://127.0.0.1:1/?token=[redacted]"), "{arguments:?}: {}", output.stderr);
+        assert!(output.stderr.contains("http://127.0.0.1:1/"), "{arguments:?}: {}", output.stderr);
     }
 }
 
