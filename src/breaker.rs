@@ -21,6 +21,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::deadline;
 use crate::exchange::ErrorClass;
 use crate::telemetry;
 
@@ -487,7 +488,7 @@ impl Breaker {
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.state {
             State::Open => self.open_until,
-            State::HalfOpen => Some(self.since + self.config.max_wait_in_half_open),
+            State::HalfOpen => Some(deadline::after(self.since, self.config.max_wait_in_half_open)),
             _ => None,
         }
     }
@@ -502,7 +503,7 @@ impl Breaker {
             State::Closed => vec![self.close(now, reason)],
             State::Open => {
                 let transition = self.transition(State::Open, now, reason);
-                self.open_until = Some(now + self.config.wait_duration_in_open);
+                self.open_until = Some(deadline::after(now, self.config.wait_duration_in_open));
                 vec![transition]
             }
             other => vec![self.transition(other, now, reason)],
@@ -581,7 +582,7 @@ impl Breaker {
         self.openings = self.openings.saturating_add(1);
         let wait = self.open_wait(random);
         let transition = self.transition(State::Open, now, reason);
-        self.open_until = Some(now + wait);
+        self.open_until = Some(deadline::after(now, wait));
         vec![transition]
     }
 
@@ -905,6 +906,20 @@ mod tests {
         breaker.force(State::ForcedOpen, now);
         assert!(breaker.recovery_check_passed(now).is_empty(), "an operator's FORCED_OPEN stays");
         assert_eq!(breaker.state(), State::ForcedOpen);
+    }
+
+    #[test]
+    fn waits_beyond_the_clocks_range_saturate_instead_of_panicking() {
+        let config =
+            Config { wait_duration_in_open: Duration::MAX, max_wait_in_half_open: Duration::MAX, ..Config::default() };
+        let (mut breaker, start) = breaker(config);
+        for poll in 0..3 {
+            call(&mut breaker, start + Duration::from_secs(30 * poll), failure());
+        }
+        assert_eq!(breaker.state(), State::Open);
+        assert_eq!(breaker.next_deadline(), Some(start + Duration::from_secs(60) + deadline::FAR_FUTURE));
+        breaker.force(State::HalfOpen, start);
+        assert_eq!(breaker.next_deadline(), Some(start + deadline::FAR_FUTURE));
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App};
 use crate::config::Config;
-use crate::secret::Secret;
+use crate::secret::{Secret, redact_url};
 use crate::simulator::{self, Scenario};
 use crate::store::{Database, replay, report};
 use crate::telemetry;
@@ -330,6 +330,13 @@ async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     for warning in config.warnings() {
         tracing::warn!(warning = %warning, "Part of exwatch is off.");
     }
+    for variable in &config.ignored_variables {
+        tracing::warn!(
+            variable,
+            "Environment variable ignored: settings take two underscores after EXWATCH (EXWATCH__SECTION__KEY)."
+        );
+    }
+    config.check_writable_paths()?;
     let app = App::build(config).await?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signals(cancel.clone()));
@@ -347,6 +354,10 @@ fn check_config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     for warning in config.warnings() {
         eprintln!("exwatch: warning: {warning}");
     }
+    for variable in &config.ignored_variables {
+        eprintln!("exwatch: warning: {variable} is ignored: settings take two underscores after EXWATCH");
+    }
+    config.check_writable_paths()?;
     print!("{}", config.to_redacted_toml());
     Ok(ExitCode::SUCCESS)
 }
@@ -428,7 +439,7 @@ impl AdminClient {
     ) -> anyhow::Result<serde_json::Value> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .map_err(|()| anyhow::anyhow!("--url {} cannot be a base URL", self.base))?
+            .map_err(|()| anyhow::anyhow!("--url {} cannot be a base URL", redact_url(&self.base)))?
             .pop_if_empty()
             .extend(["api", "admin", resource, &self.exchange])
             .extend(action);

@@ -17,7 +17,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 
 use crate::exchange::{self, Credentials, ErrorClass, Kind};
-use crate::secret::Secret;
+use crate::secret::{Secret, redact_url};
 use crate::{alert, breaker, limiter, store};
 
 /// Public calls in one poll: Ticker and SystemStatus.
@@ -38,6 +38,10 @@ pub struct Config {
     pub database: store::Config,
     pub admin: Admin,
     pub log: Log,
+    /// Environment variables that look like settings but are ignored (`EXWATCH_POLL__INTERVAL`, one underscore):
+    /// `run` logs a warning for each at start, naming the variable, never its value.
+    #[serde(skip)]
+    pub ignored_variables: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -85,6 +89,7 @@ pub struct Poll {
 pub struct ExchangeView {
     pub name: String,
     pub kind: Kind,
+    /// Shown without credentials (user information, query values).
     pub base_url: String,
     pub pair: String,
     pub depth_count: u32,
@@ -154,25 +159,34 @@ impl Config {
             }),
             None => Value::Object(Map::new()),
         };
-        let environment = read_environment_layer(environment).unwrap_or_else(|problem| {
+        let names: Vec<String> = match &environment {
+            Some(map) => map.keys().cloned().collect(),
+            None => std::env::vars_os().filter_map(|(name, _)| name.into_string().ok()).collect(),
+        };
+        let mut environment = read_environment_layer(environment).unwrap_or_else(|problem| {
             problems.push(problem);
             Value::Object(Map::new())
         });
         if !problems.is_empty() {
             return Err(Error { problems });
         }
+        let gaps = take_index_gaps(&file, &mut environment, "");
         let mut merged = file;
         merge(&mut merged, environment);
-        Config::from_value(merged)
+        let result = Config::from_value(merged).map(|mut config| {
+            config.ignored_variables = ignored_variables(&names);
+            config
+        });
+        match result {
+            Ok(config) if gaps.is_empty() => Ok(config),
+            Ok(_) => Err(Error { problems: gaps }),
+            Err(error) => Err(Error { problems: gaps.into_iter().chain(error.problems).collect() }),
+        }
     }
 
     /// Parses a TOML document (no environment); for tests and examples.
     pub fn from_toml(text: &str) -> Result<Config, Error> {
-        let value = config::Config::builder()
-            .add_source(config::File::from_str(text, config::FileFormat::Toml))
-            .build()
-            .and_then(|built| built.try_deserialize::<Value>())
-            .map_err(|error| Error { problems: vec![format!("cannot parse configuration: {error}")] })?;
+        let value = parse_toml(text, "configuration").map_err(|problem| Error { problems: vec![problem] })?;
         Config::from_value(value)
     }
 
@@ -212,6 +226,15 @@ impl Config {
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|error| format!("# cannot render configuration: {error}\n"))
+    }
+
+    /// Checks at start what validation of the text cannot: that `database.spool_dir` can be written. Without it an
+    /// unwritable spool shows only during a database outage, when rows have nowhere else to go.
+    pub fn check_writable_paths(&self) -> Result<(), Error> {
+        let directory = &self.database.writer.spool_dir;
+        writable_directory(directory).map_err(|reason| Error {
+            problems: vec![format!("`database.spool_dir`: {} {reason}", directory.display())],
+        })
     }
 
     pub fn exchange_configs(&self) -> Vec<exchange::Config> {
@@ -273,11 +296,69 @@ fn host_name() -> String {
 fn read_file_layer(path: &Path) -> Result<Value, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|error| format!("cannot read configuration file {}: {error}", path.display()))?;
+    parse_toml(&text, &format!("configuration file {}", path.display()))
+}
+
+/// Parses TOML settings. A syntax error names the line, the column and, when the line has one, the key, but never
+/// the line's text: after `api_secret = "...` with its closing quote missing, the text is the secret.
+fn parse_toml(text: &str, origin: &str) -> Result<Value, String> {
+    if let Err(error) = text.parse::<toml::Table>() {
+        return Err(toml_syntax_error(text, origin, &error));
+    }
     config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Toml))
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .build()
         .and_then(|built| built.try_deserialize::<Value>())
-        .map_err(|error| format!("cannot parse configuration file {}: {error}", path.display()))
+        // The `config` crate's own message may quote the document, so it is not passed on.
+        .map_err(|_| format!("cannot parse {origin}"))
+}
+
+/// The position and the parser's description of a TOML syntax error, without any of the document's text but the
+/// key of the line it is on.
+fn toml_syntax_error(text: &str, origin: &str, error: &toml::de::Error) -> String {
+    let mut problem = format!("cannot parse {origin}");
+    if let Some(span) = error.span() {
+        let start = span.start.min(text.len());
+        let before = text.get(..start).unwrap_or(text);
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |newline| newline + 1);
+        let column = before[line_start..].chars().count() + 1;
+        problem.push_str(&format!(" at line {line}, column {column}"));
+        let line_text = text[line_start..].lines().next().unwrap_or_default();
+        if let Some(key) = line_key(line_text) {
+            problem.push_str(&format!(" (key `{key}`"));
+            if let Some(header) = before[..line_start].lines().rev().find_map(table_header) {
+                problem.push_str(&format!(" in {header}"));
+            }
+            problem.push(')');
+        }
+    }
+    // The parser's descriptions are its grammar ("invalid basic string, expected `\"`"), never the input.
+    let message: String = error.message().chars().take(200).collect();
+    problem.push_str(&format!(": {message}"));
+    problem
+}
+
+/// A table header line (`[poll]`, `[[exchanges]]`) with a plain name.
+fn table_header(line: &str) -> Option<&str> {
+    let header = line.trim();
+    let name = header.trim_start_matches('[').trim_end_matches(']');
+    let plain = header.starts_with('[')
+        && header.ends_with(']')
+        && !name.is_empty()
+        && name.len() <= 100
+        && name.chars().all(|character| character.is_ascii_alphanumeric() || "_-.".contains(character));
+    plain.then_some(header)
+}
+
+/// The key a TOML line assigns (`api_secret` of `api_secret = "...`), when it is a plain (dotted) key.
+fn line_key(line: &str) -> Option<&str> {
+    let (key, _) = line.split_once('=')?;
+    let key = key.trim();
+    let plain = !key.is_empty()
+        && key.len() <= 100
+        && key.chars().all(|character| character.is_ascii_alphanumeric() || "_-.".contains(character));
+    plain.then_some(key)
 }
 
 fn read_environment_layer(environment: Option<HashMap<String, String>>) -> Result<Value, String> {
@@ -294,6 +375,77 @@ fn read_environment_layer(environment: Option<HashMap<String, String>>) -> Resul
         .try_deserialize::<Value>()
         .map_err(|error| format!("cannot read {ENV_PREFIX}__* environment variables: {error}"))?;
     Ok(value)
+}
+
+/// The top-level sections, to tell a mistyped setting (`EXWATCH_POLL__INTERVAL`) from an unrelated variable.
+const SECTIONS: [&str; 9] =
+    ["SERVER", "POLL", "EXCHANGES", "BREAKER", "RATE_LIMIT", "ALERTS", "DATABASE", "ADMIN", "LOG"];
+
+/// The variables that name a section after a single underscore (`EXWATCH_POLL__INTERVAL`): the environment layer
+/// ignores them, so the operator is told.
+fn ignored_variables(names: &[String]) -> Vec<String> {
+    let single = format!("{ENV_PREFIX}_");
+    let double = format!("{ENV_PREFIX}__");
+    let mut ignored: Vec<String> = names
+        .iter()
+        .filter(|name| !name.starts_with(&double))
+        .filter(|name| {
+            name.strip_prefix(&single).is_some_and(|rest| {
+                SECTIONS.iter().any(|section| {
+                    rest.strip_prefix(section).is_some_and(|after| after.is_empty() || after.starts_with('_'))
+                })
+            })
+        })
+        .cloned()
+        .collect();
+    ignored.sort();
+    ignored
+}
+
+/// Finds and removes environment list entries whose index leaves a gap (`EXWATCH__EXCHANGES__5__API_KEY` when the
+/// file lists no exchange): each is reported with its variable, instead of being renumbered or read as a key.
+fn take_index_gaps(base: &Value, overlay: &mut Value, path: &str) -> Vec<String> {
+    let Value::Object(entries) = overlay else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    let is_list = !entries.is_empty() && entries.keys().all(|key| key.parse::<usize>().is_ok());
+    if is_list {
+        let length = match base {
+            Value::Array(items) => items.len(),
+            _ => 0,
+        };
+        let mut indices: Vec<usize> = entries.keys().filter_map(|key| key.parse().ok()).collect();
+        indices.sort_unstable();
+        let mut next = length;
+        for index in indices {
+            let key = index.to_string();
+            if index < length || index == next {
+                next = next.max(index + 1);
+                if let Some(entry) = entries.get_mut(&key) {
+                    let element = match base {
+                        Value::Array(items) => items.get(index).unwrap_or(&Value::Null),
+                        _ => &Value::Null,
+                    };
+                    problems.extend(take_index_gaps(element, entry, &format!("{path}__{key}")));
+                }
+                continue;
+            }
+            entries.remove(&key);
+            let list = path.trim_start_matches("__").to_lowercase().replace("__", ".");
+            problems.push(format!(
+                "`{ENV_PREFIX}{}__{index}__…`: index {index} leaves a gap: `{list}` has {length} entries before the \
+                 environment, so the next index is {next}",
+                path.to_uppercase()
+            ));
+        }
+    } else {
+        for (key, value) in entries.iter_mut() {
+            let element = base.get(key).unwrap_or(&Value::Null);
+            problems.extend(take_index_gaps(element, value, &format!("{path}__{key}")));
+        }
+    }
+    problems
 }
 
 /// Deep-merges `overlay` into `base`. An overlay table whose keys are all indices (`exchanges.0.api_key` from the
@@ -350,6 +502,12 @@ impl Reader {
         self.problems.push(format!("`{key}`: {message}"));
     }
 
+    /// Whether none of `keys` has a problem yet: a check across keys compares given values, never the default a
+    /// bad value fell back to.
+    fn valid(&self, keys: &[&str]) -> bool {
+        !self.problems.iter().any(|problem| keys.iter().any(|key| problem.starts_with(&format!("`{key}`:"))))
+    }
+
     fn table(&mut self, path: String, value: Option<Value>) -> Table {
         match value {
             None => Table { path, entries: Map::new() },
@@ -401,12 +559,21 @@ impl Reader {
         }
     }
 
+    /// A duration above zero and at most the key's [`duration_limit`], so no deadline computed from it can
+    /// overflow.
     fn duration(&mut self, table: &mut Table, name: &str, default: Duration) -> Duration {
+        let limit = duration_limit(&table.key(name));
         self.parsed(table, name, default, |text| {
             let duration = humantime::parse_duration(text).map_err(|error| {
                 format!("invalid duration {text:?} ({error}); use forms like \"250ms\", \"30s\", \"5m\"")
             })?;
-            if duration.is_zero() { Err("must be greater than zero".to_owned()) } else { Ok(duration) }
+            if duration.is_zero() {
+                Err(format!("must be greater than zero (got {text:?})"))
+            } else if duration > limit {
+                Err(format!("{text:?} is above the maximum of {}", humantime::format_duration(limit)))
+            } else {
+                Ok(duration)
+            }
         })
     }
 
@@ -578,9 +745,9 @@ impl Reader {
         let evidence_window = self.duration(&mut table, "evidence_window", defaults.evidence_window);
         let runbook_url =
             self.string(&mut table, "runbook_url").unwrap_or_else(|| format!("{external_url}{RUNBOOK_PATH}"));
-        if url::Url::parse(&runbook_url).is_err() {
+        if let Err(error) = url::Url::parse(&runbook_url) {
             let key = table.key("runbook_url");
-            self.problem(&key, format!("invalid URL {runbook_url:?}"));
+            self.problem(&key, format!("invalid URL ({error})"));
         }
         let mut delivery_table = self.section(&mut table, "delivery");
         let delivery = alert::outbox::Config {
@@ -588,7 +755,9 @@ impl Reader {
             max_backoff: self.duration(&mut delivery_table, "max_backoff", defaults.delivery.max_backoff),
             expire_after: self.duration(&mut delivery_table, "expire_after", defaults.delivery.expire_after),
         };
-        if delivery.max_backoff < delivery.initial_backoff {
+        if delivery.max_backoff < delivery.initial_backoff
+            && self.valid(&["alerts.delivery.max_backoff", "alerts.delivery.initial_backoff"])
+        {
             let key = delivery_table.key("max_backoff");
             self.problem(&key, "is shorter than `alerts.delivery.initial_backoff`");
         }
@@ -735,6 +904,12 @@ impl Reader {
             // The value is never printed: it may hold a password.
             let key = table.key("url");
             self.problem(&key, "must be a postgres:// or postgresql:// URL (leave it unset for SQLite)");
+        } else if let Some(url) = &url
+            && let Err(error) = url::Url::parse(url.expose())
+        {
+            // url's parse errors are fixed phrases ("invalid port number"), never the input.
+            let key = table.key("url");
+            self.problem(&key, format!("invalid URL ({error})"));
         }
         let sqlite_path = self.path(&mut table, "sqlite_path", defaults.sqlite_path);
         let retention = self.duration(&mut table, "retention", defaults.retention);
@@ -747,7 +922,7 @@ impl Reader {
         let spool_dir = self.path(&mut table, "spool_dir", writer.spool_dir);
         let spool_max_bytes =
             self.big_integer(&mut table, "spool_max_bytes", writer.spool_max_bytes, (1 << 20, 1 << 40));
-        if memory_rows < batch_size {
+        if memory_rows < batch_size && self.valid(&["database.memory_rows", "database.batch_size"]) {
             let key = table.key("memory_rows");
             self.problem(&key, format!("{memory_rows} is less than `database.batch_size` {batch_size}"));
         }
@@ -804,14 +979,14 @@ impl Reader {
                 None
             }
             (Some(secret), None) => Some(secret),
-            (None, Some(path)) => match std::fs::read_to_string(&path) {
+            (None, Some(path)) => match read_secret_file(&path) {
                 Ok(contents) if contents.trim().is_empty() => {
                     self.problem(&file_key, format!("file {} is empty", path.display()));
                     None
                 }
                 Ok(contents) => Some(Secret::new(contents.trim())),
-                Err(error) => {
-                    self.problem(&file_key, format!("cannot read {}: {error}", path.display()));
+                Err(problem) => {
+                    self.problem(&file_key, problem);
                     None
                 }
             },
@@ -890,7 +1065,7 @@ impl Reader {
             recovery_check_interval: self.duration(&mut poll_table, "recovery_check_interval", Duration::from_secs(5)),
         };
         self.finish(poll_table);
-        if poll.timeout > poll.interval {
+        if poll.timeout > poll.interval && self.valid(&["poll.timeout", "poll.interval"]) {
             self.problem(
                 "poll.timeout",
                 format!(
@@ -907,7 +1082,7 @@ impl Reader {
         let alerts = self.alerts(&mut root, &external_url);
         // Each poll makes two public calls; a budget below that would throttle every poll and stall the loop.
         let needed = PUBLIC_CALLS_PER_POLL / poll.interval.as_secs_f64();
-        if needed > rate_limit.public_per_second {
+        if needed > rate_limit.public_per_second && self.valid(&["poll.interval", "rate_limit.public_per_second"]) {
             self.problem(
                 "rate_limit.public_per_second",
                 format!(
@@ -959,6 +1134,7 @@ impl Reader {
             database,
             admin: Admin { token },
             log: Log { level, format },
+            ignored_variables: Vec::new(),
         }
     }
 
@@ -1005,10 +1181,11 @@ impl Reader {
             other => Err(format!("unknown exchange kind {other:?}; supported: kraken")),
         });
         let base_url = self.parsed(table, "base_url", None, |text| {
-            let url = url::Url::parse(text).map_err(|error| format!("invalid URL {text:?} ({error})"))?;
+            // url's parse errors are fixed phrases, never the input; a URL is only shown without credentials.
+            let url = url::Url::parse(text).map_err(|error| format!("invalid URL ({error})"))?;
             match url.scheme() {
                 "http" | "https" if url.host().is_some() => Ok(Some(url)),
-                _ => Err(format!("invalid URL {text:?}; expected http:// or https:// with a host")),
+                _ => Err(format!("invalid URL {}; expected http:// or https:// with a host", redact_url(&url))),
             }
         });
         let base_url =
@@ -1058,7 +1235,7 @@ impl Reader {
         Some(ExchangeView {
             name,
             kind,
-            base_url: base_url.to_string(),
+            base_url: redact_url(&base_url),
             pair,
             depth_count,
             api_key,
@@ -1066,6 +1243,114 @@ impl Reader {
             exchange,
         })
     }
+}
+
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+
+/// The largest value each duration key accepts (README's configuration table lists them). A timeout or a latency
+/// threshold above 5 minutes, a cadence or a wait above a day, is a typo; the bounds also keep every deadline
+/// computed from a setting far from `Instant`'s range. A key not listed here (a new one) gets a day.
+pub fn duration_limit(key: &str) -> Duration {
+    // Sinks are `alerts.sinks[2].timeout`; the index does not matter.
+    let key = match key.split_once("].") {
+        Some((list, rest)) if list.starts_with("alerts.sinks[") => format!("alerts.sinks.{rest}"),
+        _ => key.to_owned(),
+    };
+    let seconds = match key.as_str() {
+        "poll.timeout"
+        | "poll.slow_call_threshold"
+        | "breaker.slow_call_duration"
+        | "alerts.slow.threshold"
+        | "alerts.sinks.timeout" => 5 * MINUTE,
+        "server.shutdown_grace" | "poll.interval" | "database.flush_interval" | "alerts.delivery.initial_backoff" => {
+            HOUR
+        }
+        "alerts.delivery.expire_after" | "database.retention_interval" => 30 * DAY,
+        "database.retention" => 3650 * DAY,
+        _ => DAY,
+    };
+    Duration::from_secs(seconds)
+}
+
+/// Whether files can be created in `directory`, or, while it does not exist yet, in its nearest existing ancestor
+/// (the spool creates the rest). Tested by creating and removing a file: modes, ACLs, read-only mounts and root all
+/// answer that the same way.
+fn writable_directory(directory: &Path) -> Result<(), String> {
+    let mut existing = directory;
+    loop {
+        match std::fs::metadata(existing) {
+            Ok(metadata) if metadata.is_dir() => break,
+            Ok(_) => return Err(format!("cannot be used: {} is not a directory", existing.display())),
+            // Under a regular file (`file/spool`) the answer is "not a directory": the file is then found as the parent.
+            Err(error) if matches!(error.kind(), std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory) => {
+                match existing.parent() {
+                    Some(parent) if !parent.as_os_str().is_empty() => existing = parent,
+                    _ => {
+                        existing = Path::new(".");
+                        break;
+                    }
+                }
+            }
+            Err(error) => return Err(format!("cannot be used: {}: {error}", existing.display())),
+        }
+    }
+    let probe = existing.join(format!(".exwatch-write-test-{}", uuid::Uuid::now_v7()));
+    match std::fs::OpenOptions::new().write(true).create_new(true).open(&probe) {
+        Ok(_) => {
+            let _ = std::fs::remove_file(&probe);
+            Ok(())
+        }
+        Err(error) => Err(format!("cannot be written: {}: {error}", existing.display())),
+    }
+}
+
+/// The most a secret file may hold: keys, secrets and tokens are far smaller.
+pub const SECRET_FILE_MAX_BYTES: u64 = 64 * 1024;
+
+/// Reads a secret file: a regular file of at most [`SECRET_FILE_MAX_BYTES`]. The type is checked before the file is
+/// opened, so a FIFO never blocks the start and a device (`/dev/zero`) is never read; the size is checked while
+/// reading, so a file that grows meanwhile is still cut off.
+fn read_secret_file(path: &Path) -> Result<String, String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::FileTypeExt as _;
+
+    let shown = path.display();
+    let metadata = std::fs::metadata(path).map_err(|error| format!("cannot read {shown}: {error}"))?;
+    let file_type = metadata.file_type();
+    let refused = if file_type.is_dir() {
+        Some("a directory")
+    } else if file_type.is_fifo() {
+        Some("a FIFO")
+    } else if file_type.is_char_device() || file_type.is_block_device() {
+        Some("a device")
+    } else if file_type.is_socket() {
+        Some("a socket")
+    } else if !file_type.is_file() {
+        Some("a special file")
+    } else {
+        None
+    };
+    if let Some(what) = refused {
+        return Err(format!("cannot read {shown}: it is {what}; expected a regular file"));
+    }
+    if metadata.len() > SECRET_FILE_MAX_BYTES {
+        return Err(too_large(path));
+    }
+    let file = std::fs::File::open(path).map_err(|error| format!("cannot read {shown}: {error}"))?;
+    let mut contents = Vec::new();
+    file.take(SECRET_FILE_MAX_BYTES + 1)
+        .read_to_end(&mut contents)
+        .map_err(|error| format!("cannot read {shown}: {error}"))?;
+    if contents.len() as u64 > SECRET_FILE_MAX_BYTES {
+        return Err(too_large(path));
+    }
+    String::from_utf8(contents).map_err(|_| format!("cannot read {shown}: it is not UTF-8 text"))
+}
+
+fn too_large(path: &Path) -> String {
+    format!("cannot read {}: larger than {} KiB", path.display(), SECRET_FILE_MAX_BYTES / 1024)
 }
 
 fn kind_of(value: &Value) -> &'static str {
@@ -1543,5 +1828,220 @@ mod tests {
             assert!(text.contains(key), "missing {key} in:\n{text}");
         }
         assert!(!text.contains("x-secret"), "{text}");
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_line_column_and_key_but_never_the_text() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("exwatch.toml");
+        // The closing quote after the secret is missing.
+        let text = "[poll]\ninterval = \"30s\"\n[[exchanges]]\napi_key = \"k\"\napi_secret = \"c3VwZXJzZWNyZXQ=\n";
+        std::fs::write(&path, text).unwrap();
+        let error = Config::load_from(Some(&path), Some(HashMap::new())).unwrap_err();
+        let shown = error.to_string();
+        assert!(!shown.contains("c3VwZXJzZWNyZXQ"), "{shown}");
+        assert_eq!(error.problems.len(), 1, "{shown}");
+        let problem = &error.problems[0];
+        assert!(problem.starts_with(&format!("cannot parse configuration file {} at line 5, column", path.display())));
+        assert!(problem.contains("(key `api_secret` in [[exchanges]])"), "{problem}");
+
+        let error = Config::from_toml("[admin]\ntoken = 'averyveryverylongtoken\n").unwrap_err();
+        assert!(!error.to_string().contains("averyvery"), "{error}");
+        assert!(error.problems[0].contains("line 2, column") && error.problems[0].contains("key `token`"), "{error}");
+    }
+
+    #[test]
+    fn secret_files_must_be_small_regular_files() {
+        let directory = tempfile::tempdir().unwrap();
+        let fifo = directory.path().join("fifo");
+        let made = std::process::Command::new("mkfifo").arg(&fifo).status().expect("mkfifo runs");
+        assert!(made.success());
+        let large = directory.path().join("large");
+        std::fs::write(&large, vec![b'a'; 65 * 1024]).unwrap();
+        let cases = [
+            (PathBuf::from("/dev/zero"), "it is a device"),
+            (fifo, "it is a FIFO"),
+            (directory.path().to_path_buf(), "it is a directory"),
+            (large, "larger than 64 KiB"),
+        ];
+        for (path, expected) in cases {
+            let error = Config::from_toml(&format!("[admin]\ntoken_file = {:?}\n", path)).unwrap_err();
+            assert_eq!(error.problems.len(), 1, "{error}");
+            let wanted = format!("`admin.token_file`: cannot read {}: {expected}", path.display());
+            assert!(error.problems[0].starts_with(&wanted), "{error}");
+        }
+        let fits = directory.path().join("fits");
+        std::fs::write(&fits, vec![b'a'; 64 * 1024]).unwrap();
+        let config = Config::from_toml(&format!("[admin]\ntoken_file = {:?}\n", fits)).unwrap();
+        assert_eq!(config.admin.token.unwrap().expose().len(), 64 * 1024);
+    }
+
+    /// Every duration key, with the TOML that sets it to `value`.
+    fn duration_settings(value: &str) -> Vec<(&'static str, String)> {
+        let plain = [
+            ("server", "shutdown_grace"),
+            ("poll", "interval"),
+            ("poll", "timeout"),
+            ("poll", "balance_interval"),
+            ("poll", "slow_call_threshold"),
+            ("breaker", "slow_call_duration"),
+            ("breaker", "window_duration"),
+            ("breaker", "wait_duration_in_open"),
+            ("breaker", "backoff_max_wait"),
+            ("breaker", "max_wait_in_half_open"),
+            ("rate_limit", "recovery_quiet"),
+            ("rate_limit", "private_pause"),
+            ("alerts.slow", "window"),
+            ("alerts.slow", "threshold"),
+            ("alerts", "evidence_window"),
+            ("alerts.delivery", "initial_backoff"),
+            ("alerts.delivery", "max_backoff"),
+            ("alerts.delivery", "expire_after"),
+            ("database", "retention"),
+            ("database", "retention_interval"),
+            ("database", "flush_interval"),
+        ];
+        let mut settings: Vec<(&'static str, String)> = plain
+            .iter()
+            .map(|(section, name)| {
+                let key: &'static str = Box::leak(format!("{section}.{name}").into_boxed_str());
+                (key, format!("[{section}]\n{name} = \"{value}\"\n"))
+            })
+            .collect();
+        let sink = "[[alerts.sinks]]\nkind = \"alertmanager\"\nurls = [\"http://127.0.0.1:9093\"]\n";
+        settings.push(("alerts.sinks[0].timeout", format!("{sink}timeout = \"{value}\"\n")));
+        settings.push(("alerts.sinks[0].resend_interval", format!("{sink}resend_interval = \"{value}\"\n")));
+        settings
+    }
+
+    #[test]
+    fn every_duration_key_refuses_humantimes_maximum_naming_the_key_and_its_bound() {
+        let maximum = humantime::format_duration(Duration::MAX).to_string();
+        assert_eq!(humantime::parse_duration(&maximum).unwrap(), Duration::MAX, "humantime reads it");
+        for (key, toml) in duration_settings(&maximum) {
+            let error = Config::from_toml(&toml).unwrap_err();
+            let limit = humantime::format_duration(duration_limit(key)).to_string();
+            let wanted = format!("`{key}`: {maximum:?} is above the maximum of {limit}");
+            assert_eq!(error.problems, vec![wanted], "{key}");
+        }
+        // Each bound itself is accepted (poll.interval's needs a public budget to match).
+        for (key, toml) in duration_settings("1s") {
+            let at_limit = humantime::format_duration(duration_limit(key)).to_string();
+            let toml = toml.replace("\"1s\"", &format!("{at_limit:?}"));
+            let result = Config::from_toml(&toml);
+            if let Err(error) = result {
+                assert!(error.problems.iter().all(|problem| !problem.contains("is above the maximum")), "{error}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_database_url_with_a_bad_port_is_refused_naming_the_key() {
+        for url in ["postgres://exwatch:hunter2@db:99999/exwatch", "postgresql://exwatch:hunter2@db:port/exwatch"] {
+            let error = Config::from_toml(&format!("[database]\nurl = {url:?}\n")).unwrap_err();
+            assert_eq!(error.problems, ["`database.url`: invalid URL (invalid port number)"], "{url}");
+        }
+        assert!(Config::from_toml("[database]\nurl = \"postgres://exwatch:hunter2@db:5432/exwatch\"\n").is_ok());
+    }
+
+    #[test]
+    fn a_zero_duration_is_reported_with_the_value_given_not_the_default() {
+        let error = Config::from_toml("[poll]\ninterval = \"5s\"\ntimeout = \"0ms\"\n").unwrap_err();
+        // Not also "10s exceeds poll.interval 5s": 10 s is the default the bad value fell back to.
+        assert_eq!(error.problems, ["`poll.timeout`: must be greater than zero (got \"0ms\")"]);
+        let error = Config::from_toml("[database]\nbatch_size = \"many\"\nmemory_rows = 10\n").unwrap_err();
+        assert_eq!(error.problems.len(), 1, "{error}");
+    }
+
+    #[test]
+    fn an_environment_index_gap_is_reported_naming_the_variable() {
+        let error = Config::load_from(None, Some(environment(&[("EXWATCH__EXCHANGES__5__API_KEY", "k")]))).unwrap_err();
+        assert_eq!(
+            error.problems,
+            ["`EXWATCH__EXCHANGES__5__…`: index 5 leaves a gap: `exchanges` has 0 entries before the environment, \
+              so the next index is 0"]
+        );
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("exwatch.toml");
+        std::fs::write(&path, "[[exchanges]]\nname = \"one\"\n[[exchanges]]\nname = \"two\"\n").unwrap();
+        let variables = [
+            ("EXWATCH__EXCHANGES__1__PAIR", "XBTUSD"),
+            ("EXWATCH__EXCHANGES__2__NAME", "three"),
+            ("EXWATCH__EXCHANGES__4__NAME", "five"),
+            ("EXWATCH__ALERTS__SINKS__1__KIND", "webhook"),
+        ];
+        let error = Config::load_from(Some(&path), Some(environment(&variables))).unwrap_err();
+        let mut problems = error.problems.clone();
+        problems.sort();
+        assert_eq!(problems.len(), 2, "{error}");
+        assert!(problems[0].starts_with("`EXWATCH__ALERTS__SINKS__1__…`: index 1 leaves a gap"), "{error}");
+        assert!(problems[1].starts_with("`EXWATCH__EXCHANGES__4__…`: index 4 leaves a gap"), "{error}");
+        assert!(problems[1].ends_with("`exchanges` has 2 entries before the environment, so the next index is 3"));
+    }
+
+    #[test]
+    fn single_underscore_variables_are_listed_for_a_warning_and_ignored() {
+        let config = Config::load_from(
+            None,
+            Some(environment(&[
+                ("EXWATCH_POLL__INTERVAL", "5s"),
+                ("EXWATCH_DATABASE_URL", "postgres://x"),
+                ("EXWATCH_CONFIG", "/etc/exwatch.toml"),
+                ("EXWATCH_BIN", "target/dist/exwatch"),
+                ("EXWATCH__POLL__TIMEOUT", "5s"),
+            ])),
+        )
+        .unwrap();
+        assert_eq!(config.ignored_variables, ["EXWATCH_DATABASE_URL", "EXWATCH_POLL__INTERVAL"]);
+        assert_eq!(config.poll.interval, Duration::from_secs(30), "ignored, as the warning says");
+        assert_eq!(config.poll.timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn an_unusable_spool_dir_is_found_by_the_start_check() {
+        let directory = tempfile::tempdir().unwrap();
+        let file = directory.path().join("file");
+        std::fs::write(&file, "").unwrap();
+        let spool = file.join("spool");
+        let config = Config::from_toml(&format!("[database]\nspool_dir = {spool:?}\n")).unwrap();
+        let error = config.check_writable_paths().unwrap_err();
+        assert_eq!(
+            error.problems,
+            [format!(
+                "`database.spool_dir`: {} cannot be used: {} is not a directory",
+                spool.display(),
+                file.display()
+            )]
+        );
+        let fresh = directory.path().join("not").join("yet");
+        let config = Config::from_toml(&format!("[database]\nspool_dir = {fresh:?}\n")).unwrap();
+        assert_eq!(config.check_writable_paths(), Ok(()));
+        assert!(!fresh.exists(), "the check creates nothing");
+        assert_eq!(std::fs::read_dir(directory.path()).unwrap().count(), 1, "and leaves nothing behind");
+    }
+
+    #[test]
+    fn credentials_in_urls_are_redacted_in_the_effective_config_and_in_errors() {
+        let config = Config::from_toml(
+            "[[exchanges]]\nbase_url = \"https://user:hunter2@proxy.example:8443/kraken?token=hunter3\"\n",
+        )
+        .unwrap();
+        let rendered = config.to_redacted_toml();
+        assert!(
+            rendered.contains("base_url = \"https://[redacted]@proxy.example:8443/kraken?token=[redacted]\""),
+            "{rendered}"
+        );
+        assert!(!rendered.contains("hunter"), "{rendered}");
+        let error = Config::from_toml(
+            "[[exchanges]]\nbase_url = \"ftp://user:hunter2@example.com/?key=hunter3\"\n[alerts]\n\
+             runbook_url = \"hunter4 not a url\"\n",
+        )
+        .unwrap_err();
+        let shown = error.to_string();
+        assert!(!shown.contains("hunter"), "{shown}");
+        assert!(
+            shown.contains("invalid URL ftp://[redacted]@example.com/?key=[redacted]; expected http://"),
+            "{shown}"
+        );
     }
 }

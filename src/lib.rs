@@ -14,13 +14,17 @@
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 //! - [`resources`]: the process's open-file limit, and failures for want of file descriptors.
 //! - [`text`]: outside text bounded in bytes and cleaned of control characters.
+//! - [`deadline`]: deadlines that saturate instead of overflowing.
+//! - [`fuzz`]: the fuzz harness's entry points, one per parser of outside input.
 
 pub mod alert;
 pub mod app;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod deadline;
 pub mod exchange;
+pub mod fuzz;
 pub mod http;
 pub mod limiter;
 pub mod poller;

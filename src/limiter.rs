@@ -19,8 +19,10 @@ use governor::state::{InMemoryState, NotKeyed};
 use governor::{Quota, RateLimiter};
 use prometheus::{GaugeVec, IntCounterVec, Opts, Registry};
 use serde::Serialize;
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
+use crate::deadline;
 use crate::exchange::{AuthFailure, Error, ErrorClass};
 use crate::telemetry;
 
@@ -66,10 +68,26 @@ pub enum Budget {
     Private,
 }
 
-/// A factor outside (0, 1].
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("factor must be greater than 0 and at most 1, got {0}")]
-pub struct InvalidFactor(pub f64);
+/// An operator's factor outside [`Config::min_factor`, 1]: below the floor a loop would poll so rarely that it is
+/// effectively stopped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InvalidFactor {
+    pub factor: f64,
+    pub min_factor: f64,
+}
+
+impl std::fmt::Display for InvalidFactor {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let InvalidFactor { factor, min_factor } = self;
+        if *factor > 0.0 && factor < min_factor {
+            write!(formatter, "factor must be at least {min_factor} (rate_limit.min_factor), got {factor:?}")
+        } else {
+            write!(formatter, "factor must be greater than 0 and at most 1, got {factor}")
+        }
+    }
+}
+
+impl std::error::Error for InvalidFactor {}
 
 /// A point-in-time view for the admin API and status.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -170,6 +188,8 @@ pub struct Limiter {
     public: ArcSwap<Bucket>,
     private: ArcSwap<Bucket>,
     state: Mutex<State>,
+    /// Woken on every factor change, so the poll loop and a waiting [`Limiter::acquire`] use the new rate at once.
+    changed: Notify,
     metrics: Metrics,
 }
 
@@ -196,6 +216,7 @@ impl Limiter {
                 consecutive_invalid_keys: 0,
                 private_paused_until: None,
             }),
+            changed: Notify::new(),
             metrics,
         })
     }
@@ -208,24 +229,38 @@ impl Limiter {
         self.lock().factor
     }
 
-    /// Waits until the budget admits one call.
+    /// Completes at the next change of the factor.
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Waits until the budget admits one call. A change of the factor ends the wait early, so a raised factor
+    /// applies to a call already waiting.
     pub async fn acquire(&self, budget: Budget) {
         loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let bucket = match budget {
                 Budget::Public => self.public.load_full(),
                 Budget::Private => self.private.load_full(),
             };
             match bucket.check() {
                 Ok(()) => return,
-                Err(not_until) => tokio::time::sleep(not_until.wait_time_from(self.clock.now())).await,
+                Err(not_until) => {
+                    tokio::select! {
+                        () = tokio::time::sleep(not_until.wait_time_from(self.clock.now())) => {}
+                        () = &mut changed => {}
+                    }
+                }
             }
         }
     }
 
-    /// The operator's factor: sets both the ceiling and the current factor.
+    /// The operator's factor: sets both the ceiling and the current factor. Refused below `min_factor`.
     pub fn set_factor(&self, factor: f64) -> Result<(), InvalidFactor> {
-        if !(factor > 0.0 && factor <= 1.0) {
-            return Err(InvalidFactor(factor));
+        if !(factor >= self.config.min_factor && factor <= 1.0) {
+            return Err(InvalidFactor { factor, min_factor: self.config.min_factor });
         }
         let mut state = self.lock();
         state.ceiling = factor;
@@ -331,7 +366,7 @@ impl Limiter {
 
     fn pause_private(&self, state: &mut State, now: Instant, reason: String) {
         let already = state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until);
-        state.private_paused_until = Some((now + self.config.private_pause, reason.clone()));
+        state.private_paused_until = Some((deadline::after(now, self.config.private_pause), reason.clone()));
         self.metrics.private_paused.with_label_values(&[&self.exchange]).set(1.0);
         if !already {
             tracing::warn!(
@@ -363,6 +398,7 @@ impl Limiter {
         )));
         self.metrics.factor.with_label_values(&[&self.exchange]).set(factor);
         self.metrics.changes.with_label_values(&[&self.exchange, cause]).inc();
+        self.changed.notify_waiters();
         tracing::info!(exchange = self.exchange, factor, cause, "Rate factor changed.");
     }
 
@@ -431,9 +467,36 @@ mod tests {
             limiter.acquire(Budget::Public).await;
         }
         assert_eq!(Instant::now() - start, Duration::from_secs(2));
-        assert_eq!(limiter.set_factor(0.0), Err(InvalidFactor(0.0)));
-        assert_eq!(limiter.set_factor(1.5), Err(InvalidFactor(1.5)));
+        assert_eq!(limiter.set_factor(0.0), Err(InvalidFactor { factor: 0.0, min_factor: 0.125 }));
+        assert_eq!(limiter.set_factor(1.5), Err(InvalidFactor { factor: 1.5, min_factor: 0.125 }));
         assert!(limiter.set_factor(f64::NAN).is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operator_factor_below_min_factor_is_refused() {
+        let (limiter, _) = limiter(Config::default());
+        let error = limiter.set_factor(1e-300).unwrap_err();
+        assert_eq!(error.to_string(), "factor must be at least 0.125 (rate_limit.min_factor), got 1e-300");
+        assert_eq!(limiter.factor(), 1.0, "nothing changed");
+        limiter.set_factor(0.125).unwrap();
+        assert_eq!(limiter.factor(), 0.125, "the floor itself is allowed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn raising_the_factor_ends_a_wait_already_in_progress() {
+        let (limiter, _) = limiter(Config { public_per_second: 1.0, public_burst: 1, ..Config::default() });
+        limiter.set_factor(0.125).unwrap();
+        limiter.acquire(Budget::Public).await;
+        let start = Instant::now();
+        let waiting = tokio::spawn({
+            let limiter = limiter.clone();
+            async move { limiter.acquire(Budget::Public).await }
+        });
+        // At 0.125 the next call is 8 s away; restoring 1 after 1 s lets it through at once.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        limiter.set_factor(1.0).unwrap();
+        waiting.await.unwrap();
+        assert_eq!(Instant::now() - start, Duration::from_secs(1));
     }
 
     #[tokio::test(start_paused = true)]

@@ -24,7 +24,7 @@ use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
 use crate::limiter::{Budget, Limiter};
 use crate::store::{CallRecord, writer};
 use crate::telemetry;
-use crate::{alert, breaker};
+use crate::{alert, breaker, deadline};
 
 pub mod schedule;
 
@@ -388,6 +388,8 @@ impl Poller {
                         self.refresh_schedule();
                     }
                 }
+                // Every change of the rate factor (an operator restoring 1) reschedules at once.
+                () = self.limiter.changed() => self.refresh_schedule(),
                 () = tokio::time::sleep_until(due) => match action {
                     Action::Poll => self.poll_once().await,
                     Action::Check => self.recovery_check().await,
@@ -416,7 +418,7 @@ impl Poller {
         let private_paused = self.limiter.private_paused(started).is_some();
         let balance_now = balance_due && !private_paused;
         if balance_due {
-            self.next_balance = started + self.context.config.balance_interval;
+            self.next_balance = deadline::after(started, self.context.config.balance_interval);
         }
 
         if self.breaker.state() == breaker::State::HalfOpen {
@@ -975,6 +977,28 @@ mod tests {
         let reopened = [("from", "half_open"), ("to", "open")];
         assert_eq!(sample(&registry, "exwatch_circuit_breaker_transitions_total", &reopened), 1.0);
         assert_eq!(sample(&registry, "exwatch_circuit_breaker_state", &[("state", "open")]), 1.0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn restoring_the_rate_factor_resumes_polling_at_once() {
+        let exchange = FakeExchange::new(false);
+        let cancel = CancellationToken::new();
+        let (poller, _, _) = poller(exchange.clone());
+        let limiter = poller.limiter.clone();
+        let task = tokio::spawn(poller.run(cancel.clone()));
+        // A poll at 0 s; at factor 0.125 (set at 5 s) the next comes 240 s after it, so none at 30 s.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        limiter.set_factor(0.125).unwrap();
+        tokio::time::sleep(Duration::from_secs(55)).await;
+        assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 1);
+        // Restoring 1 at 60 s: a 30 s period since the last poll has passed, so the loop polls now.
+        limiter.set_factor(1.0).unwrap();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 2, "polling resumed without a restart");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(exchange.ticker_calls.load(Ordering::SeqCst), 3, "and goes on at the restored interval");
+        cancel.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

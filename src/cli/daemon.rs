@@ -136,13 +136,13 @@ impl Client {
     }
 }
 
-/// The URL as printed: without userinfo, which can be a credential.
+/// The URL as printed: without userinfo or query values, which can be credentials.
 fn shown(url: &Url) -> String {
     let mut url = url.clone();
     // Only fails for URLs that cannot have userinfo (no host), which then have none to remove.
     let _ = url.set_username("");
     let _ = url.set_password(None);
-    url.to_string()
+    crate::secret::redact_url(&url)
 }
 
 /// No answer at all: nothing listening, no route, a timeout, TLS, or a reply that is not HTTP.

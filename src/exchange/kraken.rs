@@ -407,6 +407,37 @@ fn classify_answer(answer: &Answer) -> Result<Envelope, Error> {
     }
 }
 
+/// Classifies one complete answer and parses it as `endpoint`'s, as a call does once the transport has read it;
+/// returns the warnings of a success. For the fuzz harness (`exwatch::fuzz`): Kraken's answers are outside input.
+#[doc(hidden)]
+pub fn parse_answer(
+    endpoint: Endpoint,
+    status: u16,
+    content_type: Option<&str>,
+    body: &[u8],
+    pair: &str,
+) -> Result<Vec<String>, Error> {
+    let answer = Answer {
+        status,
+        content_type: content_type.map(str::to_owned),
+        server: None,
+        redirect_host: None,
+        body: body.to_vec(),
+    };
+    let envelope = classify_answer(&answer)?;
+    let result = &envelope.result;
+    let parsed = match endpoint {
+        Endpoint::SystemStatus => {
+            parse_system_status(result).and_then(|status| status.as_failure().map_or(Ok(()), Err))
+        }
+        Endpoint::Time => parse_server_time(result).map(drop),
+        Endpoint::Ticker => parse_ticker(result, pair).map(drop),
+        Endpoint::Depth => parse_order_book(result, pair).map(drop),
+        Endpoint::Balance => parse_balances(result).map(drop),
+    };
+    parsed.map_err(|error| error.with_status(status)).map(|()| envelope.warnings)
+}
+
 /// A non-2xx answer. The status decides the class; a Kraken envelope in the body only adds its strings.
 /// A 3xx is never followed (a redirect would carry the key and signature elsewhere): it is a `bad_response`
 /// that names where it pointed.

@@ -231,20 +231,7 @@ async fn force_breaker(
     body: Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, Error> {
     let control = control(&state, &exchange)?;
-    let allowed = FORCEABLE.map(breaker::State::as_str).join(", ");
-    let state = only_field(body, "state")?;
-    let Some(state) = state.as_str() else {
-        return Err(Error::unprocessable(format!("state must be a string, got {state}; allowed: {allowed}")));
-    };
-    let target = match breaker::State::parse(state) {
-        Some(breaker::State::Open) => {
-            return Err(Error::unprocessable(format!(
-                "state OPEN cannot be forced (the breaker opens on its own); use FORCED_OPEN; allowed: {allowed}"
-            )));
-        }
-        Some(target) => target,
-        None => return Err(Error::unprocessable(format!("unknown state {state:?}; allowed: {allowed}"))),
-    };
+    let target = forced_state(body)?;
     let transition = control.breaker.force(target);
     let change = change(&exchange, &control.breaker, transition, target);
     tracing::info!(
@@ -271,6 +258,48 @@ async fn reset_breaker(Extract(state): Extract<State>, Path(exchange): Path<Stri
         "Admin API reset the circuit breaker."
     );
     Ok(Json(change).into_response())
+}
+
+/// The state a body asks the breaker to be forced into: `{"state": "FORCED_OPEN"}`.
+fn forced_state(body: Result<Json<Map<String, Value>>, JsonRejection>) -> Result<breaker::State, Error> {
+    let allowed = FORCEABLE.map(breaker::State::as_str).join(", ");
+    let state = only_field(body, "state")?;
+    let Some(state) = state.as_str() else {
+        return Err(Error::unprocessable(format!("state must be a string, got {state}; allowed: {allowed}")));
+    };
+    match breaker::State::parse(state) {
+        Some(breaker::State::Open) => Err(Error::unprocessable(format!(
+            "state OPEN cannot be forced (the breaker opens on its own); use FORCED_OPEN; allowed: {allowed}"
+        ))),
+        Some(target) => Ok(target),
+        None => Err(Error::unprocessable(format!("unknown state {state:?}; allowed: {allowed}"))),
+    }
+}
+
+/// The factor a body asks for, `{"factor": 0.5}`; the limiter checks its range.
+fn requested_factor(body: Result<Json<Map<String, Value>>, JsonRejection>) -> Result<f64, Error> {
+    let factor = only_field(body, "factor")?;
+    factor.as_f64().ok_or_else(|| {
+        Error::unprocessable(format!("factor must be a number greater than 0 and at most 1, got {factor}"))
+    })
+}
+
+/// Reads `bytes` as the body of each admin request that has one, as the handlers do (JSON, the one field, its
+/// value, the limiter's range), and returns the status each would answer. For the fuzz harness (`exwatch::fuzz`).
+#[doc(hidden)]
+pub fn answer_bodies(bytes: &[u8], limiter: &limiter::Limiter) -> [StatusCode; 2] {
+    let body = || Json::<Map<String, Value>>::from_bytes(bytes);
+    let breaker = match forced_state(body()) {
+        Ok(_) => StatusCode::OK,
+        Err(error) => error.status,
+    };
+    let factor = match requested_factor(body())
+        .and_then(|factor| limiter.set_factor(factor).map_err(|error| Error::unprocessable(error.to_string())))
+    {
+        Ok(()) => StatusCode::OK,
+        Err(error) => error.status,
+    };
+    [breaker, factor]
 }
 
 /// Describes an operator's change; without a transition the breaker already was in `target`.
@@ -301,12 +330,7 @@ async fn set_rate_factor(
     body: Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, Error> {
     let control = control(&state, &exchange)?;
-    let factor = only_field(body, "factor")?;
-    let Some(factor) = factor.as_f64() else {
-        return Err(Error::unprocessable(format!(
-            "factor must be a number greater than 0 and at most 1, got {factor}"
-        )));
-    };
+    let factor = requested_factor(body)?;
     control.limiter.set_factor(factor).map_err(|error| Error::unprocessable(error.to_string()))?;
     tracing::info!(action = "set_rate_factor", exchange, factor, "Admin API set the rate factor.");
     Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::breaker;
+use crate::{breaker, deadline};
 
 /// Public calls in a full poll (Ticker and SystemStatus).
 pub const POLL_CALLS: f64 = 2.0;
@@ -303,7 +303,7 @@ impl Schedule {
         let factor_changed = facts.factor != self.facts.factor;
         self.facts = facts;
         if factor_changed && self.slot > now {
-            self.slot = (self.anchor + self.period()).max(now);
+            self.slot = deadline::after(self.anchor, self.period()).max(now);
         }
         self.decide(now, false)
     }
@@ -334,8 +334,12 @@ impl Schedule {
         let from = self.mode;
         self.soon = match mode {
             Mode::Normal => None,
-            Mode::Confirming if acted || from != Mode::Confirming => Some(now + self.confirm_interval()),
-            Mode::Recovering if acted || from != Mode::Recovering => Some(now + self.recovery_interval()),
+            Mode::Confirming if acted || from != Mode::Confirming => {
+                Some(deadline::after(now, self.confirm_interval()))
+            }
+            Mode::Recovering if acted || from != Mode::Recovering => {
+                Some(deadline::after(now, self.recovery_interval()))
+            }
             Mode::Confirming | Mode::Recovering => self.soon,
         };
         self.mode = mode;
@@ -361,13 +365,15 @@ fn stretch(duration: Duration, factor: f64) -> Duration {
 /// The next poll's slot: one period after the last, or, when polls overran, the first slot of that grid still
 /// ahead. Missed slots are skipped, never caught up in a burst.
 pub(crate) fn next_slot(previous: Instant, period: Duration, now: Instant) -> Instant {
-    let next = previous + period;
+    let next = deadline::after(previous, period);
     if next > now {
         return next;
     }
     let behind = now.saturating_duration_since(next).as_nanos();
-    let skipped = behind / period.as_nanos().max(1) + 1;
-    next + period * u32::try_from(skipped).unwrap_or(u32::MAX)
+    let period_nanos = period.as_nanos().max(1);
+    let skipped = behind / period_nanos + 1;
+    let ahead = u64::try_from(skipped.saturating_mul(period_nanos)).map_or(deadline::FAR_FUTURE, Duration::from_nanos);
+    deadline::after(next, ahead)
 }
 
 #[cfg(test)]
@@ -397,6 +403,14 @@ mod tests {
     /// Runs the poll that is due now and reports `poll` (it takes no time).
     fn poll_at(schedule: &mut Schedule, now: Instant, poll: Poll, after: Facts) -> Option<Change> {
         schedule.polled(now, now, poll, after)
+    }
+
+    #[test]
+    fn the_next_slot_saturates_instead_of_overflowing() {
+        let now = Instant::now();
+        assert!(next_slot(now, Duration::MAX, now) > now);
+        let behind = now + Duration::from_secs(100);
+        assert!(next_slot(now, Duration::from_nanos(1), behind) > behind);
     }
 
     #[test]

@@ -296,6 +296,7 @@ async fn bad_requests_are_answered_with_json_errors() {
         (r#"{"factor":0}"#, "factor must be greater than 0 and at most 1, got 0"),
         (r#"{"factor":1.5}"#, "factor must be greater than 0 and at most 1, got 1.5"),
         (r#"{"factor":-1}"#, "factor must be greater than 0 and at most 1, got -1"),
+        (r#"{"factor":1e-300}"#, "factor must be at least 0.125 (rate_limit.min_factor), got 1e-300"),
         (r#"{"factor":"x"}"#, "factor"),
         (r#"{"factor":null}"#, "factor"),
         (r#"{}"#, "missing field `factor`"),

@@ -8,6 +8,7 @@ mod admin;
 mod alerting;
 mod call_log;
 mod cli;
+mod config;
 mod daemon;
 mod delivery;
 mod deploy;
