@@ -237,10 +237,11 @@ async fn a_price_check_refused_as_our_own_bad_request_on_every_poll_pages_within
     // breaker ignores as our own error. SystemStatus stays healthy.
     let extra = format!("pair = \"NOSUCHPAIR\"\n{}", webhook_only());
     let daemon = PausedDaemon::start_with("alerting-invalid-request-key", &extra).await;
-    at(start, Duration::from_secs(31)).await;
+    // A failed poll is confirmed `poll.confirm_interval` (2 s) later: polls at 0, 2 and 4 s.
+    at(start, Duration::from_secs(3)).await;
     assert!(daemon.capture.received().is_empty(), "two polls do not page");
-    // The third poll, at 60 s, pages.
-    at(start, Duration::from_secs(61)).await;
+    // The third poll, at 4 s, pages.
+    at(start, Duration::from_secs(5)).await;
     assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
     let received = daemon.capture.received();
     let annotations = &received[0].body["alerts"][0]["annotations"];
