@@ -36,6 +36,9 @@ pub struct Config {
     pub evidence_window: Duration,
     /// The `runbook_url` annotation (default: `server.external_url` + `/runbook`, the embedded docs/runbook.md).
     pub runbook_url: String,
+    /// `server.external_url`, which notifications link back to (`generatorURL`).
+    #[serde(skip)]
+    pub external_url: String,
     pub delivery: outbox::Config,
     pub sinks: Vec<sink::Config>,
 }
@@ -47,6 +50,7 @@ impl Default for Config {
             slow: rules::SlowConfig::default(),
             evidence_window: Duration::from_secs(300),
             runbook_url: format!("http://127.0.0.1:9750{}", crate::config::RUNBOOK_PATH),
+            external_url: "http://127.0.0.1:9750".to_owned(),
             delivery: outbox::Config::default(),
             sinks: Vec::new(),
         }
@@ -68,6 +72,9 @@ pub struct ActiveAlert {
     pub scenario: String,
     pub evidence: String,
     pub runbook_url: String,
+    /// The link back to this exwatch in notifications (`generatorURL`).
+    #[serde(skip)]
+    pub generator_url: String,
 }
 
 impl ActiveAlert {
@@ -94,6 +101,7 @@ impl ActiveAlert {
                 .collect(),
             starts_at: self.since,
             ends_at: None,
+            generator_url: self.generator_url.clone(),
         }
     }
 
@@ -117,6 +125,7 @@ impl ActiveAlert {
             scenario: annotation("scenario"),
             evidence: annotation("evidence"),
             runbook_url: annotation("runbook_url"),
+            generator_url: alert.generator_url.clone(),
         })
     }
 }
@@ -354,6 +363,7 @@ impl Engine {
                     scenario: diagnosis.scenario.as_str().to_owned(),
                     evidence: diagnosis.evidence,
                     runbook_url: self.config.runbook_url.clone(),
+                    generator_url: notification::generator_url(&self.config.external_url, &exchange),
                 };
                 let incident = (alertname == DOWN).then(|| self.opening(&active.scenario));
                 if let Some(outbox) = &self.outbox {

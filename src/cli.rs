@@ -807,6 +807,7 @@ async fn alerts_test(args: AlertsTestArgs) -> anyhow::Result<ExitCode> {
         annotations: annotations.into_iter().map(|(name, value)| (name.to_owned(), value)).collect(),
         starts_at: chrono::Utc::now(),
         ends_at: None,
+        generator_url: alert::notification::generator_url(&config.server.external_url, "none"),
     };
     let reports = outbox.test(&test).await;
     if args.json {

@@ -776,7 +776,15 @@ impl Reader {
             self.finish(sink_table);
         }
         self.finish(table);
-        alert::Config { down, slow, evidence_window, runbook_url, delivery, sinks }
+        alert::Config {
+            down,
+            slow,
+            evidence_window,
+            runbook_url,
+            external_url: external_url.to_owned(),
+            delivery,
+            sinks,
+        }
     }
 
     /// One `[[alerts.sinks]]` entry.

@@ -155,13 +155,32 @@ async fn health(Extract(state): Extract<State>) -> Response {
     }
 }
 
+/// Which exchange `/api/v1/status?exchange=NAME` shows (every one without it): a page's `generatorURL` names its
+/// exchange this way.
+#[derive(Debug, serde::Deserialize)]
+struct StatusQuery {
+    exchange: Option<String>,
+}
+
 /// The exchanges' state for on-call, read-only and without a token: up or down, breaker, rate factor, SystemStatus,
 /// and the alerts firing with their scenario and evidence.
-async fn status(Extract(state): Extract<State>) -> Response {
+async fn status(
+    Extract(state): Extract<State>,
+    axum::extract::Query(query): axum::extract::Query<StatusQuery>,
+) -> Response {
     let now = Instant::now();
+    let only = query.exchange;
+    if let Some(name) = &only
+        && !state.controls.contains_key(name)
+    {
+        let known: Vec<&str> = state.controls.keys().map(String::as_str).collect();
+        let error = format!("unknown exchange {:?}; known: {}", crate::text::bounded(name, 64), known.join(", "));
+        return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
+    }
     let exchanges: Vec<_> = state
         .controls
         .iter()
+        .filter(|(name, _)| only.as_ref().is_none_or(|only| only == *name))
         .map(|(name, control)| {
             let breaker = control.breaker.snapshot();
             let limiter = control.limiter.snapshot(now);
@@ -287,6 +306,15 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert!(body.starts_with("# Runbook: Exchange API Failures"), "{body}");
         assert!(body.contains("### Scenario C: authentication"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn the_status_of_an_unknown_exchange_is_not_found_and_names_the_known_ones() {
+        let (status, body) = get_path(router(state()), "/api/v1/status?exchange=nope").await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
+        assert!(body.contains("unknown exchange \\\"nope\\\""), "{body}");
+        let (status, body) = get_path(router(state()), "/api/v1/status").await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"exchanges":[]}"#));
     }
 
     #[tokio::test]

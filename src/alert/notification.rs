@@ -20,6 +20,10 @@ pub enum Kind {
     Resolved,
     /// `exwatch alerts test`.
     Test,
+    /// Still firing, and its scenario changed mid-incident (maintenance turned into a network fault): webhooks get
+    /// the firing again with the new annotations, flagged `"update": true`, once per change. Alertmanager sees the
+    /// change in its next re-send instead.
+    Update,
 }
 
 impl Kind {
@@ -29,11 +33,14 @@ impl Kind {
             Kind::Resend => "resend",
             Kind::Resolved => "resolved",
             Kind::Test => "test",
+            Kind::Update => "update",
         }
     }
 
     pub fn parse(text: &str) -> Option<Kind> {
-        [Kind::Firing, Kind::Resend, Kind::Resolved, Kind::Test].into_iter().find(|kind| kind.as_str() == text)
+        [Kind::Firing, Kind::Resend, Kind::Resolved, Kind::Test, Kind::Update]
+            .into_iter()
+            .find(|kind| kind.as_str() == text)
     }
 }
 
@@ -46,6 +53,10 @@ pub struct Alert {
     pub starts_at: DateTime<Utc>,
     /// Set once the alert resolved.
     pub ends_at: Option<DateTime<Utc>>,
+    /// Where the alert links back to: the exchange's status on exwatch (`server.external_url`). Alertmanager's
+    /// `generatorURL`; empty for alerts stored by versions before it.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub generator_url: String,
 }
 
 impl Alert {
@@ -94,6 +105,20 @@ pub fn annotation(value: &str) -> String {
     crate::text::bounded(value, MAX_ANNOTATION_BYTES).into_owned()
 }
 
+/// The path of an exchange's status on exwatch, under `server.external_url`.
+pub const STATUS_PATH: &str = "/api/v1/status";
+
+/// The link back to exwatch for `exchange`'s alerts: its status at the daemon's external URL.
+pub fn generator_url(external_url: &str, exchange: &str) -> String {
+    let exchange: String = url::form_urlencoded::byte_serialize(exchange.as_bytes()).collect();
+    format!("{external_url}{STATUS_PATH}?exchange={exchange}")
+}
+
+/// The webhook payload's `externalURL`: exwatch's own address, the generator URL without its status path.
+fn external_url(generator_url: &str) -> &str {
+    generator_url.split_once(STATUS_PATH).map_or(generator_url, |(base, _)| base)
+}
+
 fn wire_time(time: DateTime<Utc>) -> String {
     time.to_rfc3339_opts(SecondsFormat::Millis, true)
 }
@@ -107,13 +132,14 @@ pub fn alertmanager_body(alert: &Alert, now: DateTime<Utc>, lease: Duration) -> 
         "annotations": alert.annotations,
         "startsAt": wire_time(alert.starts_at),
         "endsAt": wire_time(ends_at),
+        "generatorURL": alert.generator_url,
     }])
     .to_string()
 }
 
 /// Alertmanager's webhook payload, version "4", for one alert sent to `receiver`. As from Alertmanager, a
-/// firing alert's `endsAt` is the zero time.
-pub fn webhook_body(receiver: &str, alert: &Alert) -> String {
+/// firing alert's `endsAt` is the zero time. An [`Kind::Update`] carries `"update": true` besides.
+pub fn webhook_body(receiver: &str, alert: &Alert, kind: Kind) -> String {
     let status = if alert.ends_at.is_some() { "resolved" } else { "firing" };
     let ends_at = alert.ends_at.map_or_else(|| "0001-01-01T00:00:00Z".to_owned(), wire_time);
     let group_labels: BTreeMap<&str, &str> =
@@ -123,7 +149,7 @@ pub fn webhook_body(receiver: &str, alert: &Alert) -> String {
         alert.label("alertname").escape_default(),
         alert.label("exchange").escape_default()
     );
-    let body: Value = json!({
+    let mut body: Value = json!({
         "receiver": receiver,
         "status": status,
         "alerts": [{
@@ -132,17 +158,20 @@ pub fn webhook_body(receiver: &str, alert: &Alert) -> String {
             "annotations": alert.annotations,
             "startsAt": wire_time(alert.starts_at),
             "endsAt": ends_at,
-            "generatorURL": "",
+            "generatorURL": alert.generator_url,
             "fingerprint": alert.fingerprint(),
         }],
         "groupLabels": group_labels,
         "commonLabels": alert.labels,
         "commonAnnotations": alert.annotations,
-        "externalURL": "",
+        "externalURL": external_url(&alert.generator_url),
         "version": "4",
         "groupKey": group_key,
         "truncatedAlerts": 0,
     });
+    if kind == Kind::Update {
+        body["update"] = Value::Bool(true);
+    }
     body.to_string()
 }
 
@@ -157,6 +186,7 @@ mod tests {
             annotations: BTreeMap::from([("summary".to_owned(), "kraken API is down".to_owned())]),
             starts_at: "2026-11-29T04:28:27Z".parse().unwrap(),
             ends_at: None,
+            generator_url: generator_url("http://exwatch.test:9750", "kraken"),
         }
     }
 
@@ -188,7 +218,7 @@ mod tests {
 
     #[test]
     fn webhook_body_is_alertmanagers_version_4() {
-        let body: Value = serde_json::from_str(&webhook_body("ops", &alert())).unwrap();
+        let body: Value = serde_json::from_str(&webhook_body("ops", &alert(), Kind::Firing)).unwrap();
         assert_eq!(body["version"], "4");
         assert_eq!(body["status"], "firing");
         assert_eq!(body["receiver"], "ops");
@@ -198,7 +228,7 @@ mod tests {
         assert_eq!(body["groupLabels"], json!({"alertname": "exchange_api_down", "exchange": "kraken"}));
         let mut resolved = alert();
         resolved.ends_at = Some("2026-11-29T04:31:00Z".parse().unwrap());
-        let body: Value = serde_json::from_str(&webhook_body("ops", &resolved)).unwrap();
+        let body: Value = serde_json::from_str(&webhook_body("ops", &resolved, Kind::Resolved)).unwrap();
         assert_eq!(
             (body["status"].as_str(), body["alerts"][0]["status"].as_str()),
             (Some("resolved"), Some("resolved"))

@@ -273,14 +273,19 @@ impl Outbox {
         self.shared.record(progress);
     }
 
-    /// A firing alert's annotations changed (scenario, evidence): kept for the next re-send and for a restart.
+    /// A firing alert's annotations changed (scenario, evidence): kept for the next re-send and for a restart. A
+    /// changed scenario also goes to webhooks once, as an update ([`Kind::Update`]); evidence alone does not.
     pub fn update(&self, alert: Alert) {
         let shared = &self.shared;
         let mut state = shared.lock();
-        if state.active.get(&alert.key()) == Some(&alert) {
+        let previous = state.active.insert(alert.key(), alert.clone());
+        if previous.as_ref() == Some(&alert) {
             return;
         }
-        state.active.insert(alert.key(), alert.clone());
+        let scenario = |alert: &Alert| alert.annotations.get("scenario").cloned();
+        if previous.is_some_and(|previous| scenario(&previous) != scenario(&alert)) {
+            shared.enqueue(&mut state, Kind::Update, &alert);
+        }
         drop(state);
         shared.save_state(&alert);
     }
@@ -368,7 +373,7 @@ impl Outbox {
         let mut reports = Vec::new();
         for (target, transport) in self.shared.targets.iter().zip(transports) {
             let started = Instant::now();
-            let result = target.send(&transport, alert, Utc::now()).await;
+            let result = target.send(&transport, Kind::Test, alert, Utc::now()).await;
             let latency_ms = started.elapsed().as_millis();
             let (ok, detail) = match result {
                 Ok(()) => (true, "delivered".to_owned()),
@@ -605,7 +610,7 @@ async fn deliver(
         if entry.attempts > 0 {
             shared.metrics.retried.with_label_values(&[label]).inc();
         }
-        match target.send(&transport, &entry.alert, Utc::now()).await {
+        match target.send(&transport, entry.kind, &entry.alert, Utc::now()).await {
             Ok(()) => {
                 let latency = entry.made.elapsed();
                 shared.metrics.sent.with_label_values(&[label]).inc();
@@ -874,6 +879,7 @@ mod tests {
             annotations: BTreeMap::new(),
             starts_at: Utc::now(),
             ends_at: None,
+            generator_url: String::new(),
         }
     }
 

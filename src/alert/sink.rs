@@ -131,13 +131,24 @@ impl Target {
         }
     }
 
-    /// Whether a notification of this kind goes to this target at all.
+    /// Whether a notification of this kind goes to this target at all: re-sends to Alertmanager only, scenario
+    /// updates to webhooks only (Alertmanager gets the new annotations with its next re-send).
     pub fn wants(&self, kind: Kind) -> bool {
-        kind != Kind::Resend || self.resend_interval().is_some()
+        match kind {
+            Kind::Resend => self.resend_interval().is_some(),
+            Kind::Update => self.resend_interval().is_none(),
+            Kind::Firing | Kind::Resolved | Kind::Test => true,
+        }
     }
 
     /// Sends one notification and judges the answer: any 2xx is delivered.
-    pub(crate) async fn send(&self, transport: &Transport, alert: &Alert, now: DateTime<Utc>) -> Result<(), Failure> {
+    pub(crate) async fn send(
+        &self,
+        transport: &Transport,
+        kind: Kind,
+        alert: &Alert,
+        now: DateTime<Utc>,
+    ) -> Result<(), Failure> {
         let (url, headers, body) = match &self.sink.kind {
             SinkKind::Alertmanager { resend_interval } => {
                 let mut url = self.url.clone();
@@ -146,7 +157,7 @@ impl Target {
                 (url, HeaderMap::new(), notification::alertmanager_body(alert, now, lease))
             }
             SinkKind::Webhook { bearer_token, hmac_secret, signature_header, headers: extra } => {
-                let body = notification::webhook_body(&self.sink.name, alert);
+                let body = notification::webhook_body(&self.sink.name, alert, kind);
                 let mut headers = HeaderMap::new();
                 for (name, value) in extra {
                     headers.insert(header_name(name)?, header_value(value.expose())?);

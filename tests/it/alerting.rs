@@ -225,8 +225,31 @@ async fn a_scenario_change_during_an_incident_shows_on_the_next_resend() {
     assert!(leased, "still firing");
     assert_eq!(last["annotations"]["scenario"], "network", "{last}");
     assert_eq!(last["startsAt"], first[0].0["startsAt"], "the same alert");
-    // Webhooks get no re-sends: still the one firing notification.
-    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
+    // Webhooks get no re-sends, but the scenario change once: the same alert firing again, flagged as an update,
+    // every notification linking back to the exchange's status on exwatch.
+    let received = daemon.capture.received();
+    let hooks: Vec<&Value> =
+        received.iter().filter(|received| received.path == "/hook").map(|hook| &hook.body).collect();
+    assert_eq!(hooks.len(), 2, "one firing and one update: {hooks:#?}");
+    assert_eq!(hooks[0].get("update"), None, "{}", hooks[0]);
+    assert_eq!(hooks[1]["update"], true, "{}", hooks[1]);
+    assert_eq!(hooks[1]["status"], "firing");
+    let (firing, update) = (&hooks[0]["alerts"][0], &hooks[1]["alerts"][0]);
+    assert_eq!(
+        (&firing["annotations"]["scenario"], &update["annotations"]["scenario"]),
+        (&"maintenance".into(), &"network".into())
+    );
+    assert_eq!(update["fingerprint"], firing["fingerprint"]);
+    assert_eq!(update["startsAt"], firing["startsAt"]);
+    for hook in &hooks {
+        let generator = hook["alerts"][0]["generatorURL"].as_str().unwrap();
+        assert!(
+            generator.starts_with("http://127.0.0.1:") && generator.ends_with("/api/v1/status?exchange=kraken"),
+            "{generator}"
+        );
+        assert_eq!(hook["externalURL"].as_str(), generator.strip_suffix("/api/v1/status?exchange=kraken"));
+    }
+    assert_eq!(first[0].0["generatorURL"], hooks[0]["alerts"][0]["generatorURL"], "Alertmanager gets the same link");
     daemon.stop().await;
 }
 

@@ -154,7 +154,13 @@ async fn a_real_alertmanager_forwards_the_alert_and_later_its_resolve() {
     }
     // exwatch's own webhook payloads carry the fingerprint Alertmanager computes.
     let labels = serde_json::from_value(alert["labels"].clone()).unwrap();
-    let ours = Alert { labels, annotations: Default::default(), starts_at: chrono::Utc::now(), ends_at: None };
+    let ours = Alert {
+        labels,
+        annotations: Default::default(),
+        starts_at: chrono::Utc::now(),
+        ends_at: None,
+        generator_url: String::new(),
+    };
     assert_eq!(alert["fingerprint"].as_str(), Some(ours.fingerprint().as_str()));
 
     simulator.set_scenario(Scenario::Healthy);
