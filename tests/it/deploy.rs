@@ -179,7 +179,7 @@ async fn the_backup_slow_rule_agrees_with_exwatchs_own_on_mixed_series() {
                 "          - exp_labels: {{severity: warning, exchange: {exchange}, service: exwatch}}\n            exp_annotations:\n\
                  \x20             summary: \"Exchange API Response Time Warning\"\n\
                  \x20             description: \"{exchange} API response time elevated: {success}s on average over 5 minutes (Prometheus backup rule).\"\n\
-                 \x20             runbook_url: \"https://runbooks.example.com/exchange-api-failures\"\n"
+                 \x20             runbook_url: \"http://exwatch.exwatch.svc:9750/runbook\"\n"
             );
         }
     }
