@@ -276,6 +276,8 @@ pub enum RateLimitAction {
         #[arg(allow_negative_numbers = true)]
         factor: f64,
     },
+    /// End a pause of private calls now (after fixing the key), without waiting for the next re-check.
+    ResumePrivate,
 }
 
 fn parse_duration(text: &str) -> Result<Duration, String> {
@@ -591,6 +593,9 @@ async fn rate_limit(args: RateLimitArgs) -> anyhow::Result<ExitCode> {
         RateLimitAction::Set { factor } => {
             let body = serde_json::json!({"factor": factor});
             client.call(reqwest::Method::PUT, "rate-limit", None, Some(body), RATE_LIMIT_STATUS).await
+        }
+        RateLimitAction::ResumePrivate => {
+            client.call(reqwest::Method::POST, "rate-limit", Some("resume-private"), None, RATE_LIMIT_STATUS).await
         }
     };
     admin_output(answer.map(|status| rate_limit_line(&status)))

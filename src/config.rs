@@ -896,7 +896,17 @@ impl Reader {
                 defaults.invalid_key_threshold,
                 (1, 100),
             ),
+            private_recheck_interval: self.duration(
+                &mut table,
+                "private_recheck_interval",
+                defaults.private_recheck_interval,
+            ),
         };
+        // Each re-check with a bad key is one more invalid-key answer toward a lockout: at most one a minute.
+        if config.private_recheck_interval < Duration::from_secs(60) {
+            let key = table.key("private_recheck_interval");
+            self.problem(&key, "must be at least 1m: each re-check with a bad key counts toward Kraken's lockout");
+        }
         self.finish(table);
         config
     }
@@ -1899,6 +1909,7 @@ mod tests {
             ("breaker", "max_wait_in_half_open"),
             ("rate_limit", "recovery_quiet"),
             ("rate_limit", "private_pause"),
+            ("rate_limit", "private_recheck_interval"),
             ("alerts.slow", "window"),
             ("alerts.slow", "threshold"),
             ("alerts", "evidence_window"),

@@ -44,6 +44,10 @@ pub struct Config {
     pub private_pause: Duration,
     /// Consecutive invalid-key answers that pause private calls.
     pub invalid_key_threshold: u32,
+    /// During a pause for invalid keys, one Balance this often checks whether the key works again (a success ends
+    /// the pause). Never during a lockout: Kraken restarts its lockout timer on every retry.
+    #[serde(serialize_with = "crate::config::human_duration")]
+    pub private_recheck_interval: Duration,
 }
 
 impl Default for Config {
@@ -57,6 +61,7 @@ impl Default for Config {
             recovery_quiet: Duration::from_secs(300),
             private_pause: Duration::from_secs(900),
             invalid_key_threshold: 2,
+            private_recheck_interval: Duration::from_secs(300),
         }
     }
 }
@@ -178,6 +183,8 @@ struct State {
     recent_rate_limited: VecDeque<Instant>,
     consecutive_invalid_keys: u32,
     private_paused_until: Option<(Instant, String)>,
+    /// During a pause for invalid keys, when the next re-check of the key is due; `None` during a lockout.
+    private_recheck_at: Option<Instant>,
 }
 
 /// One exchange's limiter. Shared by the poller and the admin API.
@@ -215,6 +222,7 @@ impl Limiter {
                 recent_rate_limited: VecDeque::new(),
                 consecutive_invalid_keys: 0,
                 private_paused_until: None,
+                private_recheck_at: None,
             }),
             changed: Notify::new(),
             metrics,
@@ -294,18 +302,25 @@ impl Limiter {
             Err(error) if budget == Budget::Private && error.class == ErrorClass::Auth => match error.auth {
                 Some(AuthFailure::Lockout) => {
                     let reason = "the exchange answered EGeneral:Temporary lockout".to_owned();
-                    self.pause_private(&mut state, now, reason);
+                    self.pause_private(&mut state, now, reason, false);
                 }
                 Some(AuthFailure::InvalidKey) => {
                     state.consecutive_invalid_keys += 1;
-                    if state.consecutive_invalid_keys >= self.config.invalid_key_threshold {
+                    let paused = state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until);
+                    // A re-check that still fails leaves the pause (and its end) as it is.
+                    if !paused && state.consecutive_invalid_keys >= self.config.invalid_key_threshold {
                         let reason = format!("{} consecutive invalid-key answers", state.consecutive_invalid_keys);
-                        self.pause_private(&mut state, now, reason);
+                        self.pause_private(&mut state, now, reason, true);
                     }
                 }
                 _ => {}
             },
-            Ok(()) if budget == Budget::Private => state.consecutive_invalid_keys = 0,
+            Ok(()) if budget == Budget::Private => {
+                state.consecutive_invalid_keys = 0;
+                if state.private_paused_until.is_some() {
+                    self.end_private_pause(&mut state, "the key works again (a private call succeeded)");
+                }
+            }
             _ => {}
         }
         self.trim(&mut state, now);
@@ -328,12 +343,41 @@ impl Limiter {
         if let Some((until, _)) = &state.private_paused_until
             && now >= *until
         {
-            state.private_paused_until = None;
-            state.consecutive_invalid_keys = 0;
-            self.metrics.private_paused.with_label_values(&[&self.exchange]).set(0.0);
-            tracing::info!(exchange = self.exchange, "Private-call pause over; private calls resume.");
+            self.end_private_pause(&mut state, "the pause ran out");
         }
         self.trim(&mut state, now);
+    }
+
+    /// During a pause for invalid keys, whether one private call may check the key now; answering yes books the
+    /// check, so the next one is a whole `private_recheck_interval` later. Never during a lockout.
+    pub fn private_recheck_due(&self, now: Instant) -> bool {
+        let mut state = self.lock();
+        match state.private_recheck_at {
+            Some(at) if now >= at && state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until) => {
+                state.private_recheck_at = Some(deadline::after(now, self.config.private_recheck_interval));
+                tracing::info!(exchange = self.exchange, "Checking whether the key works again (one private call).");
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The operator ends a private-call pause (the key was fixed); returns whether one was in force.
+    pub fn resume_private(&self, now: Instant) -> bool {
+        let mut state = self.lock();
+        let paused = state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until);
+        if paused {
+            self.end_private_pause(&mut state, "an operator resumed private calls");
+        }
+        paused
+    }
+
+    fn end_private_pause(&self, state: &mut State, why: &str) {
+        state.private_paused_until = None;
+        state.private_recheck_at = None;
+        state.consecutive_invalid_keys = 0;
+        self.metrics.private_paused.with_label_values(&[&self.exchange]).set(0.0);
+        tracing::info!(exchange = self.exchange, why, "Private-call pause over; private calls resume.");
     }
 
     /// Whether private calls are paused now, and why.
@@ -364,9 +408,12 @@ impl Limiter {
         }
     }
 
-    fn pause_private(&self, state: &mut State, now: Instant, reason: String) {
+    /// Pauses private calls for `private_pause`; `recheck` (invalid keys, not a lockout) lets one call check the key
+    /// every `private_recheck_interval`.
+    fn pause_private(&self, state: &mut State, now: Instant, reason: String, recheck: bool) {
         let already = state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until);
         state.private_paused_until = Some((deadline::after(now, self.config.private_pause), reason.clone()));
+        state.private_recheck_at = recheck.then(|| deadline::after(now, self.config.private_recheck_interval));
         self.metrics.private_paused.with_label_values(&[&self.exchange]).set(1.0);
         if !already {
             tracing::warn!(
@@ -565,6 +612,49 @@ mod tests {
         let snapshot = limiter.snapshot(now);
         assert_eq!(snapshot.private_paused_for, Some(Duration::from_secs(900)));
         assert_eq!(snapshot.private_pause_reason.as_deref(), Some("2 consecutive invalid-key answers"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_invalid_key_pause_lets_one_call_recheck_the_key_per_interval_and_a_success_ends_it() {
+        let (limiter, _) = limiter(Config::default());
+        let start = Instant::now();
+        limiter.observe(Budget::Private, &auth(AuthFailure::InvalidKey), start);
+        limiter.observe(Budget::Private, &auth(AuthFailure::InvalidKey), start);
+        assert!(limiter.private_paused(start).is_some());
+        assert!(!limiter.private_recheck_due(start + Duration::from_secs(299)), "not before the interval");
+        let first = start + Duration::from_secs(300);
+        assert!(limiter.private_recheck_due(first), "one re-check at the interval");
+        assert!(!limiter.private_recheck_due(first), "and only one");
+        // The key is still bad: the pause goes on, ending when it would have, and the next check is an interval on.
+        limiter.observe(Budget::Private, &auth(AuthFailure::InvalidKey), first);
+        assert_eq!(limiter.private_paused(first).map(|(left, _)| left), Some(Duration::from_secs(600)));
+        assert!(!limiter.private_recheck_due(first + Duration::from_secs(299)));
+        let second = first + Duration::from_secs(300);
+        assert!(limiter.private_recheck_due(second));
+        // The key works again: the pause is over at once.
+        limiter.observe(Budget::Private, &Ok(()), second);
+        assert_eq!(limiter.private_paused(second), None);
+        assert!(!limiter.private_recheck_due(second + Duration::from_secs(300)), "nothing to re-check");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lockout_is_never_rechecked_because_a_retry_restarts_krakens_timer() {
+        let (limiter, _) = limiter(Config::default());
+        let start = Instant::now();
+        limiter.observe(Budget::Private, &auth(AuthFailure::Lockout), start);
+        for minute in 1..15 {
+            assert!(!limiter.private_recheck_due(start + Duration::from_secs(60 * minute)), "minute {minute}");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_operator_ends_a_pause_at_once() {
+        let (limiter, _) = limiter(Config::default());
+        let start = Instant::now();
+        assert!(!limiter.resume_private(start), "nothing to resume");
+        limiter.observe(Budget::Private, &auth(AuthFailure::Lockout), start);
+        assert!(limiter.resume_private(start + Duration::from_secs(1)));
+        assert_eq!(limiter.private_paused(start + Duration::from_secs(1)), None);
     }
 
     #[tokio::test(start_paused = true)]

@@ -416,7 +416,12 @@ impl Poller {
 
         let balance_due = self.exchange.has_credentials() && started >= self.next_balance;
         let private_paused = self.limiter.private_paused(started).is_some();
-        let balance_now = balance_due && !private_paused;
+        // During a pause for invalid keys, one Balance now and then checks whether the key works again.
+        let balance_now = if private_paused {
+            self.exchange.has_credentials() && self.limiter.private_recheck_due(started)
+        } else {
+            balance_due
+        };
         if balance_due {
             self.next_balance = deadline::after(started, self.context.config.balance_interval);
         }

@@ -47,6 +47,7 @@ pub fn routes(state: State) -> axum::Router<State> {
         .route("/api/admin/circuit-breaker/{exchange}", get(breaker_status).post(force_breaker))
         .route("/api/admin/circuit-breaker/{exchange}/reset", post(reset_breaker))
         .route("/api/admin/rate-limit/{exchange}", get(rate_limit_status).put(set_rate_factor))
+        .route("/api/admin/rate-limit/{exchange}/resume-private", post(resume_private))
         .route_layer(middleware::from_fn_with_state(state, require_token))
 }
 
@@ -333,6 +334,14 @@ async fn set_rate_factor(
     let factor = requested_factor(body)?;
     control.limiter.set_factor(factor).map_err(|error| Error::unprocessable(error.to_string()))?;
     tracing::info!(action = "set_rate_factor", exchange, factor, "Admin API set the rate factor.");
+    Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
+}
+
+/// Ends a private-call pause now (the key was fixed), without waiting for the next re-check or a restart.
+async fn resume_private(Extract(state): Extract<State>, Path(exchange): Path<String>) -> Result<Response, Error> {
+    let control = control(&state, &exchange)?;
+    let resumed = control.limiter.resume_private(tokio::time::Instant::now());
+    tracing::info!(action = "resume_private", exchange, resumed, "Admin API resumed private calls.");
     Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
 }
 

@@ -355,3 +355,38 @@ async fn exchange_api_slow_is_diagnosed_as_slowness_with_where_the_time_goes() {
     assert_eq!(daemon.status().await["active_alerts"][0]["scenario"], "slow");
     daemon.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_fixed_key_ends_the_private_pause_at_the_next_recheck_and_the_page_resolves_without_a_restart() {
+    let start = Instant::now();
+    let extra = format!("[rate_limit]\nprivate_recheck_interval = \"1m\"\n{}", webhook_only());
+    let daemon = PausedDaemon::start_with("alerting-recheck-key", &extra).await;
+    daemon.simulator.set_scenario(Scenario::InvalidKey);
+    // Two invalid-key answers seconds apart pause private calls, and the pause pages.
+    at(start, Duration::from_secs(30)).await;
+    assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
+    let status = daemon.status().await;
+    assert_eq!(status["rate_limit"]["privatePauseReason"], "2 consecutive invalid-key answers", "{status}");
+    assert!(status["rate_limit"]["privatePausedForSeconds"].as_u64().unwrap() > 800, "{status}");
+
+    // The key is fixed. Until the re-check is due no private call is made.
+    daemon.simulator.set_scenario(Scenario::Healthy);
+    let balances = daemon.simulator.requests("Balance");
+    at(start, Duration::from_secs(55)).await;
+    assert_eq!(daemon.simulator.requests("Balance"), balances, "no private call before the re-check");
+    assert!(daemon.status().await["rate_limit"]["privatePauseReason"].is_string(), "still paused");
+
+    // One minute after the pause began, one Balance finds the key working: the pause ends and the page resolves.
+    at(start, Duration::from_secs(100)).await;
+    let status = daemon.status().await;
+    assert_eq!(status["rate_limit"]["privatePauseReason"], serde_json::Value::Null, "{status}");
+    assert_eq!(
+        daemon.capture.webhooks("/hook"),
+        [
+            ("firing".to_owned(), "exchange_api_down".to_owned()),
+            ("resolved".to_owned(), "exchange_api_down".to_owned())
+        ]
+    );
+    assert_eq!(daemon.value("exwatch_rate_limit_private_paused", &[("exchange", "kraken")]).await, 0.0);
+    daemon.stop().await;
+}
