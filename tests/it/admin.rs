@@ -441,6 +441,11 @@ async fn the_cli_reads_and_forces_the_breaker_and_sets_the_rate_factor() {
     assert_eq!(output.code, Some(0), "{}{}", output.stdout, output.stderr);
     assert!(output.stdout.starts_with("kraken: factor 0.5 "), "{}", output.stdout);
     assert!(!output.stdout.contains(ADMIN_TOKEN) && !output.stderr.contains(ADMIN_TOKEN));
+
+    // Ending a private-call pause that is not in force is harmless and answers the status.
+    let output = exwatch(&["rate-limit", "resume-private", "--url", &url], Some(ADMIN_TOKEN)).await;
+    assert_eq!(output.code, Some(0), "{}{}", output.stdout, output.stderr);
+    assert!(output.stdout.starts_with("kraken: factor 0.5 ") && !output.stdout.contains("paused"), "{}", output.stdout);
 }
 
 #[tokio::test]
