@@ -26,13 +26,17 @@ use crate::telemetry;
 use self::diagnosis::{Actions, Diagnosis, Evidence};
 use self::rules::{Change, DownRule, PollResult, SlowRule};
 
+/// Where the daemon serves the operator runbook (`docs/runbook.md`, embedded): the default `runbook_url` is the
+/// external URL with this path.
+pub const RUNBOOK_PATH: &str = "/runbook";
+
 /// The `[alerts]` section.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub down: rules::DownConfig,
     pub slow: rules::SlowConfig,
     /// How far back the diagnosis looks.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub evidence_window: Duration,
     /// The `runbook_url` annotation (default: `server.external_url` + `/runbook`, the embedded docs/runbook.md).
     pub runbook_url: String,
@@ -49,7 +53,7 @@ impl Default for Config {
             down: rules::DownConfig::default(),
             slow: rules::SlowConfig::default(),
             evidence_window: Duration::from_secs(300),
-            runbook_url: format!("http://127.0.0.1:9750{}", crate::config::RUNBOOK_PATH),
+            runbook_url: format!("http://127.0.0.1:9750{}", RUNBOOK_PATH),
             external_url: "http://127.0.0.1:9750".to_owned(),
             delivery: outbox::Config::default(),
             sinks: Vec::new(),

@@ -42,14 +42,6 @@ pub struct App {
     recorder: Option<store::alerts::Recorder>,
 }
 
-/// The run-time controls of one exchange, shared by its poll loop and the admin API.
-#[derive(Clone)]
-pub struct Control {
-    pub breaker: Arc<breaker::Shared>,
-    pub limiter: Arc<Limiter>,
-    pub alerts: Arc<std::sync::Mutex<alert::Engine>>,
-}
-
 impl App {
     /// Builds the daemon with one client per configured exchange.
     pub async fn build(config: Config) -> anyhow::Result<App> {
@@ -95,7 +87,7 @@ impl App {
             .iter()
             .map(|exchange| {
                 let name = exchange.name().to_owned();
-                let control = Control {
+                let control = poller::Control {
                     breaker: breaker::Shared::new(&name, config.breaker.clone(), breaker_metrics.clone()),
                     limiter: Limiter::new(&name, config.rate_limit.clone(), limiter_metrics.clone()),
                     alerts: Arc::new(std::sync::Mutex::new(alert::Engine::new(
@@ -230,7 +222,7 @@ impl App {
             heartbeat: state.heartbeat.clone(),
             log,
             instance: config.server.instance.clone(),
-            schedule: poller::schedule::Config::new(&config),
+            schedule: config.schedule(),
         };
         let exchange_count = exchanges.len();
         for exchange in exchanges {
@@ -286,7 +278,7 @@ async fn restore_alerts(
     database: &store::database::Database,
     instance: &str,
     outbox: &alert::outbox::Outbox,
-    controls: &BTreeMap<String, Control>,
+    controls: &BTreeMap<String, poller::Control>,
 ) {
     let stored = async {
         Ok::<_, store::database::Error>((database.alert_state(instance).await?, database.outbox(instance).await?))

@@ -21,7 +21,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::deadline;
+use crate::clock;
 use crate::exchange::ErrorClass;
 use crate::telemetry;
 
@@ -35,19 +35,19 @@ pub struct Config {
     /// Trips when the share of slow calls over the window reaches this percentage.
     pub slow_call_rate_threshold: f64,
     /// A call slower than this is slow.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub slow_call_duration: Duration,
     #[serde(flatten)]
     pub window: Window,
     /// Rates are only judged once the window holds this many calls.
     pub minimum_calls: u32,
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub wait_duration_in_open: Duration,
     /// Exponential backoff of the open wait across consecutive openings without a successful close.
     #[serde(flatten)]
     pub open_backoff: Option<Backoff>,
     pub permitted_calls_in_half_open: u32,
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub max_wait_in_half_open: Duration,
     /// Classes that neither count as failures nor as successes (by default only our own `invalid_request`).
     pub ignored_classes: BTreeSet<ErrorClass>,
@@ -105,7 +105,7 @@ impl Serialize for Window {
 pub struct Backoff {
     #[serde(rename = "backoff_multiplier")]
     pub multiplier: f64,
-    #[serde(rename = "backoff_max_wait", serialize_with = "crate::config::human_duration")]
+    #[serde(rename = "backoff_max_wait", serialize_with = "crate::clock::human_duration")]
     pub max_wait: Duration,
     /// A fraction (0.1 = ±10%) applied with the caller-supplied random value, which keeps replicas apart.
     #[serde(rename = "backoff_jitter")]
@@ -191,7 +191,7 @@ pub enum Call {
 pub struct Snapshot {
     pub state: State,
     /// How long the breaker has been in this state.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub in_state_for: Duration,
     pub consecutive_failures: u32,
     /// Failures in the window (Resilience4j's `failureCount`).
@@ -203,11 +203,11 @@ pub struct Snapshot {
     pub slow_call_rate: f64,
     pub last_failure_class: Option<ErrorClass>,
     /// How long ago the last failure was recorded.
-    #[serde(serialize_with = "crate::config::optional_human_duration")]
+    #[serde(serialize_with = "crate::clock::optional_human_duration")]
     pub last_failure_ago: Option<Duration>,
     pub not_permitted_calls: u64,
     /// When OPEN: how long until HALF_OPEN.
-    #[serde(serialize_with = "crate::config::optional_human_duration")]
+    #[serde(serialize_with = "crate::clock::optional_human_duration")]
     pub half_open_in: Option<Duration>,
 }
 
@@ -488,7 +488,7 @@ impl Breaker {
     pub fn next_deadline(&self) -> Option<Instant> {
         match self.state {
             State::Open => self.open_until,
-            State::HalfOpen => Some(deadline::after(self.since, self.config.max_wait_in_half_open)),
+            State::HalfOpen => Some(clock::after(self.since, self.config.max_wait_in_half_open)),
             _ => None,
         }
     }
@@ -503,7 +503,7 @@ impl Breaker {
             State::Closed => vec![self.close(now, reason)],
             State::Open => {
                 let transition = self.transition(State::Open, now, reason);
-                self.open_until = Some(deadline::after(now, self.config.wait_duration_in_open));
+                self.open_until = Some(clock::after(now, self.config.wait_duration_in_open));
                 vec![transition]
             }
             other => vec![self.transition(other, now, reason)],
@@ -582,7 +582,7 @@ impl Breaker {
         self.openings = self.openings.saturating_add(1);
         let wait = self.open_wait(random);
         let transition = self.transition(State::Open, now, reason);
-        self.open_until = Some(deadline::after(now, wait));
+        self.open_until = Some(clock::after(now, wait));
         vec![transition]
     }
 
@@ -917,9 +917,9 @@ mod tests {
             call(&mut breaker, start + Duration::from_secs(30 * poll), failure());
         }
         assert_eq!(breaker.state(), State::Open);
-        assert_eq!(breaker.next_deadline(), Some(start + Duration::from_secs(60) + deadline::FAR_FUTURE));
+        assert_eq!(breaker.next_deadline(), Some(start + Duration::from_secs(60) + clock::FAR_FUTURE));
         breaker.force(State::HalfOpen, start);
-        assert_eq!(breaker.next_deadline(), Some(start + deadline::FAR_FUTURE));
+        assert_eq!(breaker.next_deadline(), Some(start + clock::FAR_FUTURE));
     }
 
     #[test]

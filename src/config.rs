@@ -16,9 +16,11 @@ use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::clock::human_duration;
 use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::{Secret, redact_url};
-use crate::{alert, breaker, limiter, store};
+use crate::telemetry::LogFormat;
+use crate::{alert, breaker, limiter, poller, store, telemetry};
 
 /// Public calls in one poll: Ticker and SystemStatus.
 const PUBLIC_CALLS_PER_POLL: f64 = 2.0;
@@ -30,14 +32,14 @@ pub const ENV_PREFIX: &str = "EXWATCH";
 #[derive(Debug, Clone, Serialize)]
 pub struct Config {
     pub server: Server,
-    pub poll: Poll,
+    pub poll: poller::Config,
     pub exchanges: Vec<ExchangeView>,
     pub breaker: breaker::Config,
     pub rate_limit: limiter::Config,
     pub alerts: alert::Config,
     pub database: store::Config,
     pub admin: Admin,
-    pub log: Log,
+    pub log: telemetry::Config,
     /// Environment variables that look like settings but are ignored (`EXWATCH_POLL__INTERVAL`, one underscore):
     /// `run` logs a warning for each at start, naming the variable, never its value.
     #[serde(skip)]
@@ -62,28 +64,6 @@ pub struct Server {
     pub connections: crate::http::serve::Config,
 }
 
-#[derive(Debug, Clone, Serialize)]
-pub struct Poll {
-    /// Time between two polls of the public checks (Ticker and SystemStatus).
-    #[serde(serialize_with = "human_duration")]
-    pub interval: Duration,
-    /// The limit for one call, from connect to the last byte of the answer.
-    #[serde(serialize_with = "human_duration")]
-    pub timeout: Duration,
-    /// Time between two Balance calls, when credentials are set.
-    #[serde(serialize_with = "human_duration")]
-    pub balance_interval: Duration,
-    /// A call slower than this logs the runbook's "Slow API response" warning.
-    #[serde(serialize_with = "human_duration")]
-    pub slow_call_threshold: Duration,
-    /// After a failed poll, the time to the next one until the down rule's streak is reached or a poll succeeds.
-    #[serde(serialize_with = "human_duration")]
-    pub confirm_interval: Duration,
-    /// While the breaker is open or `exchange_api_down` fires, the time between two recovery checks (or polls).
-    #[serde(serialize_with = "human_duration")]
-    pub recovery_check_interval: Duration,
-}
-
 /// One exchange's settings as configured; [`ExchangeView::exchange`] is what the clients are built from.
 #[derive(Debug, Clone, Serialize)]
 pub struct ExchangeView {
@@ -103,22 +83,6 @@ pub struct ExchangeView {
 pub struct Admin {
     /// The bearer token of the admin API; unset disables the admin API.
     pub token: Option<Secret>,
-}
-
-#[derive(Debug, Clone, Serialize)]
-pub struct Log {
-    /// A `tracing` filter (`info`, `exwatch=debug,info`); `RUST_LOG` wins when set.
-    pub level: String,
-    pub format: LogFormat,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum LogFormat {
-    /// JSON when standard error is not a terminal, pretty otherwise.
-    Auto,
-    Json,
-    Pretty,
 }
 
 /// Every problem found in the configuration, each naming its key.
@@ -237,6 +201,11 @@ impl Config {
         })
     }
 
+    /// The poll schedule's settings, gathered from `[poll]`, `alerts.down`, `[rate_limit]` and `[breaker]`.
+    pub fn schedule(&self) -> poller::schedule::Config {
+        poller::schedule::Config::new(&self.poll, &self.alerts.down, &self.rate_limit, &self.breaker)
+    }
+
     pub fn exchange_configs(&self) -> Vec<exchange::Config> {
         self.exchanges.iter().map(|view| view.exchange.clone()).collect()
     }
@@ -248,23 +217,6 @@ impl Default for Config {
         Config::from_value(Value::Object(Map::new())).expect("the built-in defaults are valid")
     }
 }
-
-pub(crate) fn human_duration<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&humantime::format_duration(*duration).to_string())
-}
-
-pub(crate) fn optional_human_duration<S: serde::Serializer>(
-    duration: &Option<Duration>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    match duration {
-        Some(duration) => human_duration(duration, serializer),
-        None => serializer.serialize_none(),
-    }
-}
-
-/// Where the daemon serves the operator runbook (`docs/runbook.md`, embedded), the default `alerts.runbook_url`.
-pub const RUNBOOK_PATH: &str = "/runbook";
 
 /// `http://` + the listen address, with loopback for an unspecified address (`0.0.0.0`, `::`).
 fn default_external_url(listen: SocketAddr) -> String {
@@ -744,7 +696,7 @@ impl Reader {
         self.finish(slow_table);
         let evidence_window = self.duration(&mut table, "evidence_window", defaults.evidence_window);
         let runbook_url =
-            self.string(&mut table, "runbook_url").unwrap_or_else(|| format!("{external_url}{RUNBOOK_PATH}"));
+            self.string(&mut table, "runbook_url").unwrap_or_else(|| format!("{external_url}{}", alert::RUNBOOK_PATH));
         if let Err(error) = url::Url::parse(&runbook_url) {
             let key = table.key("runbook_url");
             self.problem(&key, format!("invalid URL ({error})"));
@@ -1074,13 +1026,18 @@ impl Reader {
         self.finish(server);
 
         let mut poll_table = self.section(&mut root, "poll");
-        let poll = Poll {
-            interval: self.duration(&mut poll_table, "interval", Duration::from_secs(30)),
-            timeout: self.duration(&mut poll_table, "timeout", Duration::from_secs(10)),
-            balance_interval: self.duration(&mut poll_table, "balance_interval", Duration::from_secs(300)),
-            slow_call_threshold: self.duration(&mut poll_table, "slow_call_threshold", Duration::from_secs(5)),
-            confirm_interval: self.duration(&mut poll_table, "confirm_interval", Duration::from_secs(2)),
-            recovery_check_interval: self.duration(&mut poll_table, "recovery_check_interval", Duration::from_secs(5)),
+        let defaults = poller::Config::default();
+        let poll = poller::Config {
+            interval: self.duration(&mut poll_table, "interval", defaults.interval),
+            timeout: self.duration(&mut poll_table, "timeout", defaults.timeout),
+            balance_interval: self.duration(&mut poll_table, "balance_interval", defaults.balance_interval),
+            slow_call_threshold: self.duration(&mut poll_table, "slow_call_threshold", defaults.slow_call_threshold),
+            confirm_interval: self.duration(&mut poll_table, "confirm_interval", defaults.confirm_interval),
+            recovery_check_interval: self.duration(
+                &mut poll_table,
+                "recovery_check_interval",
+                defaults.recovery_check_interval,
+            ),
         };
         self.finish(poll_table);
         if poll.timeout > poll.interval && self.valid(&["poll.timeout", "poll.interval"]) {
@@ -1129,7 +1086,7 @@ impl Reader {
         self.finish(admin);
 
         let mut log = self.section(&mut root, "log");
-        let level = self.string(&mut log, "level").unwrap_or_else(|| "info".to_owned());
+        let level = self.string(&mut log, "level").unwrap_or_else(|| telemetry::Config::default().level);
         if let Err(error) = tracing_subscriber::EnvFilter::builder().parse(&level) {
             self.problem("log.level", format!("invalid filter {level:?} ({error})"));
         }
@@ -1151,7 +1108,7 @@ impl Reader {
             alerts,
             database,
             admin: Admin { token },
-            log: Log { level, format },
+            log: telemetry::Config { level, format },
             ignored_variables: Vec::new(),
         }
     }

@@ -20,7 +20,7 @@ use prometheus::Registry;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::app::Control;
+use crate::poller::Control;
 use crate::poller::Heartbeat;
 use crate::secret::Secret;
 use crate::store::writer;
@@ -107,7 +107,7 @@ pub fn router(state: State) -> axum::Router {
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
-        .route(crate::config::RUNBOOK_PATH, get(runbook));
+        .route(crate::alert::RUNBOOK_PATH, get(runbook));
     if state.admin_token.is_some() {
         router = router.merge(admin::routes(state.clone()));
     }
@@ -302,7 +302,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_runbook_pages_link_to_is_served() {
-        let (status, body) = get_path(router(state()), crate::config::RUNBOOK_PATH).await;
+        let (status, body) = get_path(router(state()), crate::alert::RUNBOOK_PATH).await;
         assert_eq!(status, StatusCode::OK);
         assert!(body.starts_with("# Runbook: Exchange API Failures"), "{body}");
         assert!(body.contains("### Scenario C: authentication"), "{body}");

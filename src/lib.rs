@@ -14,16 +14,20 @@
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 //! - [`resources`]: the process's open-file limit, and failures for want of file descriptors.
 //! - [`text`]: outside text bounded in bytes and cleaned of control characters.
-//! - [`deadline`]: deadlines that saturate instead of overflowing.
+//! - [`failure`]: the one failure taxonomy (`ErrorClass`, `Error`) every call outcome is classified into.
+//! - [`transport`]: the HTTP transport exchange clients and alert sinks share: one request, bounded in time and size,
+//!   never redirected, over reqwest or in memory.
+//! - [`clock`]: time helpers: saturating deadlines, `sleep_until_some`, durations serialized as humans write them.
 //! - [`fuzz`]: the fuzz harness's entry points, one per parser of outside input.
 
 pub mod alert;
 pub mod app;
 pub mod breaker;
 pub mod cli;
+pub mod clock;
 pub mod config;
-pub mod deadline;
 pub mod exchange;
+pub mod failure;
 pub mod fuzz;
 pub mod http;
 pub mod limiter;
@@ -35,3 +39,4 @@ pub mod simulator;
 pub mod store;
 pub mod telemetry;
 pub mod text;
+pub mod transport;

@@ -22,7 +22,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::deadline;
+use crate::clock;
 use crate::exchange::{AuthFailure, Error, ErrorClass};
 use crate::telemetry;
 
@@ -37,16 +37,16 @@ pub struct Config {
     /// The lowest factor automatic backoff goes to.
     pub min_factor: f64,
     /// How long without a `rate_limited` answer before the factor is raised one step.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub recovery_quiet: Duration,
     /// How long private calls pause after a lockout or repeated invalid-key answers.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub private_pause: Duration,
     /// Consecutive invalid-key answers that pause private calls.
     pub invalid_key_threshold: u32,
     /// During a pause for invalid keys, one Balance this often checks whether the key works again (a success ends
     /// the pause). Never during a lockout: Kraken restarts its lockout timer on every retry.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub private_recheck_interval: Duration,
 }
 
@@ -107,10 +107,10 @@ pub struct Snapshot {
     pub private_burst: u32,
     /// `rate_limited` answers within the last `recovery_quiet`.
     pub recent_rate_limited: usize,
-    #[serde(serialize_with = "crate::config::optional_human_duration")]
+    #[serde(serialize_with = "crate::clock::optional_human_duration")]
     pub last_rate_limited_ago: Option<Duration>,
     /// Remaining time of a private-call pause, if one is in force.
-    #[serde(serialize_with = "crate::config::optional_human_duration")]
+    #[serde(serialize_with = "crate::clock::optional_human_duration")]
     pub private_paused_for: Option<Duration>,
     pub private_pause_reason: Option<String>,
 }
@@ -354,7 +354,7 @@ impl Limiter {
         let mut state = self.lock();
         match state.private_recheck_at {
             Some(at) if now >= at && state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until) => {
-                state.private_recheck_at = Some(deadline::after(now, self.config.private_recheck_interval));
+                state.private_recheck_at = Some(clock::after(now, self.config.private_recheck_interval));
                 tracing::info!(exchange = self.exchange, "Checking whether the key works again (one private call).");
                 true
             }
@@ -412,8 +412,8 @@ impl Limiter {
     /// every `private_recheck_interval`.
     fn pause_private(&self, state: &mut State, now: Instant, reason: String, recheck: bool) {
         let already = state.private_paused_until.as_ref().is_some_and(|(until, _)| now < *until);
-        state.private_paused_until = Some((deadline::after(now, self.config.private_pause), reason.clone()));
-        state.private_recheck_at = recheck.then(|| deadline::after(now, self.config.private_recheck_interval));
+        state.private_paused_until = Some((clock::after(now, self.config.private_pause), reason.clone()));
+        state.private_recheck_at = recheck.then(|| clock::after(now, self.config.private_recheck_interval));
         self.metrics.private_paused.with_label_values(&[&self.exchange]).set(1.0);
         if !already {
             tracing::warn!(

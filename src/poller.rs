@@ -18,13 +18,11 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::app::Control;
-use crate::config::Poll as Config;
 use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
 use crate::limiter::{Budget, Limiter};
 use crate::store::{CallRecord, writer};
 use crate::telemetry;
-use crate::{alert, breaker, deadline};
+use crate::{alert, breaker, clock};
 
 pub mod schedule;
 
@@ -34,6 +32,51 @@ use self::schedule::{Action, Mode, Schedule};
 const NO_ERROR: &str = "none";
 
 /// When each exchange's loop last ticked, for the liveness probe.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+/// The `[poll]` settings.
+pub struct Config {
+    /// Time between two polls of the public checks (Ticker and SystemStatus).
+    #[serde(serialize_with = "crate::clock::human_duration")]
+    pub interval: Duration,
+    /// The limit for one call, from connect to the last byte of the answer.
+    #[serde(serialize_with = "crate::clock::human_duration")]
+    pub timeout: Duration,
+    /// Time between two Balance calls, when credentials are set.
+    #[serde(serialize_with = "crate::clock::human_duration")]
+    pub balance_interval: Duration,
+    /// A call slower than this logs the runbook's "Slow API response" warning.
+    #[serde(serialize_with = "crate::clock::human_duration")]
+    pub slow_call_threshold: Duration,
+    /// After a failed poll, the time to the next one until the down rule's streak is reached or a poll succeeds.
+    #[serde(serialize_with = "crate::clock::human_duration")]
+    pub confirm_interval: Duration,
+    /// While the breaker is open or `exchange_api_down` fires, the time between two recovery checks (or polls).
+    #[serde(serialize_with = "crate::clock::human_duration")]
+    pub recovery_check_interval: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config {
+            interval: Duration::from_secs(30),
+            timeout: Duration::from_secs(10),
+            balance_interval: Duration::from_secs(300),
+            slow_call_threshold: Duration::from_secs(5),
+            confirm_interval: Duration::from_secs(2),
+            recovery_check_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// One exchange's live controls, shared by its poller and the admin API: the breaker, the rate limiter and the
+/// alert engine.
+#[derive(Clone)]
+pub struct Control {
+    pub breaker: Arc<breaker::Shared>,
+    pub limiter: Arc<Limiter>,
+    pub alerts: Arc<std::sync::Mutex<alert::Engine>>,
+}
+
 #[derive(Debug, Default)]
 pub struct Heartbeat {
     /// Per exchange: the instant of the last tick (of the loop's creation before the first one) and the period the
@@ -374,7 +417,7 @@ impl Poller {
             tokio::select! {
                 biased;
                 () = cancel.cancelled() => break,
-                () = sleep_until_some(breaker_deadline) => {
+                () = clock::sleep_until_some(breaker_deadline) => {
                     if self.breaker.advance() == breaker::State::HalfOpen {
                         self.verify().await;
                     } else {
@@ -423,7 +466,7 @@ impl Poller {
             balance_due
         };
         if balance_due {
-            self.next_balance = deadline::after(started, self.context.config.balance_interval);
+            self.next_balance = clock::after(started, self.context.config.balance_interval);
         }
 
         if self.breaker.state() == breaker::State::HalfOpen {
@@ -626,14 +669,6 @@ impl Poller {
     }
 }
 
-/// Sleeps until `deadline`, or forever without one.
-pub(crate) async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
-}
-
 /// A poll as the schedule sees it: a `rate_limited` answer asks for less, any other failure for confirmation.
 fn schedule_result(outcomes: &[Outcome<()>]) -> schedule::Poll {
     let mut errors = outcomes.iter().filter_map(Outcome::error).peekable();
@@ -747,7 +782,7 @@ mod tests {
     }
 
     fn config() -> Config {
-        crate::config::Config::default().poll
+        Config::default()
     }
 
     fn sample(registry: &Registry, name: &str, labels: &[(&str, &str)]) -> f64 {

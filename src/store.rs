@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-use crate::config::human_duration;
+use crate::clock::human_duration;
 use crate::exchange::{Endpoint, Outcome};
 use crate::secret::Secret;
 

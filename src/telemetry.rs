@@ -8,10 +8,31 @@ use std::io::IsTerminal as _;
 use prometheus::{Encoder as _, IntGaugeVec, Opts, Registry};
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Log, LogFormat};
+#[derive(Debug, Clone, serde::Serialize)]
+/// The `[log]` settings.
+pub struct Config {
+    /// A `tracing` filter (`info`, `exwatch=debug,info`); `RUST_LOG` wins when set.
+    pub level: String,
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LogFormat {
+    /// JSON when standard error is not a terminal, pretty otherwise.
+    Auto,
+    Json,
+    Pretty,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { level: "info".to_owned(), format: LogFormat::Auto }
+    }
+}
 
 /// Starts logging to standard error. `RUST_LOG`, when set, wins over `log.level`.
-pub fn init(log: &Log) -> anyhow::Result<()> {
+pub fn init(log: &Config) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::builder().parse(directives)?,
         _ => EnvFilter::builder().parse(&log.level)?,

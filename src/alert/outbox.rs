@@ -33,11 +33,11 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
-use crate::exchange::kraken::transport::Transport;
-use crate::poller::sleep_until_some;
+use crate::clock::sleep_until_some;
 use crate::store::alerts::{self as stored, Op, OutboxRow};
 use crate::store::connector::Connector;
 use crate::telemetry;
+use crate::transport::Transport;
 
 use super::notification::{self, Alert, Kind};
 use super::sink::{self, Target};
@@ -46,12 +46,12 @@ use super::sink::{self, Target};
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     /// The wait after the first failed attempt; it doubles per failure up to `max_backoff`.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub initial_backoff: Duration,
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub max_backoff: Duration,
     /// A notification not delivered this long after it was made is dropped (and counted).
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub expire_after: Duration,
 }
 
@@ -212,7 +212,7 @@ impl Outbox {
         let transports = targets
             .iter()
             .map(|target| {
-                Transport::http(target.sink.timeout)
+                Transport::http()
                     .map(Arc::new)
                     .map_err(|error| anyhow::anyhow!("cannot build the HTTP client of sink {}: {error}", target.label))
             })

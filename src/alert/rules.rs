@@ -32,9 +32,9 @@ impl Default for DownConfig {
 /// `exchange_api_slow`'s settings.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct SlowConfig {
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub window: Duration,
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub threshold: Duration,
     /// Resolves when the average falls below `threshold * resolve_ratio`.
     pub resolve_ratio: f64,

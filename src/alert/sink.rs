@@ -15,8 +15,8 @@ use serde::Serialize;
 use sha2::{Digest as _, Sha256};
 use url::Url;
 
-use crate::exchange::kraken::transport::{self, Request, Transport};
 use crate::secret::Secret;
+use crate::transport::{self, Request, Transport};
 
 use super::notification::{self, Alert, Kind};
 

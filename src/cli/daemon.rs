@@ -13,7 +13,7 @@ use serde_json::Value;
 use url::Url;
 
 use crate::exchange::ErrorClass;
-use crate::exchange::kraken::transport;
+use crate::transport;
 
 /// How long one request to the daemon may take.
 const TIMEOUT: Duration = Duration::from_secs(10);

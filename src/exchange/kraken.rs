@@ -13,8 +13,6 @@
 //! socket. Everything but the transport (URLs, signing, nonces, the body limit, classification, parsing) is
 //! the same code for both.
 
-pub(crate) mod transport;
-
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,16 +28,12 @@ use sha2::{Digest, Sha256, Sha512};
 use tokio::time::Instant;
 use url::Url;
 
-pub use self::transport::ConnectionReset;
-use self::transport::{Request, Transport};
 use crate::exchange::{
     AuthFailure, Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, ServerTime,
     SystemStatus, Ticker, TradingStatus,
 };
-
-/// The largest response body read. Kraken's answers for the calls exwatch makes are a few kilobytes; anything
-/// near this size is not an answer we asked for, and reading it whole could exhaust memory.
-pub const BODY_LIMIT_BYTES: usize = 1024 * 1024;
+pub use crate::transport::ConnectionReset;
+use crate::transport::{self, Answer, Request, Transport};
 
 /// How much of a non-JSON body (or an HTML title) an error message may quote.
 const QUOTE_LIMIT_CHARS: usize = 100;
@@ -119,7 +113,7 @@ impl fmt::Debug for Client {
 impl Client {
     /// A client that talks to `config.base_url` over the network.
     pub fn new(config: &Config, timeout: Duration) -> Result<Client, BuildError> {
-        Client::build(config, timeout, || Transport::http(timeout))
+        Client::build(config, timeout, || Transport::http().map_err(BuildError::HttpClient))
     }
 
     /// A client whose requests never leave the process: each one is served by `router` (typically
@@ -347,26 +341,11 @@ fn key_state_for(api_key: &str) -> Arc<KeyState> {
 // Classification: pure functions over what came back, so every rule is testable without a socket.
 // ---------------------------------------------------------------------------------------------------------------
 
-/// A complete HTTP answer, body included.
-#[derive(Debug, Clone)]
-pub(crate) struct Answer {
-    pub(crate) status: u16,
-    pub(crate) content_type: Option<String>,
-    pub(crate) server: Option<String>,
-    /// Where a `Location` header points, reduced to its host ([`transport::location_host`]).
-    pub(crate) redirect_host: Option<String>,
-    pub(crate) body: Vec<u8>,
-}
-
 /// A Kraken envelope without `E...` errors: its `result` and any `W...` warnings.
 #[derive(Debug)]
 struct Envelope {
     result: Value,
     warnings: Vec<String>,
-}
-
-fn body_too_large(status: u16) -> Error {
-    Error::new(ErrorClass::BadResponse, format!("body larger than {BODY_LIMIT_BYTES} bytes")).with_status(status)
 }
 
 fn unexpected_shape(what: impl fmt::Display) -> Error {
@@ -754,6 +733,7 @@ mod tests {
 
     use crate::exchange::{Credentials, Kind};
     use crate::secret::Secret;
+    use crate::transport::BODY_LIMIT_BYTES;
 
     const TICKER_XBTAUD_BODY: &str = r#"{"error":[],"result":{"XBTAUD":{"a":["160100.00000","1","1.000"],"b":["160099.90000","1","1.000"],
  "c":["160055.99000","0.01000000"],"v":["12.34567890","45.67890123"],"p":["160010.12345","159870.54321"],

@@ -26,9 +26,9 @@ use subtle::ConstantTimeEq as _;
 use tokio::time::Instant;
 
 use super::{State, Throttle};
-use crate::app::Control;
 use crate::breaker;
 use crate::limiter;
+use crate::poller::Control;
 use crate::secret::Secret;
 use crate::telemetry;
 

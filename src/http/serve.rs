@@ -46,11 +46,11 @@ pub struct Config {
     pub max_connections: u32,
     /// The time a connection has to send its first byte, and then its complete request head; the same time
     /// bounds a kept-alive connection waiting for its next request (hyper's header read timer).
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub header_read_timeout: Duration,
     /// The longest a connection may go with no byte read or written (a stalled body, a client that stops reading
     /// its answer, a kept-alive connection left open).
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub idle_timeout: Duration,
     /// File descriptors kept out of the connection cap for exchange calls, the database, the spool and sinks.
     pub fd_reserve: u32,

@@ -26,7 +26,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::{breaker, deadline};
+use crate::{alert, breaker, clock, limiter};
 
 /// Public calls in a full poll (Ticker and SystemStatus).
 pub const POLL_CALLS: f64 = 2.0;
@@ -53,21 +53,31 @@ pub struct Config {
 }
 
 impl Config {
-    pub fn new(config: &crate::config::Config) -> Config {
+    pub fn new(
+        poll: &super::Config,
+        down: &alert::rules::DownConfig,
+        rate_limit: &limiter::Config,
+        breaker: &breaker::Config,
+    ) -> Config {
         Config {
-            interval: config.poll.interval,
-            confirm_interval: config.poll.confirm_interval,
-            recovery_check_interval: config.poll.recovery_check_interval,
-            streak: config.alerts.down.consecutive_failures,
-            public_per_second: config.rate_limit.public_per_second,
-            longest_check_interval: config.breaker.wait_duration_in_open,
+            interval: poll.interval,
+            confirm_interval: poll.confirm_interval,
+            recovery_check_interval: poll.recovery_check_interval,
+            streak: down.consecutive_failures,
+            public_per_second: rate_limit.public_per_second,
+            longest_check_interval: breaker.wait_duration_in_open,
         }
     }
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config::new(&crate::config::Config::default())
+        Config::new(
+            &super::Config::default(),
+            &alert::rules::DownConfig::default(),
+            &limiter::Config::default(),
+            &breaker::Config::default(),
+        )
     }
 }
 
@@ -303,7 +313,7 @@ impl Schedule {
         let factor_changed = facts.factor != self.facts.factor;
         self.facts = facts;
         if factor_changed && self.slot > now {
-            self.slot = deadline::after(self.anchor, self.period()).max(now);
+            self.slot = clock::after(self.anchor, self.period()).max(now);
         }
         self.decide(now, false)
     }
@@ -334,12 +344,8 @@ impl Schedule {
         let from = self.mode;
         self.soon = match mode {
             Mode::Normal => None,
-            Mode::Confirming if acted || from != Mode::Confirming => {
-                Some(deadline::after(now, self.confirm_interval()))
-            }
-            Mode::Recovering if acted || from != Mode::Recovering => {
-                Some(deadline::after(now, self.recovery_interval()))
-            }
+            Mode::Confirming if acted || from != Mode::Confirming => Some(clock::after(now, self.confirm_interval())),
+            Mode::Recovering if acted || from != Mode::Recovering => Some(clock::after(now, self.recovery_interval())),
             Mode::Confirming | Mode::Recovering => self.soon,
         };
         self.mode = mode;
@@ -365,15 +371,15 @@ fn stretch(duration: Duration, factor: f64) -> Duration {
 /// The next poll's slot: one period after the last, or, when polls overran, the first slot of that grid still
 /// ahead. Missed slots are skipped, never caught up in a burst.
 pub(crate) fn next_slot(previous: Instant, period: Duration, now: Instant) -> Instant {
-    let next = deadline::after(previous, period);
+    let next = clock::after(previous, period);
     if next > now {
         return next;
     }
     let behind = now.saturating_duration_since(next).as_nanos();
     let period_nanos = period.as_nanos().max(1);
     let skipped = behind / period_nanos + 1;
-    let ahead = u64::try_from(skipped.saturating_mul(period_nanos)).map_or(deadline::FAR_FUTURE, Duration::from_nanos);
-    deadline::after(next, ahead)
+    let ahead = u64::try_from(skipped.saturating_mul(period_nanos)).map_or(clock::FAR_FUTURE, Duration::from_nanos);
+    clock::after(next, ahead)
 }
 
 #[cfg(test)]

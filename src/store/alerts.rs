@@ -576,7 +576,7 @@ impl Recorder {
             let result = tokio::select! {
                 result = tokio::time::timeout(WRITE_TIMEOUT, write) => result.unwrap_or_else(|_| Err(write_timeout())),
                 // The write may still land: every operation is idempotent, so spooling it too is harmless.
-                () = sleep_until_some(drain_deadline) => break,
+                () = crate::clock::sleep_until_some(drain_deadline) => break,
             };
             match result {
                 Ok(()) => {
@@ -618,7 +618,7 @@ impl Recorder {
         tokio::select! {
             () = self.shared.wake.notified() => {}
             () = cancel.cancelled(), if drain_deadline.is_none() => {}
-            () = sleep_until_some(deadline) => {}
+            () = crate::clock::sleep_until_some(deadline) => {}
         }
     }
 
@@ -755,13 +755,6 @@ impl Recorder {
 
 fn write_timeout() -> Error {
     Error::Unavailable(format!("no answer within {}", humantime::format_duration(WRITE_TIMEOUT)))
-}
-
-async fn sleep_until_some(deadline: Option<Instant>) {
-    match deadline {
-        Some(deadline) => tokio::time::sleep_until(deadline).await,
-        None => std::future::pending().await,
-    }
 }
 
 /// Runs one operation. Each but an incident's progress is idempotent, so a replay after a crash (written, not yet

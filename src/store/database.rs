@@ -750,7 +750,7 @@ pub async fn run_retention(database: Database, retention: Duration, interval: Du
                 Err(error) => tracing::warn!(error = %error, "Retention pass failed; retrying at the next interval."),
             },
         }
-        next = crate::deadline::after(tokio::time::Instant::now(), interval);
+        next = crate::clock::after(tokio::time::Instant::now(), interval);
     }
 }
 

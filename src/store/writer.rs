@@ -35,7 +35,7 @@ pub struct Config {
     /// The most rows in one insert; a full batch is written at once.
     pub batch_size: usize,
     /// How long a row may wait for its batch to fill.
-    #[serde(serialize_with = "crate::config::human_duration")]
+    #[serde(serialize_with = "crate::clock::human_duration")]
     pub flush_interval: Duration,
     /// Rows kept in memory before the oldest move to the spool.
     pub memory_rows: usize,

@@ -15,6 +15,7 @@ mod deploy;
 mod detection;
 mod durability;
 mod helpers;
+mod in_memory;
 mod incidents;
 mod listener;
 mod outage;
