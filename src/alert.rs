@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::breaker;
-use crate::exchange::{Endpoint, ErrorClass, Outcome, TradingStatus};
+use crate::exchange::{Endpoint, ErrorClass, Outcome, Profile, TradingStatus};
 use crate::store::alerts::Op::{IncidentOpened, IncidentProgress};
 use crate::store::alerts::{Op, Tally};
 use crate::telemetry;
@@ -61,13 +61,51 @@ impl Default for Config {
     }
 }
 
-pub const DOWN: &str = "exchange_api_down";
-pub const SLOW: &str = "exchange_api_slow";
+/// The alerts exwatch makes, each with its fixed severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum AlertName {
+    /// The exchange is failing (critical): the down rule's streak, or the breaker open.
+    #[serde(rename = "exchange_api_down")]
+    Down,
+    /// The exchange answers, slowly (warning).
+    #[serde(rename = "exchange_api_slow")]
+    Slow,
+}
+
+impl AlertName {
+    pub const ALL: [AlertName; 2] = [AlertName::Down, AlertName::Slow];
+
+    /// The `alertname` label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AlertName::Down => "exchange_api_down",
+            AlertName::Slow => "exchange_api_slow",
+        }
+    }
+
+    /// The `severity` label.
+    pub fn severity(self) -> &'static str {
+        match self {
+            AlertName::Down => "critical",
+            AlertName::Slow => "warning",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<AlertName> {
+        AlertName::ALL.into_iter().find(|name| name.as_str() == text)
+    }
+}
+
+impl std::fmt::Display for AlertName {
+    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        formatter.write_str(self.as_str())
+    }
+}
 
 /// An alert that is firing now, as the status endpoint shows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct ActiveAlert {
-    pub alertname: &'static str,
+    pub alertname: AlertName,
     pub severity: &'static str,
     pub since: DateTime<Utc>,
     pub reason: String,
@@ -85,7 +123,7 @@ impl ActiveAlert {
     /// The alert as sinks see it: labels `alertname`, `severity`, `exchange`, `service`; the rest annotations.
     pub fn notification(&self, exchange: &str) -> notification::Alert {
         let labels = [
-            ("alertname", self.alertname),
+            ("alertname", self.alertname.as_str()),
             ("severity", self.severity),
             ("exchange", exchange),
             ("service", "exwatch"),
@@ -111,17 +149,13 @@ impl ActiveAlert {
 
     /// A firing alert a previous run left in `alert_state`; `None` for an alert this version does not make.
     fn restored(alert: &notification::Alert) -> Option<ActiveAlert> {
-        let (alertname, severity) = match alert.label("alertname") {
-            DOWN => (DOWN, "critical"),
-            SLOW => (SLOW, "warning"),
-            _ => return None,
-        };
+        let alertname = AlertName::parse(alert.label("alertname"))?;
         // Bounded as this version bounds them: the row may come from an older one.
         let annotation =
             |name: &str| alert.annotations.get(name).map(|value| notification::annotation(value)).unwrap_or_default();
         Some(ActiveAlert {
             alertname,
-            severity,
+            severity: alertname.severity(),
             since: alert.starts_at,
             reason: "firing before exwatch restarted".to_owned(),
             summary: annotation("summary"),
@@ -170,11 +204,13 @@ struct Streak {
 /// opening and progress.
 pub struct Engine {
     exchange: String,
+    /// The exchange's kind: its name for people in descriptions and diagnoses.
+    profile: &'static Profile,
     config: Config,
     down: DownRule,
     slow: SlowRule,
     evidence: Evidence,
-    active: BTreeMap<&'static str, ActiveAlert>,
+    active: BTreeMap<AlertName, ActiveAlert>,
     metrics: Metrics,
     last_status: Option<TradingStatus>,
     /// Where firings, changes and resolutions go (sinks, `alert_state`, `incidents`); `None` in unit tests.
@@ -187,15 +223,22 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(exchange: &str, config: Config, metrics: Metrics, outbox: Option<outbox::Outbox>) -> Engine {
-        for alertname in [DOWN, SLOW] {
-            metrics.firing.with_label_values(&[alertname, exchange]).set(0);
+    pub fn new(
+        exchange: &str,
+        profile: &'static Profile,
+        config: Config,
+        metrics: Metrics,
+        outbox: Option<outbox::Outbox>,
+    ) -> Engine {
+        for alertname in AlertName::ALL {
+            metrics.firing.with_label_values(&[alertname.as_str(), exchange]).set(0);
         }
         Engine {
             exchange: exchange.to_owned(),
+            profile,
             down: DownRule::new(config.down.clone()),
             slow: SlowRule::new(config.slow.clone()),
-            evidence: Evidence::new(config.evidence_window),
+            evidence: Evidence::new(config.evidence_window, profile),
             config,
             active: BTreeMap::new(),
             metrics,
@@ -215,14 +258,14 @@ impl Engine {
             return;
         };
         let now = Instant::now();
-        if active.alertname == DOWN {
+        if active.alertname == AlertName::Down {
             self.down.restore_firing(now);
             self.incident_scenario = Some(active.scenario.clone());
         } else {
             self.slow.restore_firing(now);
         }
-        self.metrics.firing.with_label_values(&[active.alertname, &self.exchange]).set(1);
-        tracing::info!(alertname = active.alertname, exchange = self.exchange, since = %active.since, "Alert restored as firing.");
+        self.metrics.firing.with_label_values(&[active.alertname.as_str(), &self.exchange]).set(1);
+        tracing::info!(alertname = active.alertname.as_str(), exchange = self.exchange, since = %active.since, "Alert restored as firing.");
         self.active.insert(active.alertname, active);
     }
 
@@ -268,26 +311,27 @@ impl Engine {
         if was_down && let Some(diagnosis) = &diagnosis {
             self.record_progress(poll, diagnosis.scenario.as_str());
         }
-        self.apply(DOWN, down, now, diagnosis.as_ref());
+        self.apply(AlertName::Down, down, now, diagnosis.as_ref());
         if !self.down.is_firing() && matches!(result, PollResult::Succeeded { .. }) {
             self.streak = None;
         }
         let slow = self.slow.observe(now, &result, self.down.is_firing());
-        self.apply(SLOW, slow, now, diagnosis.as_ref());
+        self.apply(AlertName::Slow, slow, now, diagnosis.as_ref());
         // A changed scenario during an incident shows in the status (and on the next resend).
         if let Some(diagnosis) = &diagnosis
             && !self.active.is_empty()
         {
             let average = self.slow.average(now);
-            let slow_diagnosis = self.active.contains_key(SLOW).then(|| self.evidence.diagnose_slow(now, average));
+            let slow_diagnosis =
+                self.active.contains_key(&AlertName::Slow).then(|| self.evidence.diagnose_slow(now, average));
             for (alertname, alert) in self.active.iter_mut() {
-                if *alertname == DOWN {
+                if *alertname == AlertName::Down {
                     alert.scenario = diagnosis.scenario.as_str().to_owned();
                     alert.description = diagnosis.summary.clone();
                     alert.evidence = diagnosis.evidence.clone();
                 } else if let Some(slow) = &slow_diagnosis {
                     if let Some(average) = average {
-                        alert.description = format!("Kraken API response time elevated: {}ms", average.as_millis());
+                        alert.description = slow_description(self.profile, average);
                     }
                     alert.scenario = slow.scenario.as_str().to_owned();
                     alert.evidence = slow.evidence.clone();
@@ -319,36 +363,36 @@ impl Engine {
         if let Some(outbox) = &self.outbox {
             outbox.incident_progress(IncidentProgress {
                 provider: self.exchange.clone(),
-                alertname: DOWN.to_owned(),
+                alertname: AlertName::Down.as_str().to_owned(),
                 scenario: scenario.to_owned(),
                 tally: poll,
             });
         }
     }
 
-    fn apply(&mut self, alertname: &'static str, change: Option<Change>, now: Instant, diagnosis: Option<&Diagnosis>) {
+    fn apply(&mut self, alertname: AlertName, change: Option<Change>, now: Instant, diagnosis: Option<&Diagnosis>) {
         let Some(change) = change else { return };
         let exchange = self.exchange.clone();
         match change {
             Change::Fire { reason } => {
-                let (severity, summary, description, diagnosis) = if alertname == DOWN {
+                let severity = alertname.severity();
+                let (summary, description, diagnosis) = if alertname == AlertName::Down {
                     let diagnosis = match diagnosis {
                         Some(diagnosis) => diagnosis.clone(),
                         None => self.evidence.diagnose(now, &Actions::default()),
                     };
-                    ("critical", format!("Exchange API down: {exchange}"), diagnosis.summary.clone(), diagnosis)
+                    (format!("Exchange API down: {exchange}"), diagnosis.summary.clone(), diagnosis)
                 } else {
                     let average = self.slow.average(now);
                     let diagnosis = self.evidence.diagnose_slow(now, average);
                     (
-                        "warning",
                         "Exchange API Response Time Warning".to_owned(),
-                        format!("Kraken API response time elevated: {}ms", average.unwrap_or_default().as_millis()),
+                        slow_description(self.profile, average.unwrap_or_default()),
                         diagnosis,
                     )
                 };
                 tracing::warn!(
-                    alertname,
+                    alertname = alertname.as_str(),
                     severity,
                     exchange,
                     reason,
@@ -356,7 +400,7 @@ impl Engine {
                     evidence = diagnosis.evidence,
                     "Alert firing."
                 );
-                self.metrics.firing.with_label_values(&[alertname, &exchange]).set(1);
+                self.metrics.firing.with_label_values(&[alertname.as_str(), &exchange]).set(1);
                 let active = ActiveAlert {
                     alertname,
                     severity,
@@ -369,20 +413,20 @@ impl Engine {
                     runbook_url: self.config.runbook_url.clone(),
                     generator_url: notification::generator_url(&self.config.external_url, &exchange),
                 };
-                let incident = (alertname == DOWN).then(|| self.opening(&active.scenario));
+                let incident = (alertname == AlertName::Down).then(|| self.opening(&active.scenario));
                 if let Some(outbox) = &self.outbox {
                     outbox.fire(active.notification(&exchange), incident);
                 }
                 self.active.insert(alertname, active);
             }
             Change::Resolve { reason } => {
-                tracing::info!(alertname, exchange, reason, "Alert resolved.");
-                self.metrics.firing.with_label_values(&[alertname, &exchange]).set(0);
-                if alertname == DOWN {
+                tracing::info!(alertname = alertname.as_str(), exchange, reason, "Alert resolved.");
+                self.metrics.firing.with_label_values(&[alertname.as_str(), &exchange]).set(0);
+                if alertname == AlertName::Down {
                     self.streak = None;
                     self.incident_scenario = None;
                 }
-                if let (Some(active), Some(outbox)) = (self.active.remove(alertname), &self.outbox) {
+                if let (Some(active), Some(outbox)) = (self.active.remove(&alertname), &self.outbox) {
                     let mut alert = active.notification(&exchange);
                     alert.ends_at = Some(Utc::now());
                     outbox.resolve(alert);
@@ -402,13 +446,18 @@ impl Engine {
         self.incident_scenario = Some(scenario.to_owned());
         IncidentOpened {
             provider: self.exchange.clone(),
-            alertname: DOWN.to_owned(),
+            alertname: AlertName::Down.as_str().to_owned(),
             scenario: scenario.to_owned(),
             at: streak.since,
             first_error: streak.first_error.clone(),
             tally: streak.tally.clone(),
         }
     }
+}
+
+/// `exchange_api_slow`'s description: the exchange by its name for people, and the average latency.
+fn slow_description(profile: &Profile, average: Duration) -> String {
+    format!("{} API response time elevated: {}ms", profile.display_name, average.as_millis())
 }
 
 /// What one poll tells the rules. Our own errors (`invalid_request`) do not say the exchange is down, and the
@@ -460,7 +509,13 @@ mod tests {
     }
 
     fn engine() -> Engine {
-        Engine::new("kraken", Config::default(), Metrics::new(&telemetry::registry()), None)
+        Engine::new(
+            "kraken",
+            crate::exchange::Kind::Kraken.profile(),
+            Config::default(),
+            Metrics::new(&telemetry::registry()),
+            None,
+        )
     }
 
     fn poll(engine: &mut Engine, now: Instant, outcomes: &[Outcome<()>]) {
@@ -481,7 +536,7 @@ mod tests {
             poll(&mut engine, start + POLL * index, &outcomes);
         }
         let active = engine.active();
-        assert_eq!(active.iter().map(|alert| alert.alertname).collect::<Vec<_>>(), [DOWN]);
+        assert_eq!(active.iter().map(|alert| alert.alertname).collect::<Vec<_>>(), [AlertName::Down]);
         assert_eq!(active[0].scenario, "invalid_request");
         assert_eq!(active[0].reason, "3 consecutive failed polls");
     }
@@ -533,5 +588,16 @@ mod tests {
         poll(&mut engine, start + POLL * 7, &failing);
         poll(&mut engine, start + POLL * 8, &healthy);
         assert!(engine.streak.is_none());
+    }
+
+    #[test]
+    fn alert_names_carry_their_label_and_severity() {
+        for name in AlertName::ALL {
+            assert_eq!(AlertName::parse(name.as_str()), Some(name));
+            assert_eq!(serde_json::to_value(name).unwrap(), name.as_str());
+        }
+        assert_eq!((AlertName::Down.as_str(), AlertName::Down.severity()), ("exchange_api_down", "critical"));
+        assert_eq!((AlertName::Slow.as_str(), AlertName::Slow.severity()), ("exchange_api_slow", "warning"));
+        assert_eq!(AlertName::parse("exwatch_test"), None);
     }
 }

@@ -89,9 +89,10 @@ impl App {
                 let name = exchange.name().to_owned();
                 let control = poller::Control {
                     breaker: breaker::Shared::new(&name, config.breaker.clone(), breaker_metrics.clone()),
-                    limiter: Limiter::new(&name, config.rate_limit.clone(), limiter_metrics.clone()),
+                    limiter: Limiter::new(&name, config.rate_limit_for(&name).clone(), limiter_metrics.clone()),
                     alerts: Arc::new(std::sync::Mutex::new(alert::Engine::new(
                         &name,
+                        exchange.kind().profile(),
                         config.alerts.clone(),
                         alert_metrics.clone(),
                         Some(outbox.clone()),
@@ -222,7 +223,7 @@ impl App {
             heartbeat: state.heartbeat.clone(),
             log,
             instance: config.server.instance.clone(),
-            schedule: config.schedule(),
+            schedule: poller::schedule::Config::default(),
         };
         let exchange_count = exchanges.len();
         for exchange in exchanges {
@@ -230,7 +231,8 @@ impl App {
                 anyhow::bail!("no controls for exchange {}", exchange.name());
             };
             let name = format!("poll loop {}", exchange.name());
-            let poller = Poller::new(exchange, context.clone(), control.clone());
+            let context = poller::Context { schedule: config.schedule(exchange.name()), ..context.clone() };
+            let poller = Poller::new(exchange, context, control.clone());
             let stop = cancel.clone();
             tasks.spawn(polling, name, async move {
                 poller.run(stop).await;

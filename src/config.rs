@@ -12,7 +12,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -35,6 +34,8 @@ pub struct Config {
     pub poll: poller::Config,
     pub exchanges: Vec<ExchangeView>,
     pub breaker: breaker::Config,
+    /// `[rate_limit]` over the default kind's budget; each exchange's effective settings are in
+    /// [`ExchangeView::rate_limit`].
     pub rate_limit: limiter::Config,
     pub alerts: alert::Config,
     pub database: store::Config,
@@ -75,6 +76,11 @@ pub struct ExchangeView {
     pub depth_count: u32,
     pub api_key: Option<Secret>,
     pub api_secret: Option<Secret>,
+    /// This exchange's limiter settings: its kind's budget, `[rate_limit]`, then its own `rate_limit` table.
+    pub rate_limit: limiter::Config,
+    /// Whether the exchange has a `rate_limit` table of its own (problems name that key).
+    #[serde(skip)]
+    pub own_rate_limit: bool,
     #[serde(skip)]
     pub exchange: exchange::Config,
 }
@@ -201,9 +207,15 @@ impl Config {
         })
     }
 
-    /// The poll schedule's settings, gathered from `[poll]`, `alerts.down`, `[rate_limit]` and `[breaker]`.
-    pub fn schedule(&self) -> poller::schedule::Config {
-        poller::schedule::Config::new(&self.poll, &self.alerts.down, &self.rate_limit, &self.breaker)
+    /// The limiter settings of the exchange called `name`: its own, or `[rate_limit]` over Kraken's budget for
+    /// an exchange not configured here (tests build daemons around fakes).
+    pub fn rate_limit_for(&self, name: &str) -> &limiter::Config {
+        self.exchanges.iter().find(|view| view.name == name).map_or(&self.rate_limit, |view| &view.rate_limit)
+    }
+
+    /// The poll schedule's settings for one exchange, from `[poll]`, `alerts.down`, its rate limit and `[breaker]`.
+    pub fn schedule(&self, name: &str) -> poller::schedule::Config {
+        poller::schedule::Config::new(&self.poll, &self.alerts.down, self.rate_limit_for(name), &self.breaker)
     }
 
     pub fn exchange_configs(&self) -> Vec<exchange::Config> {
@@ -450,8 +462,12 @@ impl Table {
 }
 
 impl Reader {
+    /// Records a problem once: a section read for each exchange (`[rate_limit]`) reports its problems once.
     fn problem(&mut self, key: &str, message: impl fmt::Display) {
-        self.problems.push(format!("`{key}`: {message}"));
+        let problem = format!("`{key}`: {message}");
+        if !self.problems.contains(&problem) {
+            self.problems.push(problem);
+        }
     }
 
     /// Whether none of `keys` has a problem yet: a check across keys compares given values, never the default a
@@ -821,9 +837,23 @@ impl Reader {
         }
     }
 
-    fn rate_limit(&mut self, root: &mut Table) -> limiter::Config {
-        let defaults = limiter::Config::default();
-        let mut table = self.section(root, "rate_limit");
+    /// One exchange's limiter settings: its kind's budget, then `[rate_limit]` (`global`), then its own
+    /// `rate_limit` table, each overriding the one before.
+    fn exchange_rate_limit(&mut self, exchange: &mut Table, kind: Kind, global: &Option<Value>) -> limiter::Config {
+        let kind_defaults = limiter::Config::with_budget(&kind.profile().rate_budget);
+        let global = self.table("rate_limit".to_owned(), global.clone());
+        let defaults = self.rate_limit(global, kind_defaults);
+        match exchange.entries.remove("rate_limit") {
+            None => defaults,
+            Some(own) => {
+                let own = self.table(exchange.key("rate_limit"), Some(own));
+                self.rate_limit(own, defaults)
+            }
+        }
+    }
+
+    /// Reads a `rate_limit` table over `defaults`.
+    fn rate_limit(&mut self, mut table: Table, defaults: limiter::Config) -> limiter::Config {
         let config = limiter::Config {
             public_per_second: self.number(
                 &mut table,
@@ -857,7 +887,7 @@ impl Reader {
         // Each re-check with a bad key is one more invalid-key answer toward a lockout: at most one a minute.
         if config.private_recheck_interval < Duration::from_secs(60) {
             let key = table.key("private_recheck_interval");
-            self.problem(&key, "must be at least 1m: each re-check with a bad key counts toward Kraken's lockout");
+            self.problem(&key, "must be at least 1m: each re-check with a bad key counts toward a lockout");
         }
         self.finish(table);
         config
@@ -1051,21 +1081,29 @@ impl Reader {
             );
         }
 
-        let exchanges = self.exchanges(root.entries.remove("exchanges"));
+        let global_rate_limit = root.entries.remove("rate_limit");
+        let rate_limit = {
+            let table = self.table("rate_limit".to_owned(), global_rate_limit.clone());
+            self.rate_limit(table, limiter::Config::default())
+        };
+        let exchanges = self.exchanges(root.entries.remove("exchanges"), &global_rate_limit);
         let breaker = self.breaker(&mut root);
-        let rate_limit = self.rate_limit(&mut root);
         let alerts = self.alerts(&mut root, &external_url);
         // Each poll makes two public calls; a budget below that would throttle every poll and stall the loop.
         let needed = PUBLIC_CALLS_PER_POLL / poll.interval.as_secs_f64();
-        if needed > rate_limit.public_per_second && self.valid(&["poll.interval", "rate_limit.public_per_second"]) {
-            self.problem(
-                "rate_limit.public_per_second",
-                format!(
-                    "{} is below the {needed:.2} public calls per second that poll.interval {} needs",
-                    rate_limit.public_per_second,
-                    humantime::format_duration(poll.interval)
-                ),
-            );
+        for (index, view) in exchanges.iter().enumerate() {
+            let own = format!("exchanges[{index}].rate_limit.public_per_second");
+            let key = if view.own_rate_limit { own.as_str() } else { "rate_limit.public_per_second" };
+            if needed > view.rate_limit.public_per_second && self.valid(&["poll.interval", key]) {
+                self.problem(
+                    key,
+                    format!(
+                        "{} is below the {needed:.2} public calls per second that poll.interval {} needs",
+                        view.rate_limit.public_per_second,
+                        humantime::format_duration(poll.interval)
+                    ),
+                );
+            }
         }
 
         let database = self.database(&mut root);
@@ -1113,11 +1151,11 @@ impl Reader {
         }
     }
 
-    fn exchanges(&mut self, value: Option<Value>) -> Vec<ExchangeView> {
+    fn exchanges(&mut self, value: Option<Value>, global_rate_limit: &Option<Value>) -> Vec<ExchangeView> {
         let entries = match value {
             None => vec![Value::Object(Map::new())],
             Some(Value::Array(entries)) if entries.is_empty() => {
-                self.problem("exchanges", "must list at least one exchange (omit it for the default Kraken)");
+                self.problem("exchanges", "must list at least one exchange (omit it for the default, Kraken)");
                 Vec::new()
             }
             value => self.table_list("exchanges", value),
@@ -1126,7 +1164,7 @@ impl Reader {
         let mut views = Vec::new();
         for (index, entry) in entries.into_iter().enumerate() {
             let mut table = self.table(format!("exchanges[{index}]"), Some(entry));
-            let view = self.exchange(&mut table);
+            let view = self.exchange(&mut table, global_rate_limit);
             self.finish(table);
             if let Some(view) = view {
                 if !names.insert(view.name.clone()) {
@@ -1141,9 +1179,14 @@ impl Reader {
         views
     }
 
-    fn exchange(&mut self, table: &mut Table) -> Option<ExchangeView> {
+    fn exchange(&mut self, table: &mut Table, global_rate_limit: &Option<Value>) -> Option<ExchangeView> {
+        let kinds = || Kind::ALL.map(|kind| kind.profile().id).join(", ");
+        let kind = self.parsed(table, "kind", Kind::Kraken, |text| {
+            Kind::parse(text).ok_or_else(|| format!("unknown exchange kind {text:?}; supported: {}", kinds()))
+        });
+        let profile = kind.profile();
         let name_key = table.key("name");
-        let name = self.string(table, "name").unwrap_or_else(|| "kraken".to_owned());
+        let name = self.string(table, "name").unwrap_or_else(|| profile.id.to_owned());
         if name.is_empty()
             || !name.chars().all(|character| {
                 character.is_ascii_lowercase() || character.is_ascii_digit() || "-_".contains(character)
@@ -1151,10 +1194,6 @@ impl Reader {
         {
             self.problem(&name_key, format!("invalid name {name:?}; use lowercase letters, digits, '-' and '_'"));
         }
-        let kind = self.parsed(table, "kind", Kind::Kraken, |text| match text {
-            "kraken" => Ok(Kind::Kraken),
-            other => Err(format!("unknown exchange kind {other:?}; supported: kraken")),
-        });
         let base_url = self.parsed(table, "base_url", None, |text| {
             // url's parse errors are fixed phrases, never the input; a URL is only shown without credentials.
             let url = url::Url::parse(text).map_err(|error| format!("invalid URL ({error})"))?;
@@ -1163,12 +1202,13 @@ impl Reader {
                 _ => Err(format!("invalid URL {}; expected http:// or https:// with a host", redact_url(&url))),
             }
         });
-        let base_url =
-            base_url.unwrap_or_else(|| url::Url::parse("https://api.kraken.com").expect("a valid literal URL"));
+        let base_url = base_url.unwrap_or_else(|| {
+            url::Url::parse(profile.default_base_url).expect("every kind's default base URL is a valid URL")
+        });
         let pair_key = table.key("pair");
-        let pair = self.string(table, "pair").unwrap_or_else(|| "XBTAUD".to_owned());
-        if pair.is_empty() || !pair.chars().all(|character| character.is_ascii_alphanumeric()) {
-            self.problem(&pair_key, format!("invalid pair {pair:?}; expected letters and digits such as XBTAUD"));
+        let pair = self.string(table, "pair").unwrap_or_else(|| profile.default_pair.to_owned());
+        if let Err(problem) = (profile.check_pair)(&pair) {
+            self.problem(&pair_key, problem);
         }
         let depth_count = self.parsed(table, "depth_count", 10, |text| match text.parse::<u32>() {
             Ok(count @ 1..=500) => Ok(count),
@@ -1177,12 +1217,9 @@ impl Reader {
         let api_key = self.secret_or_file(table, "api_key");
         let api_secret = self.secret_or_file(table, "api_secret");
         let secret_key = table.key("api_secret");
-        if let Some(secret) = &api_secret {
-            match base64::engine::general_purpose::STANDARD.decode(secret.expose()) {
-                Ok(decoded) if !decoded.is_empty() => {}
-                // The value itself is never printed.
-                _ => self.problem(&secret_key, "is not valid base64 (Kraken API secrets are base64)"),
-            }
+        // The value itself is never printed.
+        if let Some(Err(problem)) = api_secret.as_ref().map(|secret| (profile.check_secret)(secret.expose())) {
+            self.problem(&secret_key, problem);
         }
         let credentials = match (&api_key, &api_secret) {
             (Some(api_key), Some(api_secret)) => {
@@ -1199,6 +1236,8 @@ impl Reader {
                 None
             }
         };
+        let own_rate_limit = table.entries.contains_key("rate_limit");
+        let rate_limit = self.exchange_rate_limit(table, kind, global_rate_limit);
         let exchange = exchange::Config {
             name: name.clone(),
             kind,
@@ -1215,6 +1254,8 @@ impl Reader {
             depth_count,
             api_key,
             api_secret,
+            rate_limit,
+            own_rate_limit,
             exchange,
         })
     }
@@ -2019,5 +2060,50 @@ mod tests {
             shown.contains("invalid URL ftp://[redacted]@example.com/?key=[redacted]; expected http://"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn each_exchange_gets_its_kinds_budget_then_the_global_rate_limit_then_its_own() {
+        let config = Config::from_toml(
+            "[rate_limit]\nprivate_burst = 20\nmin_factor = 0.25\n\
+             [[exchanges]]\nname = \"primary\"\n\
+             [[exchanges]]\nname = \"backup\"\nrate_limit = { public_per_second = 0.5, private_burst = 5 }\n",
+        )
+        .unwrap();
+        let kraken = limiter::Config::with_budget(&Kind::Kraken.profile().rate_budget);
+        let primary = &config.exchanges[0].rate_limit;
+        assert_eq!(
+            (primary.public_per_second, primary.private_burst, primary.min_factor),
+            (kraken.public_per_second, 20, 0.25)
+        );
+        let backup = &config.exchanges[1].rate_limit;
+        assert_eq!((backup.public_per_second, backup.private_burst, backup.min_factor), (0.5, 5, 0.25));
+        assert_eq!(config.rate_limit_for("backup"), backup);
+        assert_eq!(config.schedule("backup").public_per_second, 0.5);
+        assert_eq!(config.schedule("primary").public_per_second, kraken.public_per_second);
+        // A daemon built around an exchange not configured here (a test fake) gets `[rate_limit]`.
+        assert_eq!(config.rate_limit_for("fake"), &config.rate_limit);
+    }
+
+    #[test]
+    fn rate_limit_problems_name_the_table_they_are_in_and_are_reported_once() {
+        let error = Config::from_toml(
+            "[rate_limit]\nmin_factor = 7.0\n[[exchanges]]\nname = \"a\"\n[[exchanges]]\nname = \"b\"\n\
+             rate_limit = { private_burst = 0, burst = 3 }\n",
+        )
+        .unwrap_err();
+        let problems = &error.problems;
+        assert_eq!(problems.iter().filter(|problem| problem.starts_with("`rate_limit.min_factor`")).count(), 1);
+        assert!(problems.iter().any(|problem| problem.starts_with("`exchanges[1].rate_limit.private_burst`")));
+        assert!(problems.iter().any(|problem| problem.contains("exchanges[1].rate_limit.burst")), "{problems:#?}");
+        // An exchange's own budget below what the poll interval needs names its own key.
+        let error = Config::from_toml("[[exchanges]]\nrate_limit = { public_per_second = 0.01 }\n").unwrap_err();
+        assert!(error.problems[0].starts_with("`exchanges[0].rate_limit.public_per_second`"), "{error}");
+    }
+
+    #[test]
+    fn an_unknown_exchange_kind_lists_the_kinds_there_are() {
+        let error = Config::from_toml("[[exchanges]]\nkind = \"bitstamp\"\n").unwrap_err();
+        assert!(error.problems[0].contains("unknown exchange kind \"bitstamp\"; supported: kraken"), "{error}");
     }
 }

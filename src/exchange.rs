@@ -24,18 +24,65 @@ pub struct Config {
     pub name: String,
     pub kind: Kind,
     pub base_url: url::Url,
-    /// The pair whose price is checked (`XBTAUD`), as Kraken spells it in a request.
+    /// The pair whose price is checked (`XBTAUD`), as the exchange spells it in a request.
     pub pair: String,
     /// How many order book levels per side the Depth check asks for.
     pub depth_count: u32,
     pub credentials: Option<Credentials>,
 }
 
-/// Which API an exchange speaks. One variant for now; a secondary exchange adds one.
+/// Which API an exchange speaks. Each kind brings its own [`Profile`]: adding one is a module beside `kraken`, a
+/// variant here with its arm in [`Kind::profile`], and its constructor in `app::client`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Kind {
     Kraken,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 1] = [Kind::Kraken];
+
+    /// The kind's defaults, the syntax of its settings and its name for people.
+    pub fn profile(self) -> &'static Profile {
+        match self {
+            Kind::Kraken => &kraken::PROFILE,
+        }
+    }
+
+    /// The kind as written in `kind = "kraken"`.
+    pub fn parse(text: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|kind| kind.profile().id == text)
+    }
+}
+
+/// What one kind of exchange brings to the daemon, so that configuration, the limiter, the alert texts and the
+/// diagnosis need no knowledge of any particular exchange.
+#[derive(Debug)]
+pub struct Profile {
+    /// As written in `kind = "…"`; also the default `name`.
+    pub id: &'static str,
+    /// How people call it, in alert descriptions and diagnoses (`Kraken`).
+    pub display_name: &'static str,
+    pub default_base_url: &'static str,
+    /// The pair whose price is checked when none is configured, in the exchange's own spelling.
+    pub default_pair: &'static str,
+    /// Where the exchange announces incidents and maintenance; the diagnosis of maintenance points there.
+    pub status_page: &'static str,
+    /// The call rates the exchange documents; `[rate_limit]` and an exchange's own `rate_limit` override them.
+    pub rate_budget: RateBudget,
+    /// Checks a configured pair; the error says what is expected and may quote the pair.
+    pub check_pair: fn(&str) -> Result<(), String>,
+    /// Checks the shape of an API secret; the error never quotes the secret.
+    pub check_secret: fn(&str) -> Result<(), String>,
+}
+
+/// An exchange's documented call rates, per second and as bursts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateBudget {
+    pub public_per_second: f64,
+    pub public_burst: u32,
+    pub private_per_second: f64,
+    pub private_burst: u32,
 }
 
 /// An API key and its secret, both redacted wherever they are printed.
@@ -219,10 +266,23 @@ pub struct Balances {
 #[async_trait]
 pub trait Exchange: Send + Sync + 'static {
     fn name(&self) -> &str;
+    /// Which API it speaks: its [`Profile`] names it for people in alerts and diagnoses.
+    fn kind(&self) -> Kind;
     fn pair(&self) -> &str;
     fn has_credentials(&self) -> bool;
     async fn system_status(&self) -> Outcome<SystemStatus>;
-    async fn server_time(&self) -> Outcome<ServerTime>;
+    /// The exchange's clock, which recovery checks call beside SystemStatus. By default it is read from a
+    /// SystemStatus answer's timestamp, for exchanges without a time endpoint of their own.
+    async fn server_time(&self) -> Outcome<ServerTime> {
+        let outcome = self.system_status().await;
+        let result = outcome.result.and_then(|status| {
+            chrono::DateTime::parse_from_rfc3339(&status.timestamp)
+                .ok()
+                .map(|time| ServerTime { unixtime: time.timestamp() })
+                .ok_or_else(|| Error::new(ErrorClass::BadResponse, "system status timestamp is not an RFC 3339 time"))
+        });
+        Outcome { endpoint: Endpoint::Time, latency: outcome.latency, result, warnings: outcome.warnings }
+    }
     async fn ticker(&self) -> Outcome<Ticker>;
     async fn depth(&self) -> Outcome<OrderBook>;
     /// A private call. Without credentials it fails with `invalid_request` without sending anything.
@@ -292,5 +352,68 @@ mod tests {
             assert!(failure.message.contains(text), "{}", failure.message);
         }
         assert_eq!(TradingStatus::parse("reduce_only").label(), "unknown");
+    }
+
+    /// An exchange with a SystemStatus and no time endpoint of its own.
+    struct StatusOnly(&'static str);
+
+    #[async_trait]
+    impl Exchange for StatusOnly {
+        fn name(&self) -> &str {
+            "status-only"
+        }
+        fn kind(&self) -> Kind {
+            Kind::Kraken
+        }
+        fn pair(&self) -> &str {
+            "XBTAUD"
+        }
+        fn has_credentials(&self) -> bool {
+            false
+        }
+        async fn system_status(&self) -> Outcome<SystemStatus> {
+            let status = SystemStatus { status: TradingStatus::Online, timestamp: self.0.to_owned() };
+            Outcome {
+                endpoint: Endpoint::SystemStatus,
+                latency: Duration::from_millis(7),
+                result: Ok(status),
+                warnings: Vec::new(),
+            }
+        }
+        async fn ticker(&self) -> Outcome<Ticker> {
+            unreachable!("not called")
+        }
+        async fn depth(&self) -> Outcome<OrderBook> {
+            unreachable!("not called")
+        }
+        async fn balance(&self) -> Outcome<Balances> {
+            unreachable!("not called")
+        }
+    }
+
+    #[tokio::test]
+    async fn server_time_defaults_to_the_clock_in_a_system_status_answer() {
+        let outcome = StatusOnly("2026-12-02T10:44:20Z").server_time().await;
+        assert_eq!(outcome.endpoint, Endpoint::Time);
+        assert_eq!(outcome.latency, Duration::from_millis(7));
+        assert_eq!(outcome.result.unwrap().unixtime, 1_796_208_260);
+        let error = StatusOnly("not a time").server_time().await.result.unwrap_err();
+        assert_eq!(error.class, ErrorClass::BadResponse);
+    }
+
+    #[test]
+    fn every_kind_is_parsed_by_its_id_and_brings_valid_defaults() {
+        for kind in Kind::ALL {
+            let profile = kind.profile();
+            assert_eq!(Kind::parse(profile.id), Some(kind));
+            assert!(url::Url::parse(profile.default_base_url).is_ok(), "{}", profile.id);
+            assert_eq!((profile.check_pair)(profile.default_pair), Ok(()), "{}", profile.id);
+            assert!(profile.status_page.starts_with("https://"), "{}", profile.id);
+        }
+        assert_eq!(Kind::parse("bitstamp"), None);
+        let kraken = Kind::Kraken.profile();
+        assert!((kraken.check_pair)("BTC-AUD").unwrap_err().contains("letters and digits"));
+        let refused = (kraken.check_secret)("hunter2 !!").unwrap_err();
+        assert!(!refused.contains("hunter2"), "{refused}");
     }
 }

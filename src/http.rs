@@ -186,7 +186,7 @@ async fn status(
             let limiter = control.limiter.snapshot(now);
             let alerts = control.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let active = alerts.active();
-            let down = active.iter().any(|alert| alert.alertname == crate::alert::DOWN);
+            let down = active.iter().any(|alert| alert.alertname == crate::alert::AlertName::Down);
             json!({
                 "exchange": name,
                 "up": !down,

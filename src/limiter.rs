@@ -23,11 +23,11 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::clock;
-use crate::exchange::{AuthFailure, Error, ErrorClass};
+use crate::exchange::{AuthFailure, Error, ErrorClass, Kind, RateBudget};
 use crate::telemetry;
 
-/// The limiter's settings. Defaults follow Kraken's documented limits: about one public call per second per IP,
-/// and the Starter tier's private counter (15 calls, decaying by 0.33 per second).
+/// The limiter's settings, for one exchange. The call budgets start from the exchange kind's documented rates
+/// ([`RateBudget`]); `[rate_limit]` and the exchange's own `rate_limit` table override them.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Config {
     pub public_per_second: f64,
@@ -50,19 +50,27 @@ pub struct Config {
     pub private_recheck_interval: Duration,
 }
 
-impl Default for Config {
-    fn default() -> Config {
+impl Config {
+    /// The settings for an exchange whose documented rates are `budget`, the rest at their defaults.
+    pub fn with_budget(budget: &RateBudget) -> Config {
         Config {
-            public_per_second: 1.0,
-            public_burst: 3,
-            private_per_second: 0.33,
-            private_burst: 15,
+            public_per_second: budget.public_per_second,
+            public_burst: budget.public_burst,
+            private_per_second: budget.private_per_second,
+            private_burst: budget.private_burst,
             min_factor: 0.125,
             recovery_quiet: Duration::from_secs(300),
             private_pause: Duration::from_secs(900),
             invalid_key_threshold: 2,
             private_recheck_interval: Duration::from_secs(300),
         }
+    }
+}
+
+impl Default for Config {
+    /// The first exchange kind's budget (Kraken's).
+    fn default() -> Config {
+        Config::with_budget(&Kind::Kraken.profile().rate_budget)
     }
 }
 

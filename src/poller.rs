@@ -572,7 +572,7 @@ impl Poller {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
             .active()
             .iter()
-            .any(|alert| alert.alertname == alert::DOWN);
+            .any(|alert| alert.alertname == alert::AlertName::Down);
         schedule::Facts { breaker: self.breaker.state(), down_firing, factor: self.limiter.factor() }
     }
 
@@ -745,6 +745,10 @@ mod tests {
 
     #[async_trait]
     impl Exchange for FakeExchange {
+        fn kind(&self) -> crate::exchange::Kind {
+            crate::exchange::Kind::Kraken
+        }
+
         fn name(&self) -> &str {
             "fake"
         }
@@ -836,7 +840,13 @@ mod tests {
         };
         let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
         let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));
-        let alerts = alert::Engine::new("fake", alert::Config::default(), alert::Metrics::new(&registry), None);
+        let alerts = alert::Engine::new(
+            "fake",
+            crate::exchange::Kind::Kraken.profile(),
+            alert::Config::default(),
+            alert::Metrics::new(&registry),
+            None,
+        );
         let control = Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)) };
         let poller = Poller::new(exchange, context, control);
         (poller, registry, heartbeat, log)

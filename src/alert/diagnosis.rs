@@ -16,7 +16,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use crate::exchange::{Endpoint, Error, ErrorClass, TradingStatus};
+use crate::exchange::{Endpoint, Error, ErrorClass, Profile, TradingStatus};
 use crate::text;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -109,6 +109,8 @@ pub struct Diagnosis {
 #[derive(Debug, Clone)]
 pub struct Evidence {
     window: Duration,
+    /// The exchange's kind: its name for people and its status page, for the summaries.
+    profile: &'static Profile,
     calls: VecDeque<Observation>,
     /// The last SystemStatus read within the window, and when: a status older than the window says nothing
     /// about now (while the breaker is open no SystemStatus is read at all).
@@ -119,8 +121,8 @@ pub struct Evidence {
 const DOMINANT_SHARE: f64 = 0.5;
 
 impl Evidence {
-    pub fn new(window: Duration) -> Evidence {
-        Evidence { window, calls: VecDeque::new(), last_status: None }
+    pub fn new(window: Duration, profile: &'static Profile) -> Evidence {
+        Evidence { window, profile, calls: VecDeque::new(), last_status: None }
     }
 
     pub fn record(&mut self, now: Instant, endpoint: Endpoint, latency: Duration, result: &Result<(), Error>) {
@@ -207,13 +209,14 @@ impl Evidence {
             .map(|(endpoint, (total, slowest, count))| (endpoint, total / count.max(1), slowest, count))
             .collect();
         endpoints.sort_by_key(|(_, average, _, _)| std::cmp::Reverse(*average));
+        let exchange = self.profile.display_name;
         let summary = match (average, endpoints.first()) {
             (Some(average), Some((slowest, slowest_average, _, _))) => format!(
-                "Kraken answers slowly: successful calls take {} ms on average, {slowest} the slowest at {} ms.",
+                "{exchange} answers slowly: successful calls take {} ms on average, {slowest} the slowest at {} ms.",
                 average.as_millis(),
                 slowest_average.as_millis()
             ),
-            _ => "Kraken answers slowly.".to_owned(),
+            _ => format!("{exchange} answers slowly."),
         };
         let mut evidence = self.evidence(now, &self.by_class());
         if !endpoints.is_empty() {
@@ -277,13 +280,14 @@ impl Evidence {
 
     fn summary(&self, scenario: Scenario, actions: &Actions, latest: &[&Observation]) -> String {
         let status = self.status().map(TradingStatus::as_text).unwrap_or("unknown");
+        let Profile { display_name: exchange, status_page, .. } = self.profile;
         match scenario {
             Scenario::Maintenance => format!(
-                "Scenario A, maintenance: Kraken's SystemStatus is {status}; calls answer EService:Unavailable. \
-                 Check status.kraken.com for the window and tell customers purchases are delayed."
+                "Scenario A, maintenance: {exchange}'s SystemStatus is {status}; calls say the service is unavailable. \
+                 Check {status_page} for the window and tell customers purchases are delayed."
             ),
             Scenario::RateLimiting => format!(
-                "Scenario B, rate limiting: Kraken refuses our rate. exwatch lowered its call rate: factor now {}.",
+                "Scenario B, rate limiting: {exchange} refuses our rate. exwatch lowered its call rate: factor now {}.",
                 actions.rate_factor
             ),
             Scenario::Authentication => match &actions.private_paused {
@@ -296,11 +300,12 @@ impl Evidence {
                          rotate the API key; repeated invalid keys will pause private calls."
                     .to_owned(),
             },
-            Scenario::Network => "Scenario D, network: DNS, connection or timeout failures; Kraken may be fine. \
-                                  Check connectivity from this cluster."
-                .to_owned(),
+            Scenario::Network => format!(
+                "Scenario D, network: DNS, connection or timeout failures; {exchange} may be fine. Check \
+                 connectivity from this cluster."
+            ),
             Scenario::ExchangeErrors => {
-                "Kraken or its CDN is failing: 5xx, Cloudflare pages or non-API answers.".to_owned()
+                format!("{exchange} or its CDN is failing: 5xx, Cloudflare pages or non-API answers.")
             }
             Scenario::InvalidRequest => {
                 let endpoints: Vec<String> = latest
@@ -312,11 +317,11 @@ impl Evidence {
                     .collect();
                 format!(
                     "Our request is wrong: endpoint removed, pair delisted or a proxy in the way ({} refused as an \
-                     invalid request). Check the configured pair and base_url; Kraken itself may be fine.",
+                     invalid request). Check the configured pair and base_url; {exchange} itself may be fine.",
                     if endpoints.is_empty() { "calls".to_owned() } else { endpoints.join(", ") }
                 )
             }
-            Scenario::Slow => "Kraken answers slowly.".to_owned(),
+            Scenario::Slow => format!("{exchange} answers slowly."),
             Scenario::Mixed => "Failures of several kinds; see the evidence.".to_owned(),
         }
     }
@@ -366,6 +371,12 @@ impl Evidence {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exchange::Kind;
+
+    /// Evidence over five minutes of a Kraken exchange.
+    fn evidence() -> Evidence {
+        Evidence::new(Duration::from_secs(300), Kind::Kraken.profile())
+    }
 
     fn failure(class: ErrorClass, strings: &[&str], status: Option<u16>) -> Result<(), Error> {
         let mut error =
@@ -382,7 +393,7 @@ mod tests {
 
     #[test]
     fn maintenance_is_scenario_a() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         evidence.record_status(now, TradingStatus::Maintenance);
         evidence.record(
@@ -400,7 +411,7 @@ mod tests {
 
     #[test]
     fn rate_limiting_is_scenario_b_and_says_what_exwatch_did() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         for _ in 0..3 {
             evidence.record(
@@ -417,7 +428,7 @@ mod tests {
 
     #[test]
     fn private_auth_failures_with_healthy_public_calls_are_scenario_c() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         evidence.record_status(now, TradingStatus::Online);
         evidence.record(now, Endpoint::Ticker, FAST, &Ok(()));
@@ -431,7 +442,7 @@ mod tests {
 
     #[test]
     fn resets_and_timeouts_are_scenario_d() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         evidence.record(now, Endpoint::Ticker, FAST, &failure(ErrorClass::Network, &[], None));
         evidence.record(now, Endpoint::SystemStatus, FAST, &failure(ErrorClass::Timeout, &[], None));
@@ -440,7 +451,7 @@ mod tests {
 
     #[test]
     fn cloudflare_pages_are_exchange_errors_and_old_calls_leave_the_window() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let start = Instant::now();
         evidence.record(start, Endpoint::Ticker, FAST, &failure(ErrorClass::Network, &[], None));
         let later = start + Duration::from_secs(301);
@@ -453,7 +464,7 @@ mod tests {
 
     #[test]
     fn no_dominant_cause_is_mixed() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         for class in [ErrorClass::Network, ErrorClass::ServerError, ErrorClass::RateLimited, ErrorClass::Auth] {
             evidence.record(now, Endpoint::Ticker, FAST, &failure(class, &[], None));
@@ -463,7 +474,7 @@ mod tests {
 
     #[test]
     fn an_invalid_key_right_after_maintenance_is_scenario_c_not_a() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let start = Instant::now();
         // Two minutes of maintenance: every call fails, most of the window is maintenance.
         for poll in 0..4 {
@@ -489,7 +500,7 @@ mod tests {
 
     #[test]
     fn the_scenario_follows_what_fails_now_and_the_window_when_nothing_does() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let start = Instant::now();
         for poll in 0..6 {
             let at = start + Duration::from_secs(30 * poll);
@@ -506,7 +517,7 @@ mod tests {
 
     #[test]
     fn invalid_requests_are_their_own_scenario() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         evidence.record(now, Endpoint::SystemStatus, FAST, &Ok(()));
         let unknown_pair = failure(ErrorClass::InvalidRequest, &["EQuery:Unknown asset pair"], None);
@@ -525,7 +536,7 @@ mod tests {
 
     #[test]
     fn slowness_without_failures_is_slow_and_says_where_the_time_goes() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         for _ in 0..3 {
             evidence.record(now, Endpoint::Ticker, Duration::from_millis(4200), &Ok(()));
@@ -550,7 +561,7 @@ mod tests {
 
     #[test]
     fn evidence_is_bounded_in_calls_and_bytes() {
-        let mut evidence = Evidence::new(Duration::from_secs(300));
+        let mut evidence = evidence();
         let now = Instant::now();
         let huge = failure(
             ErrorClass::ServerError,
@@ -568,5 +579,37 @@ mod tests {
         let diagnosis = evidence.diagnose(now, &actions());
         assert!(diagnosis.evidence.len() <= MAX_EVIDENCE_BYTES, "{}", diagnosis.evidence.len());
         assert!(diagnosis.evidence.contains("… [truncated, "), "{}", diagnosis.evidence);
+    }
+
+    #[test]
+    fn summaries_name_the_exchange_and_its_status_page_from_its_kind() {
+        static OTHER: Profile = Profile {
+            id: "otherex",
+            display_name: "OtherEx",
+            default_base_url: "https://api.otherex.example",
+            default_pair: "BTC-AUD",
+            status_page: "https://status.otherex.example",
+            rate_budget: crate::exchange::RateBudget {
+                public_per_second: 1.0,
+                public_burst: 1,
+                private_per_second: 1.0,
+                private_burst: 1,
+            },
+            check_pair: |_| Ok(()),
+            check_secret: |_| Ok(()),
+        };
+        let mut evidence = Evidence::new(Duration::from_secs(300), &OTHER);
+        let now = Instant::now();
+        evidence.record_status(now, TradingStatus::Maintenance);
+        evidence.record(now, Endpoint::Ticker, FAST, &failure(ErrorClass::Maintenance, &[], Some(503)));
+        let summary = evidence.diagnose(now, &actions()).summary;
+        assert!(summary.contains("OtherEx's SystemStatus is maintenance"), "{summary}");
+        assert!(summary.contains("Check https://status.otherex.example"), "{summary}");
+        evidence.record(now, Endpoint::Ticker, Duration::from_secs(6), &Ok(()));
+        let slow = evidence.diagnose_slow(now, Some(Duration::from_secs(6))).summary;
+        assert!(slow.starts_with("OtherEx answers slowly"), "{slow}");
+        for text in [summary, slow] {
+            assert!(!text.contains("Kraken") && !text.contains("kraken"), "{text}");
+        }
     }
 }

@@ -294,7 +294,7 @@ impl Outbox {
     pub fn resolve(&self, alert: Alert) {
         let shared = &self.shared;
         let (exchange, alertname) = (alert.label("exchange").to_owned(), alert.label("alertname").to_owned());
-        if alertname == super::DOWN {
+        if alertname == super::AlertName::Down.as_str() {
             shared.record(Op::IncidentResolved {
                 provider: exchange.clone(),
                 alertname: alertname.clone(),

@@ -29,11 +29,42 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::exchange::{
-    AuthFailure, Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, ServerTime,
-    SystemStatus, Ticker, TradingStatus,
+    AuthFailure, Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, Profile,
+    RateBudget, ServerTime, SystemStatus, Ticker, TradingStatus,
 };
 pub use crate::transport::ConnectionReset;
 use crate::transport::{self, Answer, Request, Transport};
+
+/// Kraken as a kind of exchange: its defaults, the syntax of its pairs and secrets, and its status page.
+pub const PROFILE: Profile = Profile {
+    id: "kraken",
+    display_name: "Kraken",
+    default_base_url: "https://api.kraken.com",
+    default_pair: "XBTAUD",
+    status_page: "https://status.kraken.com",
+    // About one public call per second per IP, and the Starter tier's private counter (15 calls, decaying by 0.33
+    // per second).
+    rate_budget: RateBudget { public_per_second: 1.0, public_burst: 3, private_per_second: 0.33, private_burst: 15 },
+    check_pair,
+    check_secret,
+};
+
+/// Kraken spells pairs as letters and digits (`XBTAUD`, `XXBTZUSD`), without a separator.
+fn check_pair(pair: &str) -> Result<(), String> {
+    if !pair.is_empty() && pair.chars().all(|character| character.is_ascii_alphanumeric()) {
+        Ok(())
+    } else {
+        Err(format!("invalid pair {pair:?}; expected letters and digits such as XBTAUD"))
+    }
+}
+
+/// Kraken's API secrets are base64, and signing needs them decoded.
+fn check_secret(secret: &str) -> Result<(), String> {
+    match base64::engine::general_purpose::STANDARD.decode(secret) {
+        Ok(decoded) if !decoded.is_empty() => Ok(()),
+        _ => Err("is not valid base64 (Kraken API secrets are base64)".to_owned()),
+    }
+}
 
 /// How much of a non-JSON body (or an HTML title) an error message may quote.
 const QUOTE_LIMIT_CHARS: usize = 100;
@@ -211,6 +242,10 @@ impl Client {
 
 #[async_trait]
 impl Exchange for Client {
+    fn kind(&self) -> crate::exchange::Kind {
+        crate::exchange::Kind::Kraken
+    }
+
     fn name(&self) -> &str {
         &self.name
     }

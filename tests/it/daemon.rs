@@ -92,6 +92,10 @@ struct HangingExchange;
 
 #[async_trait]
 impl Exchange for HangingExchange {
+    fn kind(&self) -> exwatch::exchange::Kind {
+        exwatch::exchange::Kind::Kraken
+    }
+
     fn name(&self) -> &str {
         "kraken"
     }
