@@ -217,10 +217,6 @@ impl Config {
     pub fn schedule(&self, name: &str) -> poller::schedule::Config {
         poller::schedule::Config::new(&self.poll, &self.alerts.down, self.rate_limit_for(name), &self.breaker)
     }
-
-    pub fn exchange_configs(&self) -> Vec<exchange::Config> {
-        self.exchanges.iter().map(|view| view.exchange.clone()).collect()
-    }
 }
 
 impl Default for Config {

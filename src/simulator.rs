@@ -350,8 +350,6 @@ pub struct PrivateCounter {
 
 impl PrivateCounter {
     pub const STARTER: PrivateCounter = PrivateCounter { max: 15, decay_per_second: 0.33 };
-    pub const INTERMEDIATE: PrivateCounter = PrivateCounter { max: 20, decay_per_second: 0.5 };
-    pub const PRO: PrivateCounter = PrivateCounter { max: 20, decay_per_second: 1.0 };
 }
 
 impl Default for PrivateCounter {

@@ -116,11 +116,6 @@ impl DownRule {
         self.judge(now, breaker)
     }
 
-    /// Re-evaluates on a breaker change alone (a timer or an operator), without a poll.
-    pub fn breaker_changed(&mut self, now: Instant, breaker: breaker::State) -> Option<Change> {
-        self.judge(now, breaker)
-    }
-
     fn judge(&mut self, now: Instant, breaker: breaker::State) -> Option<Change> {
         if self.firing_since.is_none() {
             let reason = if breaker == breaker::State::Open {
@@ -267,9 +262,9 @@ mod tests {
     fn an_open_breaker_fires_at_once_but_forced_open_does_not() {
         let mut rule = DownRule::new(DownConfig::default());
         let now = Instant::now();
-        assert_eq!(rule.breaker_changed(now, breaker::State::ForcedOpen), None);
         assert_eq!(rule.observe(now, &PollResult::NotPermitted, breaker::State::ForcedOpen), None);
-        let fired = rule.breaker_changed(now, breaker::State::Open);
+        assert_eq!(rule.observe(now, &PollResult::NotPermitted, breaker::State::ForcedOpen), None);
+        let fired = rule.observe(now, &PollResult::NotPermitted, breaker::State::Open);
         assert_eq!(fired, Some(Change::Fire { reason: "circuit breaker open".to_owned() }));
     }
 
