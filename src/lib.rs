@@ -18,7 +18,7 @@
 //! - [`transport`]: the HTTP transport exchange clients and alert sinks share: one request, bounded in time and size,
 //!   never redirected, over reqwest or in memory.
 //! - [`clock`]: time helpers: saturating deadlines, `sleep_until_some`, durations serialized as humans write them.
-//! - [`fuzz`]: the fuzz harness's entry points, one per parser of outside input.
+//! - [`fuzz`]: the fuzz harness's entry points, one per parser of outside input (feature `test-util`).
 
 pub mod alert;
 pub mod app;
@@ -28,6 +28,7 @@ pub mod clock;
 pub mod config;
 pub mod exchange;
 pub mod failure;
+#[cfg(any(test, feature = "test-util"))]
 pub mod fuzz;
 pub mod http;
 pub mod limiter;

@@ -83,7 +83,8 @@ pub fn encode(registry: &Registry) -> Result<String, prometheus::Error> {
 }
 
 /// The value of the first sample of `name` whose labels include all of `labels`, read from the text exposition
-/// (tests, benchmarks and scripts read `/metrics` with it).
+/// (tests and benchmarks read `/metrics` with it).
+#[cfg(any(test, feature = "test-util"))]
 pub fn sample(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let wanted: Vec<String> = labels.iter().map(|(key, value)| format!("{key}=\"{value}\"")).collect();
     text.lines()

@@ -9,14 +9,13 @@
 //! every HTTP client exwatch has, and none follows one). Both transports hand back the same [`Answer`],
 //! which the client classifies and parses with the same functions whichever way it travelled.
 
-use std::pin::Pin;
+#[cfg(any(test, feature = "test-util"))]
+mod in_memory;
+
 use std::time::Duration;
 
-use axum::Router;
-use axum::body::{Body, HttpBody as _};
-use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, HOST, LOCATION, SERVER, USER_AGENT};
-use axum::http::{self, HeaderMap, HeaderValue, Method, StatusCode};
-use tower::ServiceExt as _;
+use axum::http::header::{CONTENT_LENGTH, CONTENT_TYPE, LOCATION, SERVER};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use url::Url;
 
 use crate::failure::{Error, ErrorClass};
@@ -91,8 +90,9 @@ pub(crate) fn body_too_large(status: u16) -> Error {
 /// Where requests go. Chosen once, when the client is built.
 pub(crate) enum Transport {
     Http(reqwest::Client),
-    /// Each request is one `oneshot` call on a clone of the router (clones share the router's state).
-    InMemory(Router),
+    /// Each request is one `oneshot` call on a clone of the router (clones share the router's state). Tests only.
+    #[cfg(any(test, feature = "test-util"))]
+    InMemory(axum::Router),
 }
 
 impl Transport {
@@ -115,6 +115,7 @@ impl Transport {
     pub(crate) fn kind(&self) -> &'static str {
         match self {
             Transport::Http(_) => "http",
+            #[cfg(any(test, feature = "test-util"))]
             Transport::InMemory(_) => "in_memory",
         }
     }
@@ -123,14 +124,8 @@ impl Transport {
     pub(crate) async fn send(&self, request: Request, timeout: Duration) -> Result<Answer, Error> {
         match self {
             Transport::Http(client) => send_over_http(client, request, timeout).await,
-            Transport::InMemory(router) => {
-                let request = in_memory_request(request)?;
-                // One deadline over the router's answer and the whole body, like reqwest's timeout. On a paused
-                // clock a slower answer is a timeout the moment nothing else is left to run.
-                tokio::time::timeout(timeout, send_in_memory(router.clone(), request))
-                    .await
-                    .unwrap_or_else(|_elapsed| Err(timeout_error(timeout)))
-            }
+            #[cfg(any(test, feature = "test-util"))]
+            Transport::InMemory(router) => in_memory::send(router, request, timeout).await,
         }
     }
 }
@@ -342,71 +337,6 @@ fn io_error_cause(kind: std::io::ErrorKind) -> Option<&'static str> {
         ErrorKind::AddrNotAvailable => "address not available",
         _ => return None,
     })
-}
-
-// ---------------------------------------------------------------------------------------------------------------
-// In memory
-// ---------------------------------------------------------------------------------------------------------------
-
-/// The request a server would have read off the wire from reqwest: the same method, path and query, headers
-/// (plus the user agent, host and content length that reqwest and hyper add) and body. The URL's host only
-/// fills the `host` header; a path prefix on the base URL is sent as it is, because no proxy strips it.
-fn in_memory_request(request: Request) -> Result<http::Request<Body>, Error> {
-    let Request { method, url, mut headers, body } = request;
-    let could_not_build = || Error::new(ErrorClass::InvalidRequest, "the request could not be built");
-    let path_and_query = match url.query() {
-        Some(query) => format!("{}?{query}", url.path()),
-        None => url.path().to_owned(),
-    };
-    let uri: http::Uri = path_and_query.parse().map_err(|_| could_not_build())?;
-    headers.insert(USER_AGENT, HeaderValue::from_static(USER_AGENT_TEXT));
-    if let Some(host) = url.host_str() {
-        let authority = match url.port() {
-            Some(port) => format!("{host}:{port}"),
-            None => host.to_owned(),
-        };
-        headers.insert(HOST, HeaderValue::from_str(&authority).map_err(|_| could_not_build())?);
-    }
-    let body = match body {
-        Some(body) => {
-            headers.insert(CONTENT_LENGTH, HeaderValue::from(body.len()));
-            Body::from(body)
-        }
-        None => Body::empty(),
-    };
-    let mut request = http::Request::new(body);
-    *request.method_mut() = method;
-    *request.uri_mut() = uri;
-    *request.headers_mut() = headers;
-    Ok(request)
-}
-
-/// Calls the router and reads the body frame by frame under the limit. No timeout here: the caller wraps it.
-async fn send_in_memory(router: Router, request: http::Request<Body>) -> Result<Answer, Error> {
-    let response = match router.oneshot(request).await {
-        Ok(response) => response,
-        Err(infallible) => match infallible {},
-    };
-    if response.extensions().get::<ConnectionReset>().is_some() {
-        return Err(Error::new(ErrorClass::Network, "request failed: connection reset (in-memory)"));
-    }
-    let (parts, mut body) = response.into_parts();
-    let mut answer = answer_head(parts.status, &parts.headers)?;
-    // A router sets no content-length, but its body usually knows its size: fail before reading, as a
-    // declared length does over the network.
-    if body.size_hint().lower() > BODY_LIMIT_BYTES as u64 {
-        return Err(body_too_large(answer.status));
-    }
-    while let Some(frame) = std::future::poll_fn(|context| Pin::new(&mut body).poll_frame(context)).await {
-        let frame = frame.map_err(|_| {
-            Error::new(ErrorClass::Network, "reading the body failed: in-memory body error").with_status(answer.status)
-        })?;
-        // Trailers carry nothing the client reads.
-        if let Ok(chunk) = frame.into_data() {
-            append_chunk(&mut answer, &chunk)?;
-        }
-    }
-    Ok(answer)
 }
 
 #[cfg(test)]

@@ -22,7 +22,6 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
-use axum::Router;
 use chrono::Utc;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
@@ -244,7 +243,8 @@ impl Outbox {
     }
 
     /// Sends every target's requests to `router` instead of the network (paused-clock tests).
-    pub fn deliver_in_memory(&self, router: Router) {
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn deliver_in_memory(&self, router: axum::Router) {
         let transport = Arc::new(Transport::InMemory(router));
         let mut transports = self.shared.transports.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         transports.iter_mut().for_each(|slot| *slot = transport.clone());
@@ -852,6 +852,8 @@ impl Collector for QueueCollector {
 
 #[cfg(test)]
 mod tests {
+    use axum::Router;
+
     use super::*;
     use crate::secret::Secret;
     use axum::http::StatusCode;

@@ -153,6 +153,7 @@ impl Client {
     /// and its path prefix is sent as it is. `timeout` covers the router's answer and the whole body and is
     /// measured on tokio's clock, so on a paused clock a slower answer is a `timeout` at once. A response that
     /// carries the [`ConnectionReset`] extension is a `network` failure.
+    #[cfg(any(test, feature = "test-util"))]
     pub fn in_memory(config: &Config, timeout: Duration, router: axum::Router) -> Result<Client, BuildError> {
         Client::build(config, timeout, || Ok(Transport::InMemory(router)))
     }
