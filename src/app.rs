@@ -1,10 +1,13 @@
 //! The daemon assembled: [`App::build`] creates the exchange clients, the breaker and limiter of each, the call-log
 //! writer and its database connection, metrics and the listener (port 0 allowed); [`App::run`] runs the poll loops,
-//! the writer, retention and the HTTP server until the root token is cancelled, then shuts down in order: readiness
-//! goes 503, poll loops finish their current poll, the writer drains (what it cannot write in time goes to the
-//! spool for the next start), HTTP stops last. A critical task (a poll loop, the writer, retention, delivery, the
-//! alert recorder) that dies fails readiness and cancels the root token ([`supervisor`]), so the process exits
-//! non-zero instead of running blind. The database being down never stops the daemon from starting.
+//! the writer, retention, delivery, the recorder and the HTTP server until the root token is cancelled, then shuts
+//! down in order: readiness goes 503, poll loops finish their current poll, the writer drains (what it cannot write
+//! in time goes to the spool for the next start) while delivery sends what it can, the recorder writes, HTTP stops
+//! last. The whole shutdown is bounded by one deadline, `server.shutdown_grace` from its start, carved into one slot
+//! per stage (`Budget`): a stage still running at the end of its slot is aborted, so the pod's grace period is
+//! never overrun. Every task (HTTP too) is supervised ([`supervisor`]): one that dies fails readiness and cancels
+//! the root token, so the process exits non-zero instead of running blind. The database being down never stops the
+//! daemon from starting.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -12,6 +15,7 @@ use std::sync::Arc;
 
 use anyhow::Context as _;
 use tokio::net::TcpListener;
+use tokio::time::{Duration, Instant};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Config;
@@ -169,24 +173,26 @@ impl App {
         self.server.local_addr().unwrap_or(self.config.server.listen)
     }
 
-    /// Runs until `cancel` fires (a signal) or a critical task dies. Returns an error naming the task in the second
-    /// case (the binary exits 1).
+    /// Runs until `cancel` fires (a signal) or a task dies. Returns an error naming the task in the second case (the
+    /// binary exits 1). Once `cancel` fires it returns within `server.shutdown_grace`.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
         let App { config, server, exchanges, state, metrics, writer, log, connector, outbox, recorder } = self;
         let address = server.local_addr().context("listener has no local address")?;
+        let budget = Budget::new(config.server.shutdown_grace);
 
-        // Every task but HTTP is critical: one that dies fails readiness and cancels `cancel` (supervisor.rs).
-        // The stages stop in order: poll loops (on `cancel` itself), then the writer, retention and delivery, then
-        // the recorder.
+        // Every task is critical: one that dies fails readiness and cancels `cancel` (supervisor.rs). The stages
+        // stop in order: poll loops (on `cancel` itself), then the writer, retention and delivery, then the
+        // recorder, then HTTP.
         let mut tasks = Supervisor::new(cancel.clone(), state.readiness.clone());
         let polling = tasks.stage(cancel.clone());
         let draining = tasks.stage(CancellationToken::new());
         let recording = tasks.stage(CancellationToken::new());
+        let serving = tasks.stage(CancellationToken::new());
 
-        // The writer outlives the poll loops: it stops only after they have, and gets half the grace to drain.
+        // The writer outlives the poll loops: it stops only after they have, and drains within its slot.
         let writer_stop = tasks.stop_token(draining);
         tasks.spawn(draining, "call-log writer", async move {
-            let summary = writer.run(writer_stop, config.server.shutdown_grace / 2).await;
+            let summary = writer.run(writer_stop, budget.drain()).await;
             tracing::info!(
                 written = summary.written,
                 spooled_for_next_start = summary.spooled_at_exit,
@@ -204,16 +210,14 @@ impl App {
         }
         if let (Some(connector), Some(recorder)) = (connector, recorder) {
             let (stop, instance) = (tasks.stop_token(recording), config.server.instance.clone());
-            // It drains within an eighth of the grace, then spools the rest, inside the quarter it is given below.
-            let drain = config.server.shutdown_grace / 8;
             tasks.spawn(recording, "alert recorder", async move {
-                recorder.run(connector, instance, stop, drain).await;
+                recorder.run(connector, instance, stop, budget.record()).await;
                 Ok(())
             });
         }
         // Delivery outlives the poll loops too, so a resolve made by the last poll still goes out.
         if outbox.target_count() > 0 {
-            let delivery = outbox.run(tasks.stop_token(draining), config.server.shutdown_grace / 4);
+            let delivery = outbox.run(tasks.stop_token(draining), budget.drain());
             tasks.spawn(draining, "alert delivery", delivery);
         }
 
@@ -240,11 +244,11 @@ impl App {
             });
         }
 
-        let http_stop = CancellationToken::new();
-        let server = tokio::spawn({
-            let router = http::router(state.clone());
-            let http_stop = http_stop.clone();
-            async move { server.run(router, http_stop).await }
+        // Without HTTP the probes and the scrape see nothing: a server that dies stops the daemon like any task.
+        let (router, http_stop) = (http::router(state.clone()), tasks.stop_token(serving));
+        tasks.spawn(serving, "HTTP server", async move {
+            server.run(router, http_stop).await;
+            Ok(())
         });
         state.readiness.set(true);
         tracing::info!(%address, exchanges = exchange_count, "exwatch is serving.");
@@ -252,25 +256,70 @@ impl App {
         // Until a signal, or a critical task failing, cancels the root token.
         tasks.watch().await;
 
-        tracing::info!(grace = %humantime::format_duration(config.server.shutdown_grace), "Shutting down.");
+        let deadlines = budget.deadlines(Instant::now());
+        tracing::info!(grace = %humantime::format_duration(budget.grace), "Shutting down.");
         state.readiness.set(false);
-        if !tasks.stop(polling, config.server.shutdown_grace / 2).await {
+        if !tasks.stop(polling, deadlines.polls).await {
             // Their calls' rows so far are already with the writer.
             tracing::warn!("Poll loops did not finish within half the grace period; stopped them.");
         }
-        // The writer and delivery bound their own drains (half and a quarter of the grace); this is a backstop.
-        tasks.stop(draining, config.server.shutdown_grace).await;
+        // The writer and delivery bound their own drains within this slot; the slot's end is a backstop.
+        tasks.stop(draining, deadlines.drains).await;
         // The recorder writes what delivery left (deliveries done, rows still owed) while the database answers.
-        if !tasks.stop(recording, config.server.shutdown_grace / 4).await {
+        if !tasks.stop(recording, deadlines.recorder).await {
             tracing::warn!("Alert writes did not finish in time; undelivered notifications may be sent again.");
         }
-        http_stop.cancel();
-        match tokio::time::timeout(std::time::Duration::from_secs(5), server).await {
-            Ok(Ok(())) => tracing::info!("Shutdown complete."),
-            Ok(Err(error)) => tracing::error!(error = %error, "HTTP server task failed."),
-            Err(_) => tracing::warn!("HTTP server did not stop in time; exiting."),
+        let served = tasks.stop(serving, deadlines.end).await;
+        if tasks.finish(deadlines.end).await && served {
+            tracing::info!("Shutdown complete.");
+        } else if !served {
+            tracing::warn!("HTTP server did not stop in time; exiting.");
         }
         tasks.result()
+    }
+}
+
+/// How one shutdown deadline, `server.shutdown_grace` after shutdown begins, is shared out between the stages in
+/// the order they stop: poll loops until half the grace, the writer's and delivery's drains until three quarters,
+/// the recorder until nineteen twentieths, HTTP (and every task's end) until the deadline itself. A stage that ends
+/// early leaves its time to the stages after it; one that overruns its slot is aborted at the slot's end, so the
+/// stages together never take longer than the grace (the pod's `terminationGracePeriodSeconds` stays above it).
+#[derive(Debug, Clone, Copy)]
+struct Budget {
+    grace: Duration,
+}
+
+/// When each stage must be done, from one deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Deadlines {
+    polls: Instant,
+    drains: Instant,
+    recorder: Instant,
+    /// Shutdown began plus the grace: HTTP's and every task's end.
+    end: Instant,
+}
+
+impl Budget {
+    fn new(grace: Duration) -> Budget {
+        Budget { grace }
+    }
+
+    /// How long the writer and delivery drain once told to stop. They take it when they start, not when told to
+    /// stop, so it is sized for the latest their slot can begin (after the whole poll slot) and leaves a twentieth of
+    /// the grace to spool what could not be written.
+    fn drain(self) -> Duration {
+        self.grace / 5
+    }
+
+    /// How long the recorder writes once told to stop, sized like [`Budget::drain`] for its slot.
+    fn record(self) -> Duration {
+        self.grace / 8
+    }
+
+    fn deadlines(self, started: Instant) -> Deadlines {
+        let twentieth = self.grace / 20;
+        let end = started + self.grace;
+        Deadlines { polls: end - twentieth * 10, drains: end - twentieth * 5, recorder: end - twentieth, end }
     }
 }
 
@@ -344,5 +393,33 @@ pub fn client(exchange: &exchange::Config, config: &Config) -> anyhow::Result<Ar
                 .with_context(|| format!("cannot build the client for exchange {}", exchange.name))?;
             Ok(Arc::new(client))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shutdown_stages_share_one_deadline_and_each_drain_fits_its_slot_however_late_it_begins() {
+        for grace in [Duration::from_secs(20), Duration::from_secs(5), Duration::from_millis(7), Duration::ZERO] {
+            let budget = Budget::new(grace);
+            let started = Instant::now();
+            let deadlines = budget.deadlines(started);
+            assert_eq!(deadlines.end, started + grace, "the one deadline is the grace from the start");
+            assert!(started <= deadlines.polls, "{grace:?}");
+            assert!(deadlines.polls <= deadlines.drains && deadlines.drains <= deadlines.recorder, "{grace:?}");
+            assert!(deadlines.recorder <= deadlines.end, "{grace:?}");
+            // The drains begin at the latest when the previous slot ends, and must end before their own slot does.
+            assert!(deadlines.polls + budget.drain() <= deadlines.drains, "{grace:?}");
+            assert!(deadlines.drains + budget.record() <= deadlines.recorder, "{grace:?}");
+        }
+        let deadlines = Budget::new(Duration::from_secs(20)).deadlines(Instant::now());
+        let (start, second) = (deadlines.end - Duration::from_secs(20), Duration::from_secs(1));
+        assert_eq!(
+            [deadlines.polls - start, deadlines.drains - start, deadlines.recorder - start],
+            [second * 10, second * 15, second * 19],
+            "at the ConfigMap's 20 s: polls by 10 s, drains by 15 s, the recorder by 19 s, HTTP by 20 s"
+        );
     }
 }

@@ -1,21 +1,23 @@
-//! The daemon's critical tasks (poll loops, the call-log writer, retention, alert delivery, the alert recorder)
-//! under one supervisor: each is spawned into one `JoinSet` in a stage with its own stop token, and any task that
-//! panics, returns an error, or ends before its stage was asked to stop is a failure of the daemon. A failure is
-//! logged once at ERROR, takes readiness with it (`/ready` answers 503 with the reason) and cancels the root
-//! token, so the daemon shuts down in order and exits non-zero instead of running blind.
+//! The daemon's tasks (poll loops, the call-log writer, retention, alert delivery, the alert recorder and the HTTP
+//! server) under one supervisor: each is spawned into one `JoinSet`, tracked by one `TaskTracker`, in a stage with
+//! its own stop token, and any task that panics, returns an error, or ends before its stage was asked to stop is a
+//! failure of the daemon. A failure is logged once at ERROR, takes readiness with it (`/ready` answers 503 with the
+//! reason) and cancels the root token, so the daemon shuts down in order and exits non-zero instead of running blind.
 //!
 //! Nothing is restarted: each of these tasks owns state that dies with it (the writer's buffer, the recorder's
-//! queue, the delivery queues' cursor), so a restart could not resume cleanly; the orchestrator restarts the
-//! process, which restores from the database and the spool. This module does not decide the shutdown order; the
-//! app stops the stages in turn ([`Supervisor::stop`]).
+//! queue, the delivery queues' cursor, the listener), so a restart could not resume cleanly; the orchestrator
+//! restarts the process, which restores from the database and the spool. This module does not decide the shutdown
+//! order or its time budget: the app stops the stages in turn, each by an instant carved from one deadline
+//! ([`Supervisor::stop`]), and waits for every task to be gone by that deadline ([`Supervisor::finish`]).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::task::{AbortHandle, Id, JoinError, JoinSet};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use crate::http::Readiness;
 
@@ -34,7 +36,10 @@ pub struct Supervisor {
     /// The root token: a signal cancels it, and so does any critical task failing.
     cancel: CancellationToken,
     readiness: Arc<Readiness>,
+    /// Judges each task as it ends (its result, its panic).
     tasks: JoinSet<anyhow::Result<()>>,
+    /// Knows when every task is gone, the aborted ones included (an aborted task ends at its next await).
+    tracker: TaskTracker,
     running: HashMap<Id, Running>,
     stops: Vec<CancellationToken>,
     /// The first failure; the daemon's exit reason.
@@ -47,6 +52,7 @@ impl Supervisor {
             cancel,
             readiness,
             tasks: JoinSet::new(),
+            tracker: TaskTracker::new(),
             running: HashMap::new(),
             stops: Vec::new(),
             failure: None,
@@ -69,7 +75,7 @@ impl Supervisor {
     where
         F: Future<Output = anyhow::Result<()>> + Send + 'static,
     {
-        let abort = self.tasks.spawn(task);
+        let abort = self.tasks.spawn(self.tracker.track_future(task));
         self.running.insert(abort.id(), Running { name: name.into(), stage, abort });
     }
 
@@ -85,11 +91,10 @@ impl Supervisor {
         }
     }
 
-    /// Asks `stage` to stop and waits up to `within` for its tasks (any other task ending meanwhile is judged
+    /// Asks `stage` to stop and waits until `deadline` for its tasks (any other task ending meanwhile is judged
     /// too). Tasks still running then are aborted; returns false when that happened.
-    pub async fn stop(&mut self, stage: Stage, within: Duration) -> bool {
+    pub async fn stop(&mut self, stage: Stage, deadline: Instant) -> bool {
         self.stops[stage.0].cancel();
-        let deadline = tokio::time::Instant::now() + within;
         while self.running.values().any(|task| task.stage == stage) {
             match tokio::time::timeout_at(deadline, self.tasks.join_next_with_id()).await {
                 Ok(Some(joined)) => self.judge(joined),
@@ -108,6 +113,17 @@ impl Supervisor {
             }
         }
         true
+    }
+
+    /// Waits until `deadline` for every task ever spawned to be gone, the aborted ones included, so nothing of the
+    /// daemon runs on once it returns. Call it after every stage was stopped; returns false when some were left.
+    pub async fn finish(&mut self, deadline: Instant) -> bool {
+        self.tracker.close();
+        if tokio::time::timeout_at(deadline, self.tracker.wait()).await.is_ok() {
+            return true;
+        }
+        tracing::warn!(tasks = self.tracker.len(), "Tasks still running at the shutdown deadline; exiting anyway.");
+        false
     }
 
     /// The daemon's result: an error naming the first critical task that failed.
@@ -162,7 +178,13 @@ fn panic_message(error: JoinError) -> String {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
+
+    fn in_secs(seconds: u64) -> Instant {
+        Instant::now() + Duration::from_secs(seconds)
+    }
 
     fn supervisor() -> (Supervisor, CancellationToken, Arc<Readiness>) {
         let cancel = CancellationToken::new();
@@ -188,7 +210,7 @@ mod tests {
         assert_eq!(error, "critical task writer panicked: disk on fire");
         assert_eq!(readiness.failure(), Some("critical task writer panicked"));
         // The other task still stops in order.
-        assert!(supervisor.stop(stage, Duration::from_secs(5)).await);
+        assert!(supervisor.stop(stage, in_secs(5)).await);
         assert!(supervisor.running.is_empty());
     }
 
@@ -221,9 +243,9 @@ mod tests {
         }
         cancel.cancel();
         supervisor.watch().await;
-        assert!(supervisor.stop(polls, Duration::from_secs(5)).await);
+        assert!(supervisor.stop(polls, in_secs(5)).await);
         assert_eq!(supervisor.running.len(), 1);
-        assert!(supervisor.stop(drain, Duration::from_secs(5)).await);
+        assert!(supervisor.stop(drain, in_secs(5)).await);
         supervisor.result().unwrap();
         assert_eq!(readiness.failure(), None);
     }
@@ -234,8 +256,38 @@ mod tests {
         let stage = supervisor.stage(CancellationToken::new());
         supervisor.spawn(stage, "stuck", std::future::pending());
         cancel.cancel();
-        assert!(!supervisor.stop(stage, Duration::from_secs(1)).await);
+        assert!(!supervisor.stop(stage, in_secs(1)).await);
         assert!(supervisor.running.is_empty());
         supervisor.result().unwrap();
+        // Aborted, it is gone at its next await, long before the deadline.
+        let finishing = Instant::now();
+        assert!(supervisor.finish(in_secs(1)).await);
+        assert_eq!(finishing.elapsed(), Duration::ZERO);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finishing_waits_for_every_task_to_end() {
+        let (mut supervisor, _cancel, _readiness) = supervisor();
+        let stage = supervisor.stage(CancellationToken::new());
+        let stop = supervisor.stop_token(stage);
+        supervisor.spawn(stage, "slow to stop", async move {
+            stop.cancelled().await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            Ok(())
+        });
+        supervisor.stop_token(stage).cancel();
+        let started = Instant::now();
+        assert!(supervisor.finish(in_secs(5)).await, "ends within the deadline");
+        assert_eq!(started.elapsed(), Duration::from_secs(2));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn finishing_never_waits_past_the_deadline() {
+        let (mut supervisor, _cancel, _readiness) = supervisor();
+        let stage = supervisor.stage(CancellationToken::new());
+        supervisor.spawn(stage, "stuck", std::future::pending());
+        let started = Instant::now();
+        assert!(!supervisor.finish(in_secs(3)).await);
+        assert_eq!(started.elapsed(), Duration::from_secs(3));
     }
 }

@@ -3,12 +3,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use exwatch::app::App;
-use exwatch::exchange::{Balances, Exchange, OrderBook, Outcome, ServerTime, SystemStatus, Ticker};
 use exwatch::simulator::Scenario;
 
-use crate::helpers::{config, eventually, metric, serve, spawn_app, start_simulator};
+use crate::helpers::{HangingExchange, config, eventually, metric, serve, spawn_app, start_simulator};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -87,45 +85,10 @@ async fn health_stays_ok_while_the_exchange_is_unreachable_and_the_breaker_open(
     assert_eq!(app.get("/ready").await.0, 200);
 }
 
-/// An exchange whose calls never return: the poll loop is stuck in its first poll.
-struct HangingExchange;
-
-#[async_trait]
-impl Exchange for HangingExchange {
-    fn kind(&self) -> exwatch::exchange::Kind {
-        exwatch::exchange::Kind::Kraken
-    }
-
-    fn name(&self) -> &str {
-        "kraken"
-    }
-    fn pair(&self) -> &str {
-        "XBTAUD"
-    }
-    fn has_credentials(&self) -> bool {
-        false
-    }
-    async fn system_status(&self) -> Outcome<SystemStatus> {
-        std::future::pending().await
-    }
-    async fn server_time(&self) -> Outcome<ServerTime> {
-        std::future::pending().await
-    }
-    async fn ticker(&self) -> Outcome<Ticker> {
-        std::future::pending().await
-    }
-    async fn depth(&self) -> Outcome<OrderBook> {
-        std::future::pending().await
-    }
-    async fn balance(&self) -> Outcome<Balances> {
-        std::future::pending().await
-    }
-}
-
 #[tokio::test]
 async fn health_turns_503_when_the_poll_loop_is_stalled() {
     let config = config("http://127.0.0.1:9", "100ms", "90ms", false);
-    let app = App::build_with_exchanges(config, vec![Arc::new(HangingExchange)]).await.unwrap();
+    let app = App::build_with_exchanges(config, vec![Arc::new(HangingExchange("kraken"))]).await.unwrap();
     let app = serve(app);
     assert_eq!(app.get("/health").await.0, 200, "healthy before three intervals have passed");
     let body = eventually(WAIT, "/health to report the stall", || async {

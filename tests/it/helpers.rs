@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use exwatch::app::App;
 use exwatch::config::Config;
+use exwatch::exchange::{Balances, Exchange, OrderBook, Outcome, ServerTime, SystemStatus, Ticker};
 use exwatch::simulator::{self, Simulator};
 use tokio_util::sync::CancellationToken;
 
@@ -213,5 +214,40 @@ impl Capture {
                 (status, alertname.to_owned())
             })
             .collect()
+    }
+}
+
+/// An exchange, named by its field, whose calls never return: its poll loop is stuck in its first poll.
+pub struct HangingExchange(pub &'static str);
+
+#[async_trait::async_trait]
+impl Exchange for HangingExchange {
+    fn kind(&self) -> exwatch::exchange::Kind {
+        exwatch::exchange::Kind::Kraken
+    }
+
+    fn name(&self) -> &str {
+        self.0
+    }
+    fn pair(&self) -> &str {
+        "XBTAUD"
+    }
+    fn has_credentials(&self) -> bool {
+        false
+    }
+    async fn system_status(&self) -> Outcome<SystemStatus> {
+        std::future::pending().await
+    }
+    async fn server_time(&self) -> Outcome<ServerTime> {
+        std::future::pending().await
+    }
+    async fn ticker(&self) -> Outcome<Ticker> {
+        std::future::pending().await
+    }
+    async fn depth(&self) -> Outcome<OrderBook> {
+        std::future::pending().await
+    }
+    async fn balance(&self) -> Outcome<Balances> {
+        std::future::pending().await
     }
 }

@@ -1,13 +1,17 @@
 //! Critical tasks under supervision: a call-log writer or an alert delivery loop that panics takes readiness with
 //! it, is logged at ERROR, and stops the daemon with an error (the binary's exit 1), instead of leaving it "healthy"
-//! while it writes or delivers nothing. The panics come from test seams only (a call-log sink and a receiver that
-//! panic), on a paused clock against the in-memory simulator.
+//! while it writes or delivers nothing. And shutdown is bounded: with every stage stuck, the daemon still stops
+//! within `server.shutdown_grace`, each stage having had its turn. The faults come from test seams only (call-log
+//! sinks and receivers that panic or hang, an exchange that never answers), on a paused clock against the
+//! in-memory simulator.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
 use exwatch::app::App;
+use exwatch::config::Config;
+use exwatch::exchange::Exchange;
 use exwatch::simulator::{Scenario, Simulator};
 use exwatch::store::{CallRecord, Sink, WriteError};
 use http_body_util::BodyExt as _;
@@ -15,6 +19,7 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+use crate::helpers::{HangingExchange, scratch_database};
 use crate::paused::in_memory_kraken;
 
 /// A call-log sink whose first write panics: a bug in the writer's path, as far as the daemon can tell.
@@ -24,6 +29,16 @@ struct PanickingSink;
 impl Sink for PanickingSink {
     async fn insert_batch(&self, _rows: &[CallRecord]) -> Result<(), WriteError> {
         panic!("test sink: the call-log write panicked");
+    }
+}
+
+/// A call-log sink whose writes never answer: a database that hangs.
+struct HangingSink;
+
+#[async_trait::async_trait]
+impl Sink for HangingSink {
+    async fn insert_batch(&self, _rows: &[CallRecord]) -> Result<(), WriteError> {
+        std::future::pending().await
     }
 }
 
@@ -66,16 +81,18 @@ impl Logs {
     }
 }
 
-/// The daemon at default settings against the in-memory simulator, its call log going to `sink` and its alert
-/// sinks (`extra`) to `receiver`.
+/// The daemon at default settings against the in-memory simulator (and the exchanges `also`), its call log going
+/// to `sink` and its alert sinks (`extra`) to `receiver`.
 async fn start(
     api_key: &str,
     extra: &str,
+    also: Vec<Arc<dyn Exchange>>,
     sink: Arc<dyn Sink>,
     receiver: Option<axum::Router>,
 ) -> (Simulator, axum::Router, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let (simulator, config, client) = in_memory_kraken(api_key, extra);
-    let app = App::build_with_sink(config, vec![Arc::new(client)], Some(sink)).await.unwrap();
+    let exchanges = std::iter::once(Arc::new(client) as Arc<dyn Exchange>).chain(also).collect();
+    let app = App::build_with_sink(config, exchanges, Some(sink)).await.unwrap();
     if let Some(receiver) = receiver {
         app.outbox().deliver_in_memory(receiver);
     }
@@ -105,7 +122,8 @@ fn task_failures(logs: &Logs) -> Vec<Value> {
 async fn a_call_log_writer_that_panics_fails_readiness_and_stops_the_daemon_with_an_error() {
     let logs = Logs::default();
     let _capture = logs.capture();
-    let (_simulator, router, cancel, task) = start("supervision-writer-key", "", Arc::new(PanickingSink), None).await;
+    let (_simulator, router, cancel, task) =
+        start("supervision-writer-key", "", vec![], Arc::new(PanickingSink), None).await;
 
     // The first poll's rows reach the writer within its flush interval (1 s); its write panics.
     let result = tokio::time::timeout(Duration::from_secs(60), task)
@@ -132,7 +150,8 @@ async fn an_alert_delivery_loop_that_panics_fails_readiness_and_stops_the_daemon
     let receiver = axum::Router::new().fallback(panicking_receiver);
     let webhook = "[[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"http://hooks.test/hook\"\n";
     let memory = Arc::new(exwatch::store::MemorySink::default());
-    let (simulator, router, _cancel, task) = start("supervision-outbox-key", webhook, memory, Some(receiver)).await;
+    let (simulator, router, _cancel, task) =
+        start("supervision-outbox-key", webhook, vec![], memory, Some(receiver)).await;
     simulator.set_scenario(Scenario::Maintenance);
 
     // Three failed polls (0, 30 and 60 s) fire exchange_api_down; its delivery panics.
@@ -149,4 +168,52 @@ async fn an_alert_delivery_loop_that_panics_fails_readiness_and_stops_the_daemon
     let failures = task_failures(&logs);
     assert_eq!(failures.len(), 1, "logged once: {failures:?}");
     assert_eq!(failures[0]["task"], "alert delivery");
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_with_every_stage_stuck_ends_within_the_grace_and_the_writer_still_spools_its_rows() {
+    let logs = Logs::default();
+    let _capture = logs.capture();
+    let grace = Config::default().server.shutdown_grace;
+    // A webhook whose receiver never answers, given longer than the whole grace to do so.
+    let reached = Arc::new(tokio::sync::Notify::new());
+    let receiver = axum::Router::new().fallback({
+        let reached = reached.clone();
+        move || async move {
+            reached.notify_one();
+            std::future::pending::<axum::http::StatusCode>().await
+        }
+    });
+    let extra = format!(
+        "[[alerts.sinks]]\nkind = \"webhook\"\nname = \"ops\"\nurl = \"http://hooks.test/hook\"\ntimeout = \"5m\"\n{}",
+        scratch_database()
+    );
+    // Every stage stuck: a poll that never returns, a database that never answers, a delivery in flight.
+    let stuck = Arc::new(HangingExchange("stuck"));
+    let (simulator, _router, cancel, task) =
+        start("supervision-shutdown-key", &extra, vec![stuck], Arc::new(HangingSink), Some(receiver)).await;
+    simulator.set_scenario(Scenario::Maintenance);
+    // Three failed polls (0, 30 and 60 s) fire exchange_api_down; its delivery never ends.
+    tokio::time::timeout(Duration::from_secs(300), reached.notified()).await.expect("the alert goes out");
+
+    let started = tokio::time::Instant::now();
+    cancel.cancel();
+    let result = tokio::time::timeout(grace * 3, task).await.expect("shutdown returns, stuck stages and all").unwrap();
+    let took = started.elapsed();
+    assert!(took <= grace, "shutdown took {took:?}, more than the grace of {grace:?}");
+    result.expect("stages cut short at the end of their time are no failure of the daemon");
+
+    let lines = logs.lines();
+    let aborted: Vec<&str> = lines
+        .iter()
+        .filter(|line| line["message"] == "Task did not stop in time; aborting it.")
+        .filter_map(|line| line["task"].as_str())
+        .collect();
+    assert_eq!(aborted, ["poll loop stuck", "alert delivery"], "each stuck stage is cut at the end of its slot");
+    // The writer's turn came after the poll loops' whole slot, and it still spooled what it could not write.
+    let writer = lines.iter().find(|line| line["message"] == "Call-log writer stopped.").expect("the writer stopped");
+    assert_eq!(writer["written"], 0, "{writer}");
+    assert!(writer["spooled_for_next_start"].as_u64().unwrap() > 0, "{writer}");
+    // HTTP stopped last, within what was left.
+    assert!(lines.iter().any(|line| line["message"] == "Shutdown complete."));
 }
