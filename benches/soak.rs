@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use axum::body::Body;
-use exwatch::app::App;
+use exwatch::app::{App, Storage};
 use exwatch::config::Config;
 use exwatch::exchange::kraken::Client;
 use exwatch::simulator::{self, Scenario, Simulator};
@@ -145,7 +145,12 @@ async fn soak(polls: u64) -> Vec<Sample> {
     .unwrap();
     let client = Client::in_memory(&config.exchanges[0].exchange, config.poll.timeout, simulator.router()).unwrap();
     let sink = Arc::new(CountingSink::default());
-    let app = App::build_with_sink(config, vec![Arc::new(client)], Some(sink.clone())).await.unwrap();
+    let app = App::builder(config)
+        .exchanges(vec![Arc::new(client)])
+        .storage(Storage::CallLogOnly(sink.clone()))
+        .build()
+        .await
+        .unwrap();
     let receiver = axum::Router::new().fallback(|| async { "ok" });
     app.outbox().deliver_in_memory(receiver);
     let router = app.router();

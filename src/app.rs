@@ -46,22 +46,71 @@ pub struct App {
     recorder: Option<store::alerts::Recorder>,
 }
 
+/// Where the daemon keeps its records.
+pub enum Storage {
+    /// The configured database (`[database]`): call logs, and alerting's records (incidents, alert state, the
+    /// outbox's rows) through the recorder.
+    Configured,
+    /// Call logs go to this sink and alerting records nothing: no incidents, no alert state, no outbox rows, so a
+    /// restart forgets what fired. For tests on a paused clock, where a database's I/O would let the clock jump.
+    #[cfg(any(test, feature = "test-util"))]
+    CallLogOnly(Arc<dyn Sink>),
+}
+
+/// How a daemon is assembled: from the configuration alone in production ([`App::build`]); tests may also give
+/// the exchanges and, explicitly, a storage without the recorder.
+pub struct Builder {
+    config: Config,
+    exchanges: Option<Vec<Arc<dyn Exchange>>>,
+    storage: Storage,
+}
+
+impl Builder {
+    /// Polls these exchanges instead of clients built from `[[exchanges]]` (fakes, in-memory clients).
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn exchanges(mut self, exchanges: Vec<Arc<dyn Exchange>>) -> Builder {
+        self.exchanges = Some(exchanges);
+        self
+    }
+
+    /// Keeps the records as `storage` says instead of in the configured database.
+    #[cfg(any(test, feature = "test-util"))]
+    pub fn storage(mut self, storage: Storage) -> Builder {
+        self.storage = storage;
+        self
+    }
+
+    pub async fn build(self) -> anyhow::Result<App> {
+        let Builder { config, exchanges, storage } = self;
+        let exchanges = match exchanges {
+            Some(exchanges) => exchanges,
+            None => config
+                .exchanges
+                .iter()
+                .map(|view| client(&view.exchange, &config))
+                .collect::<anyhow::Result<Vec<_>>>()?,
+        };
+        let sink = match storage {
+            Storage::Configured => None,
+            #[cfg(any(test, feature = "test-util"))]
+            Storage::CallLogOnly(sink) => Some(sink),
+        };
+        App::assemble(config, exchanges, sink).await
+    }
+}
+
 impl App {
-    /// Builds the daemon with one client per configured exchange.
+    /// Builds the daemon as configured: one client per configured exchange, records in the configured database.
     pub async fn build(config: Config) -> anyhow::Result<App> {
-        let exchanges =
-            config.exchanges.iter().map(|view| client(&view.exchange, &config)).collect::<anyhow::Result<Vec<_>>>()?;
-        App::build_with_exchanges(config, exchanges).await
+        App::builder(config).build().await
     }
 
-    /// Builds the daemon around the given exchanges (tests pass fakes here).
-    pub async fn build_with_exchanges(config: Config, exchanges: Vec<Arc<dyn Exchange>>) -> anyhow::Result<App> {
-        App::build_with_sink(config, exchanges, None).await
+    pub fn builder(config: Config) -> Builder {
+        Builder { config, exchanges: None, storage: Storage::Configured }
     }
 
-    /// Builds the daemon with its call logs going to `sink` instead of the configured database (tests on a paused
-    /// clock log to memory: a database's I/O would let the paused clock jump).
-    pub async fn build_with_sink(
+    /// `sink` is the call log of [`Storage::CallLogOnly`]; `None` is the configured database.
+    async fn assemble(
         config: Config,
         exchanges: Vec<Arc<dyn Exchange>>,
         sink: Option<Arc<dyn Sink>>,
@@ -75,7 +124,7 @@ impl App {
         let breaker_metrics = breaker::Metrics::new(&registry);
         let limiter_metrics = limiter::Metrics::new(&registry);
         let alert_metrics = alert::Metrics::new(&registry);
-        // The outbox's rows, alert state and incident rows need the configured database; a test's sink has none.
+        // The outbox's rows, alert state and incident rows need the configured database: `CallLogOnly` has none.
         let (recorder, mut recorder_receiver) = match sink {
             Some(_) => (None, None),
             None => {

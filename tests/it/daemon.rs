@@ -88,7 +88,7 @@ async fn health_stays_ok_while_the_exchange_is_unreachable_and_the_breaker_open(
 #[tokio::test]
 async fn health_turns_503_when_the_poll_loop_is_stalled() {
     let config = config("http://127.0.0.1:9", "100ms", "90ms", false);
-    let app = App::build_with_exchanges(config, vec![Arc::new(HangingExchange("kraken"))]).await.unwrap();
+    let app = App::builder(config).exchanges(vec![Arc::new(HangingExchange("kraken"))]).build().await.unwrap();
     let app = serve(app);
     assert_eq!(app.get("/health").await.0, 200, "healthy before three intervals have passed");
     let body = eventually(WAIT, "/health to report the stall", || async {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
-use exwatch::app::App;
+use exwatch::app::{App, Storage};
 use exwatch::config::Config;
 use exwatch::exchange::kraken::Client;
 use exwatch::simulator::{self, Scenario, Simulator};
@@ -39,7 +39,12 @@ impl PausedDaemon {
         let (simulator, config, client) = in_memory_kraken(api_key, extra);
         assert_eq!(config.poll.interval, Duration::from_secs(30), "the default interval");
         let log = Arc::new(MemorySink::default());
-        let app = App::build_with_sink(config, vec![Arc::new(client)], Some(log.clone())).await.unwrap();
+        let app = App::builder(config)
+            .exchanges(vec![Arc::new(client)])
+            .storage(Storage::CallLogOnly(log.clone()))
+            .build()
+            .await
+            .unwrap();
         let capture = Capture::default();
         app.outbox().deliver_in_memory(capture.router());
         let router = app.router();

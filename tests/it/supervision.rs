@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
-use exwatch::app::App;
+use exwatch::app::{App, Storage};
 use exwatch::config::Config;
 use exwatch::exchange::Exchange;
 use exwatch::simulator::{Scenario, Simulator};
@@ -92,7 +92,7 @@ async fn start(
 ) -> (Simulator, axum::Router, CancellationToken, tokio::task::JoinHandle<anyhow::Result<()>>) {
     let (simulator, config, client) = in_memory_kraken(api_key, extra);
     let exchanges = std::iter::once(Arc::new(client) as Arc<dyn Exchange>).chain(also).collect();
-    let app = App::build_with_sink(config, exchanges, Some(sink)).await.unwrap();
+    let app = App::builder(config).exchanges(exchanges).storage(Storage::CallLogOnly(sink)).build().await.unwrap();
     if let Some(receiver) = receiver {
         app.outbox().deliver_in_memory(receiver);
     }
