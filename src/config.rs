@@ -45,6 +45,10 @@ pub struct Config {
     /// `run` logs a warning for each at start, naming the variable, never its value.
     #[serde(skip)]
     pub ignored_variables: Vec<String>,
+    /// Values still holding the secret template's placeholders, each naming its key and what stays off: `run`
+    /// starts without them and reports each (log, `/api/v1/status`), `check-config` refuses them.
+    #[serde(skip)]
+    pub placeholders: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -193,6 +197,11 @@ impl Config {
         warnings
     }
 
+    /// `check-config`'s stricter verdict: a value still holding the secret template's placeholder is an error.
+    pub fn check_placeholders(&self) -> Result<(), Error> {
+        if self.placeholders.is_empty() { Ok(()) } else { Err(Error { problems: self.placeholders.clone() }) }
+    }
+
     /// The effective configuration as TOML, secrets redacted.
     pub fn to_redacted_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_else(|error| format!("# cannot render configuration: {error}\n"))
@@ -237,10 +246,14 @@ fn default_external_url(listen: SocketAddr) -> String {
     format!("http://{host}:{}", listen.port())
 }
 
-/// A value still holding a template's placeholder (`REPLACE_WITH_…` in deploy/kubernetes/secret.example.yaml).
+/// A value still holding a template's placeholder (`REPLACE_WITH_…`, `REPLACE_USER` in
+/// deploy/kubernetes/secret.example.yaml).
 fn is_placeholder(value: &str) -> bool {
-    value.to_ascii_uppercase().contains("REPLACE_WITH")
+    value.to_ascii_uppercase().contains("REPLACE_")
 }
+
+/// Where the placeholders come from, for every message about one.
+const SECRET_TEMPLATE: &str = "deploy/kubernetes/secret.example.yaml";
 
 /// The host name: `HOSTNAME` (set in every Kubernetes pod), else `/etc/hostname`, else `exwatch`.
 fn host_name() -> String {
@@ -443,6 +456,7 @@ fn merge(base: &mut Value, overlay: Value) {
 #[derive(Default)]
 struct Reader {
     problems: Vec<String>,
+    placeholders: Vec<String>,
 }
 
 /// One table being read, with the dotted path of its keys.
@@ -458,6 +472,12 @@ impl Table {
 }
 
 impl Reader {
+    /// Records a value still holding the secret template's placeholder: `run` starts with that part off and
+    /// reports it, `check-config` refuses it. The value itself is never printed.
+    fn placeholder(&mut self, key: &str, consequence: &str) {
+        self.placeholders.push(format!("`{key}`: is still the placeholder of {SECRET_TEMPLATE}; {consequence}"));
+    }
+
     /// Records a problem once: a section read for each exchange (`[rate_limit]`) reports its problems once.
     fn problem(&mut self, key: &str, message: impl fmt::Display) {
         let problem = format!("`{key}`: {message}");
@@ -901,6 +921,11 @@ impl Reader {
             let key = table.key("url");
             self.problem(&key, "must be a postgres:// or postgresql:// URL (leave it unset for SQLite)");
         } else if let Some(url) = &url
+            && is_placeholder(url.expose())
+        {
+            let key = table.key("url");
+            self.placeholder(&key, "call logs wait in memory and the spool until the database answers");
+        } else if let Some(url) = &url
             && let Err(error) = url::Url::parse(url.expose())
         {
             // url's parse errors are fixed phrases ("invalid port number"), never the input.
@@ -1106,16 +1131,16 @@ impl Reader {
 
         let mut admin = self.section(&mut root, "admin");
         let token = self.secret_or_file(&mut admin, "token");
-        if let Some(token) = &token {
-            if token.expose().len() < 16 {
-                self.problem("admin.token", "must be at least 16 characters");
-            } else if is_placeholder(token.expose()) {
-                self.problem(
-                    "admin.token",
-                    "is still the placeholder of deploy/kubernetes/secret.example.yaml; generate one with \
-                     `openssl rand -hex 24`",
-                );
+        let token = token.filter(|token| {
+            if is_placeholder(token.expose()) {
+                self.placeholder("admin.token", "the admin API stays off; generate one with `openssl rand -hex 24`");
+                false
+            } else {
+                true
             }
+        });
+        if token.as_ref().is_some_and(|token| token.expose().len() < 16) {
+            self.problem("admin.token", "must be at least 16 characters");
         }
         self.finish(admin);
 
@@ -1144,6 +1169,7 @@ impl Reader {
             admin: Admin { token },
             log: telemetry::Config { level, format },
             ignored_variables: Vec::new(),
+            placeholders: std::mem::take(&mut self.placeholders),
         }
     }
 
@@ -1210,9 +1236,15 @@ impl Reader {
             Ok(count @ 1..=500) => Ok(count),
             _ => Err(format!("invalid depth count {text:?}; expected a whole number from 1 to 500")),
         });
-        let api_key = self.secret_or_file(table, "api_key");
-        let api_secret = self.secret_or_file(table, "api_secret");
+        let mut api_key = self.secret_or_file(table, "api_key");
+        let mut api_secret = self.secret_or_file(table, "api_secret");
         let secret_key = table.key("api_secret");
+        // A pod started from the template runs and says so, rather than crash-looping: the key is left out.
+        if [&api_key, &api_secret].into_iter().flatten().any(|secret| is_placeholder(secret.expose())) {
+            let key = table.key("api_key");
+            self.placeholder(&format!("{key}`/`{secret_key}"), "the private Balance call stays off until both are set");
+            (api_key, api_secret) = (None, None);
+        }
         // The value itself is never printed.
         if let Some(Err(problem)) = api_secret.as_ref().map(|secret| (profile.check_secret)(secret.expose())) {
             self.problem(&secret_key, problem);
@@ -1433,9 +1465,9 @@ mod tests {
 
     #[test]
     fn the_secret_templates_placeholder_admin_token_is_refused() {
-        let error = Config::from_toml("[admin]\ntoken = \"REPLACE_WITH_AT_LEAST_16_RANDOM_CHARACTERS\"\n")
-            .unwrap_err()
-            .to_string();
+        let config = Config::from_toml("[admin]\ntoken = \"REPLACE_WITH_AT_LEAST_16_RANDOM_CHARACTERS\"\n").unwrap();
+        assert!(config.admin.token.is_none(), "the admin API stays off");
+        let error = config.check_placeholders().unwrap_err().to_string();
         assert!(error.contains("admin.token") && error.contains("placeholder"), "{error}");
         assert!(!error.contains("REPLACE_WITH"), "the value is a secret and is never printed: {error}");
     }
@@ -2101,5 +2133,22 @@ mod tests {
     fn an_unknown_exchange_kind_lists_the_kinds_there_are() {
         let error = Config::from_toml("[[exchanges]]\nkind = \"bitstamp\"\n").unwrap_err();
         assert!(error.problems[0].contains("unknown exchange kind \"bitstamp\"; supported: kraken"), "{error}");
+    }
+
+    #[test]
+    fn the_secret_templates_placeholders_start_with_that_part_off_and_fail_check_config() {
+        let config = Config::from_toml(
+            "[database]\nurl = \"postgres://REPLACE_USER:REPLACE_PASSWORD@REPLACE_HOST:5432/exwatch\"\n\
+             [[exchanges]]\napi_key = \"REPLACE_WITH_KRAKEN_API_KEY\"\n\
+             api_secret = \"REPLACE_WITH_KRAKEN_API_SECRET_BASE64\"\n",
+        )
+        .expect("placeholders do not stop the daemon from starting");
+        assert!(config.exchanges[0].exchange.credentials.is_none(), "the private call stays off");
+        assert_eq!(config.placeholders.len(), 2, "{:#?}", config.placeholders);
+        assert!(config.placeholders[0].starts_with("`exchanges[0].api_key`/`exchanges[0].api_secret`: is still"));
+        assert!(config.placeholders[1].starts_with("`database.url`: is still the placeholder"));
+        let refused = config.check_placeholders().unwrap_err().to_string();
+        assert!(refused.contains("2 problems") && !refused.contains("REPLACE_"), "{refused}");
+        assert_eq!(Config::default().check_placeholders(), Ok(()));
     }
 }
