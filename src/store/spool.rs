@@ -483,17 +483,9 @@ pub(crate) mod tests {
     /// A distinct, recognisable row: `number` goes into the endpoint name and the response time.
     pub(crate) fn record(number: i64) -> CallRecord {
         CallRecord {
-            id: uuid::Uuid::now_v7(),
-            provider: "kraken".into(),
-            endpoint: format!("Ticker{number}"),
-            success: true,
             response_time: number,
-            error_message: None,
             http_status: Some(200),
-            error_class: None,
-            exchange_error: None,
-            instance: "test".into(),
-            created_at: chrono::Utc::now(),
+            ..CallRecord::new("kraken", "test", &format!("Ticker{number}"), chrono::Utc::now())
         }
     }
 

@@ -311,7 +311,7 @@ pub struct RunSummary {
 #[derive(Debug, Default)]
 struct Queue {
     rows: VecDeque<CallRecord>,
-    /// The rows' estimated size ([`row_bytes`]), bounded like their number.
+    /// The rows' estimated size ([`CallRecord::memory_bytes`]), bounded like their number.
     bytes: u64,
     /// When the oldest row in memory was pushed, at the latest: set when a push finds the queue empty, moved up
     /// when the writer takes rows off the front. While the database is away, memory is spooled one flush interval
@@ -332,7 +332,7 @@ struct Shared {
     /// Memory's hard limit when the spool cannot take rows: the writer normally keeps memory at `memory_rows` by
     /// spooling, and this bounds memory when the disk fails.
     hard_limit: usize,
-    /// The same two bounds in bytes ([`row_bytes`]), the batch in flight from memory included.
+    /// The same two bounds in bytes ([`CallRecord::memory_bytes`]), the batch in flight from memory included.
     memory_bytes: u64,
     hard_limit_bytes: u64,
     /// Set by the writer when the spool refused an append for lack of room, cleared when it frees space.
@@ -352,26 +352,13 @@ impl Queue {
     /// Takes up to `count` rows off the front. The rows left keep the older bound on when they were pushed.
     fn take_front(&mut self, count: usize) -> Vec<CallRecord> {
         let taken: Vec<CallRecord> = self.rows.drain(..count.min(self.rows.len())).collect();
-        self.bytes = self.bytes.saturating_sub(taken.iter().map(row_bytes).sum());
+        self.bytes = self.bytes.saturating_sub(taken.iter().map(CallRecord::memory_bytes).sum());
         if self.rows.is_empty() {
             self.bytes = 0;
             self.oldest_at = None;
         }
         taken
     }
-}
-
-/// A row's size in memory, estimated: the struct and its strings. Exact enough to bound memory, cheap enough for
-/// every push.
-pub fn row_bytes(row: &CallRecord) -> u64 {
-    let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
-    (std::mem::size_of::<CallRecord>()
-        + row.provider.len()
-        + row.endpoint.len()
-        + row.instance.len()
-        + text(&row.error_message)
-        + text(&row.error_class)
-        + text(&row.exchange_error)) as u64
 }
 
 impl Shared {
@@ -434,7 +421,7 @@ impl Handle {
     /// only when memory is full and the spool is full or failing, or the writer has stopped.
     pub fn push(&self, record: CallRecord) {
         let shared = &self.shared;
-        let bytes = row_bytes(&record);
+        let bytes = record.memory_bytes();
         let mut queue = shared.queue();
         let length = queue.rows.len();
         let held = shared.buffered_bytes(queue.bytes) + bytes;
@@ -503,7 +490,7 @@ impl Pending {
     }
 
     fn bytes(&self) -> u64 {
-        self.chunks.iter().flatten().map(row_bytes).sum()
+        self.chunks.iter().flatten().map(CallRecord::memory_bytes).sum()
     }
 
     fn all_rows(&self) -> Vec<CallRecord> {
@@ -935,7 +922,7 @@ impl Writer {
                         break;
                     }
                     rows_left -= 1;
-                    bytes_left = bytes_left.saturating_sub(row_bytes(row));
+                    bytes_left = bytes_left.saturating_sub(row.memory_bytes());
                     chunk.push(row.clone());
                 }
                 chunk
