@@ -76,7 +76,7 @@ impl Default for Config {
 /// It is also the spool's line format, which outlives a process: unknown fields are ignored and every field but
 /// those of the first format (`id`, `provider`, `endpoint`, `success`, `response_time`, `created_at`) defaults
 /// when missing, so spool files written by an older or newer version still read. A new field takes
-/// `#[serde(default)]` and its default in [`CallRecord::new`].
+/// `#[serde(default)]` (a test in `spool` removes every other field in turn) and its default in [`CallRecord::new`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct CallRecord {
     /// Unique per call, time-ordered (UUIDv7); the key that makes replays idempotent.

@@ -13,6 +13,10 @@
 //! So a crash during a database outage neither re-pages a delivered alert nor forgets a resolve. Replays are
 //! idempotent: outbox and state writes are keyed, an incident opens once per start time and a resolve closes only
 //! incidents that started before it. Stored alerts are opaque JSON here: the alert module owns their shape.
+//!
+//! The spool's lines outlive a process: a field added to [`Op`], [`OutboxRow`] or [`Tally`] takes
+//! `#[serde(default)]`, so the previous run's lines still read (a test removes every field a line did not always
+//! have), and a line of another [`Spooled`] version is set aside, never misread.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -804,6 +808,7 @@ pub async fn apply(database: &Database, instance: &str, op: &Op) -> Result<(), E
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::spool::tests::{assert_later_fields_default, write_spool_files};
 
     fn recorder_config(dir: &std::path::Path) -> Config {
         Config { flush_interval: Duration::from_secs(1), spool_dir: dir.join("alerts"), spool_max_bytes: 1 << 20 }
@@ -863,5 +868,84 @@ mod tests {
         let without = text.replace(",\"first_error\":null", "");
         assert_ne!(without, text);
         assert_eq!(serde_json::from_str::<Spooled>(&without).unwrap(), line);
+    }
+
+    /// The fields each operation's line has carried since its variant was first spooled. A new variant must be
+    /// named here (the match is exhaustive); a new field of an existing one must default.
+    fn first_format(op: &Op) -> &'static [&'static str] {
+        match op {
+            Op::IncidentOpened { .. } => &["op", "provider", "alertname", "scenario", "at"],
+            Op::IncidentProgress { .. } => &["op", "provider", "alertname", "scenario", "tally"],
+            Op::IncidentResolved { .. } => &["op", "provider", "alertname", "at"],
+            Op::OutboxPut(_) => &["op", "id", "target", "kind", "payload", "created_at_ms"],
+            Op::OutboxDone { .. } => &["op", "id"],
+            Op::StatePut { .. } => &["op", "exchange", "alertname", "payload"],
+            Op::StateClear { .. } => &["op", "exchange", "alertname"],
+        }
+    }
+
+    #[test]
+    fn every_spooled_field_added_after_the_first_format_defaults_when_missing() {
+        let (provider, alertname, scenario) =
+            ("kraken".to_owned(), "exchange_api_down".to_owned(), "network".to_owned());
+        let tally = Tally { last_error: Some("timed out".into()), failed_calls: 3, total_calls: 4 };
+        let ops = [
+            Op::IncidentOpened {
+                provider: provider.clone(),
+                alertname: alertname.clone(),
+                scenario: scenario.clone(),
+                at: Utc::now(),
+                first_error: Some("refused".into()),
+                tally: tally.clone(),
+            },
+            Op::IncidentProgress {
+                provider: provider.clone(),
+                alertname: alertname.clone(),
+                scenario,
+                tally: tally.clone(),
+            },
+            Op::IncidentResolved { provider, alertname: alertname.clone(), at: Utc::now() },
+            Op::OutboxPut(OutboxRow {
+                id: "x".into(),
+                target: "webhook".into(),
+                kind: "firing".into(),
+                payload: "{}".into(),
+                created_at_ms: 1,
+            }),
+            Op::OutboxDone { id: "x".into() },
+            Op::StatePut { exchange: "kraken".into(), alertname: alertname.clone(), payload: "{}".into() },
+            Op::StateClear { exchange: "kraken".into(), alertname },
+        ];
+        for op in ops {
+            assert_later_fields_default(&op, first_format(&op));
+            let line = Spooled { version: SPOOL_VERSION, queued_at_ms: 1, op };
+            assert_later_fields_default(&line, &["version", "queued_at_ms", "op"]);
+        }
+        assert_later_fields_default(&tally, &["failed_calls", "total_calls"]);
+    }
+
+    #[tokio::test]
+    async fn a_previous_runs_spooled_write_in_an_older_format_is_replayed_not_dropped() {
+        let temp = tempfile::tempdir().unwrap();
+        let config = recorder_config(temp.path());
+        // An incident opening as spooled before openings carried their streak's tally.
+        let older = r#"{"version":1,"queued_at_ms":5,"op":{"op":"incident_opened","provider":"kraken","alertname":"exchange_api_down","scenario":"network","at":"2025-01-15T10:30:00Z"}}"#;
+        write_spool_files(&config.spool_dir, &[("spool-000001.jsonl", Some(vec![older.to_owned()]))]);
+        let registry = Registry::new();
+        let (_handle, mut recorder) = channel(config, &registry).unwrap();
+        let unreadable = [("reason", "unreadable_spool_line")];
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_dropped_total", &unreadable), 0.0);
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_queue_depth", &[]), 1.0);
+
+        let database_config =
+            crate::store::Config { sqlite_path: temp.path().join("exwatch.sqlite"), ..crate::store::Config::default() };
+        let database = Database::connect(&database_config).await.unwrap();
+        assert_eq!(recorder.replay(&database, "pod-a").await.unwrap(), 1);
+        let open = database.open_incidents().await.unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].alertname.as_str(), open[0].first_error.as_ref()), ("exchange_api_down", None));
+        assert_eq!((open[0].failed_calls, open[0].total_calls), (0, 0));
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_queue_depth", &[]), 0.0);
+        database.close().await;
     }
 }

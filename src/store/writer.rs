@@ -1396,6 +1396,36 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_previous_runs_spool_lines_in_older_and_newer_formats_are_written_not_dropped() {
+        let temp = tempfile::tempdir().unwrap();
+        let config = config(temp.path());
+        // As the first version wrote a line (every field, nulls included), one with only the fields every version
+        // wrote (a field added since is missing), and one from a later version (a field this one does not know).
+        let lines = [
+            r#"{"id":"01943b8c-9a6e-7c1f-8e2a-3f5d6b7c8d90","provider":"kraken","endpoint":"Ticker","success":false,"response_time":5012,"error_message":"timed out","http_status":null,"error_class":"timeout","exchange_error":null,"instance":"pod-a","created_at":"2025-01-15T10:30:00.250Z"}"#,
+            r#"{"id":"01943b8c-9a6e-7c1f-8e2a-3f5d6b7c8d91","provider":"kraken","endpoint":"Depth","success":true,"response_time":87,"created_at":"2025-01-15T10:30:01Z"}"#,
+            r#"{"id":"01943b8c-9a6e-7c1f-8e2a-3f5d6b7c8d92","provider":"kraken","endpoint":"Balance","success":true,"response_time":90,"instance":"pod-b","created_at":"2025-01-15T10:30:02Z","added_later":{"any":1}}"#,
+        ];
+        write_spool_files(&config.spool_dir, &[("spool-000001.jsonl", Some(lines.map(str::to_owned).to_vec()))]);
+
+        let sink = FakeSink::new(Mode::Up);
+        let running = start(config.clone(), sink.clone(), Duration::from_secs(2));
+        eventually("the previous run's rows written", || sink.written().len() == 3).await;
+        let written = sink.written();
+        let endpoints: Vec<&str> = written.iter().map(|row| row.endpoint.as_str()).collect();
+        assert_eq!(endpoints, ["Ticker", "Depth", "Balance"]);
+        assert_eq!(written[0].error_class.as_deref(), Some("timeout"));
+        assert_eq!((written[1].instance.as_str(), written[1].error_message.as_ref()), ("", None));
+        assert_eq!(written[2].instance, "pod-b");
+        let unreadable = [("reason", "unreadable_spool_line")];
+        assert_eq!(sample(&running.registry, "exwatch_store_dropped_rows_total", &unreadable), 0.0);
+        let summary = running.stop().await;
+        assert_eq!(summary, RunSummary { written: 3, rejected: 0, spooled_at_exit: 0, dropped: 0 });
+        assert!(spool_files(&config.spool_dir).is_empty());
+        assert!(!config.spool_dir.join(QUARANTINE_DIR).exists(), "nothing set aside");
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn a_torn_last_spool_line_is_skipped_and_counted_as_dropped() {
         let temp = tempfile::tempdir().unwrap();
         let config = config(temp.path());
