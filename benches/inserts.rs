@@ -35,18 +35,15 @@ fn rows(count: usize) -> Vec<CallRecord> {
     (0..count)
         .map(|index| {
             let failed = index % 10 == 0;
+            let endpoint = ["Ticker", "SystemStatus", "Depth", "Balance"][index % 4];
             CallRecord {
-                id: Uuid::now_v7(),
-                provider: "kraken".to_owned(),
-                endpoint: ["Ticker", "SystemStatus", "Depth", "Balance"][index % 4].to_owned(),
                 success: !failed,
                 response_time: 80 + (index % 200) as i64,
                 error_message: failed.then(|| "EService:Unavailable".to_owned()),
                 http_status: Some(if failed { 503 } else { 200 }),
                 error_class: failed.then(|| "maintenance".to_owned()),
                 exchange_error: failed.then(|| "EService:Unavailable".to_owned()),
-                instance: "exwatch-bench".to_owned(),
-                created_at: now,
+                ..CallRecord::new("kraken", "exwatch-bench", endpoint, now)
             }
         })
         .collect()

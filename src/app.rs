@@ -431,7 +431,7 @@ async fn retention(connector: Arc<Connector>, config: store::Config, cancel: Can
             }
         }
     };
-    store::database::run_retention(database, config.retention, config.retention_interval, cancel).await;
+    store::calls::run_retention(database, config.retention, config.retention_interval, cancel).await;
 }
 
 /// Builds the client of one configured exchange.

@@ -1,9 +1,17 @@
-//! Storage: the only place with SQL. `api_call_logs` (every call, the runbook's columns and names) and `incidents`,
-//! in Postgres when `database.url` is set and in an embedded SQLite file otherwise, with the same behaviour.
+//! Storage: the only place with SQL. `api_call_logs` (every call, the runbook's columns and names), `incidents`
+//! and the alert side's `alert_outbox` and `alert_state`, in Postgres when `database.url` is set and in an embedded
+//! SQLite file otherwise, with the same behaviour.
 //!
 //! The poll loop never waits on the database: it hands each [`CallRecord`] to the [`writer`], which batches rows
 //! into multi-row inserts, keeps them in memory during an outage and then in an on-disk [`spool`], and writes them
-//! in order, exactly once (each row has a unique id; replays are idempotent). [`Database`] is the SQL itself.
+//! in order, exactly once (each row has a unique id; replays are idempotent). [`Database`] connects to either
+//! backend; each table's statements live in one file ([`calls`], [`incidents`], [`alert_state`]), each written
+//! once for both backends (see [`database`] for how).
+//!
+//! The queries are checked by running them, not by `sqlx::query!`: its compile-time check binds a query to one
+//! database driver (the `DATABASE_URL` it was prepared against), and SQLite stores ids and times as text, so each
+//! statement would need a second, per-backend text and its offline data again. Instead every statement runs on both
+//! backends in the store's integration tests (`tests/it/store.rs`, one body per test for Postgres and SQLite).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -16,15 +24,19 @@ use crate::clock::human_duration;
 use crate::exchange::{Endpoint, Outcome};
 use crate::secret::Secret;
 
+pub mod alert_state;
 pub mod alerts;
+pub mod calls;
 pub mod connector;
 pub mod database;
+pub mod incidents;
 pub mod replay;
 pub mod report;
 pub mod spool;
 pub mod writer;
 
-pub use database::{Database, Incident, IncidentReport};
+pub use database::Database;
+pub use incidents::{Incident, IncidentReport};
 
 /// The `[database]` section: where rows go, how long they stay, and how the writer batches and spools them.
 /// `config.rs` reads and validates it; [`Config::default`] is what an empty section gives.
@@ -58,19 +70,25 @@ impl Default for Config {
 }
 
 /// One exchange call as logged: the runbook's columns (`provider`, `endpoint`, `success`, `response_time` in
-/// milliseconds, `error_message`, `created_at`) plus the evidence on-call needs. It is also the spool's line
-/// format, which outlives a process: optional fields default when missing and unknown fields are ignored, so
-/// spool files written by an older or newer version still read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// milliseconds, `error_message`, `created_at`) plus the evidence on-call needs. One row of `api_call_logs`, read
+/// back through `FromRow` by column name on both backends ([`calls`] lists the columns and binds them).
+///
+/// It is also the spool's line format, which outlives a process: unknown fields are ignored and every field but
+/// those of the first format (`id`, `provider`, `endpoint`, `success`, `response_time`, `created_at`) defaults
+/// when missing, so spool files written by an older or newer version still read. A new field takes
+/// `#[serde(default)]` (a test in `spool` removes every other field in turn) and its default in [`CallRecord::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct CallRecord {
     /// Unique per call, time-ordered (UUIDv7); the key that makes replays idempotent.
+    #[sqlx(try_from = "database::Id")]
     pub id: Uuid,
     /// The exchange's configured name (`kraken`).
     pub provider: String,
     /// Kraken's method name (`Ticker`, `SystemStatus`, `Balance`, `Depth`).
     pub endpoint: String,
     pub success: bool,
-    /// Milliseconds from sending to the last byte (0 for calls the breaker refused).
+    /// Milliseconds from sending to the last byte (0 for calls the breaker refused); an `integer` column.
+    #[sqlx(try_from = "i32")]
     pub response_time: i64,
     #[serde(default)]
     pub error_message: Option<String>,
@@ -85,6 +103,7 @@ pub struct CallRecord {
     /// Which replica wrote the row (its host name).
     #[serde(default)]
     pub instance: String,
+    #[sqlx(try_from = "database::Time")]
     pub created_at: DateTime<Utc>,
 }
 
@@ -119,6 +138,24 @@ pub trait Sink: Send + Sync + 'static {
 }
 
 impl CallRecord {
+    /// A call of `endpoint` finished at `at` that succeeded at once, with a fresh id and every optional column
+    /// empty: the base the other constructors (and tests) fill in, so a new column has its default here only.
+    pub fn new(provider: &str, instance: &str, endpoint: &str, at: DateTime<Utc>) -> CallRecord {
+        CallRecord {
+            id: Uuid::now_v7(),
+            provider: provider.to_owned(),
+            endpoint: endpoint.to_owned(),
+            success: true,
+            response_time: 0,
+            error_message: None,
+            http_status: None,
+            error_class: None,
+            exchange_error: None,
+            instance: instance.to_owned(),
+            created_at: at,
+        }
+    }
+
     /// The row of one call that was sent. `finished_at` is the wall-clock time the answer (or failure) came.
     pub fn from_outcome(
         provider: &str,
@@ -137,17 +174,13 @@ impl CallRecord {
             ),
         };
         CallRecord {
-            id: Uuid::now_v7(),
-            provider: provider.to_owned(),
-            endpoint: outcome.endpoint.as_str().to_owned(),
             success,
             response_time: i64::try_from(outcome.latency.as_millis()).unwrap_or(i64::MAX),
             error_message,
             http_status,
             error_class,
             exchange_error,
-            instance: instance.to_owned(),
-            created_at: finished_at,
+            ..CallRecord::new(provider, instance, outcome.endpoint.as_str(), finished_at)
         }
     }
 
@@ -160,18 +193,37 @@ impl CallRecord {
         at: DateTime<Utc>,
     ) -> CallRecord {
         CallRecord {
-            id: Uuid::now_v7(),
-            provider: provider.to_owned(),
-            endpoint: endpoint.as_str().to_owned(),
             success: false,
-            response_time: 0,
             error_message: Some(format!("not sent: circuit breaker {state}")),
-            http_status: None,
             error_class: Some(NOT_PERMITTED.to_owned()),
-            exchange_error: None,
-            instance: instance.to_owned(),
-            created_at: at,
+            ..CallRecord::new(provider, instance, endpoint.as_str(), at)
         }
+    }
+
+    /// Its size in memory, estimated: the struct and its strings. Exact enough to bound the writer's memory,
+    /// cheap enough for every push. Every field is named, so a new one cannot be left out by mistake.
+    pub fn memory_bytes(&self) -> u64 {
+        let CallRecord {
+            id: _,
+            provider,
+            endpoint,
+            success: _,
+            response_time: _,
+            error_message,
+            http_status: _,
+            error_class,
+            exchange_error,
+            instance,
+            created_at: _,
+        } = self;
+        let optional = |text: &Option<String>| text.as_ref().map_or(0, String::len);
+        (std::mem::size_of::<CallRecord>()
+            + provider.len()
+            + endpoint.len()
+            + instance.len()
+            + optional(error_message)
+            + optional(error_class)
+            + optional(exchange_error)) as u64
     }
 }
 

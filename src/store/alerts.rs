@@ -1,6 +1,7 @@
-//! What alerting keeps in the database: the durable outbox (`alert_outbox`: notifications not yet delivered),
-//! the alerts firing now (`alert_state`), and the `incidents` rows for the post-incident review
-//! (`exchange_api_down` firing opens one, resolving closes it).
+//! The recorder of what alerting keeps in the database: the durable outbox (`alert_outbox`: notifications not yet
+//! delivered), the alerts firing now (`alert_state`), and the `incidents` rows for the post-incident review
+//! (`exchange_api_down` firing opens one, resolving closes it). Their statements are in
+//! [`alert_state`](super::alert_state) and [`incidents`](super::incidents); this module decides when they run.
 //!
 //! The alert side hands [`Op`]s to [`Handle::send`], which never waits; one task ([`Recorder::run`]) writes them in
 //! order. The queue is bounded in operations and bytes; what does not fit is dropped and counted. A write the
@@ -12,6 +13,10 @@
 //! So a crash during a database outage neither re-pages a delivered alert nor forgets a resolve. Replays are
 //! idempotent: outbox and state writes are keyed, an incident opens once per start time and a resolve closes only
 //! incidents that started before it. Stored alerts are opaque JSON here: the alert module owns their shape.
+//!
+//! The spool's lines outlive a process: a field added to [`Op`], [`OutboxRow`] or [`Tally`] takes
+//! `#[serde(default)]`, so the previous run's lines still read (a test removes every field a line did not always
+//! have), and a line of another [`Spooled`] version is set aside, never misread.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -29,13 +34,12 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::store::connector::Connector;
-use crate::store::database::{Database, Error, query_error};
+use crate::store::database::{Database, Error};
 use crate::store::spool::{Quarantined, Spool, SpoolError};
-use crate::store::text;
 use crate::telemetry;
 
-/// One undelivered notification for one sink target.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// One undelivered notification for one sink target, as spooled and as `alert_outbox` stores it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, sqlx::FromRow)]
 pub struct OutboxRow {
     pub id: String,
     pub target: String,
@@ -801,175 +805,10 @@ pub async fn apply(database: &Database, instance: &str, op: &Op) -> Result<(), E
     Ok(())
 }
 
-/// Runs one statement on either backend: `sql` is written with SQLite's `?N` placeholders, which become
-/// Postgres's `$N`; `bind` adds the same values to either query.
-macro_rules! execute {
-    ($database:expr, $sql:expr, |$query:ident| $bind:expr) => {
-        match $database {
-            Database::Postgres(pool) => {
-                // Only the placeholders change in a constant statement: nothing from outside enters the SQL.
-                let sql = sqlx::AssertSqlSafe($sql.replace('?', "$"));
-                let $query = sqlx::query(sql);
-                $bind.execute(pool).await.map_err(query_error)?.rows_affected()
-            }
-            Database::Sqlite(pool) => {
-                let $query = sqlx::query($sql);
-                $bind.execute(pool).await.map_err(query_error)?.rows_affected()
-            }
-        }
-    };
-}
-
-/// Like [`execute!`], fetching every row as the tuple type `$row`.
-macro_rules! fetch_all {
-    ($database:expr, $row:ty, $sql:expr, |$query:ident| $bind:expr) => {
-        match $database {
-            Database::Postgres(pool) => {
-                let sql = sqlx::AssertSqlSafe($sql.replace('?', "$"));
-                let $query = sqlx::query_as::<_, $row>(sql);
-                $bind.fetch_all(pool).await.map_err(query_error)?
-            }
-            Database::Sqlite(pool) => {
-                let $query = sqlx::query_as::<_, $row>($sql);
-                $bind.fetch_all(pool).await.map_err(query_error)?
-            }
-        }
-    };
-}
-
-fn now_ms() -> i64 {
-    Utc::now().timestamp_millis()
-}
-
-impl Database {
-    /// Adds an undelivered notification; adding the same id twice keeps one row.
-    pub async fn outbox_put(&self, instance: &str, row: &OutboxRow) -> Result<(), Error> {
-        execute!(
-            self,
-            "INSERT INTO alert_outbox (id, instance, target, kind, payload, created_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (id) DO NOTHING",
-            |query| query
-                .bind(text(&row.id))
-                .bind(text(instance))
-                .bind(text(&row.target))
-                .bind(text(&row.kind))
-                .bind(text(&row.payload))
-                .bind(row.created_at_ms)
-        );
-        Ok(())
-    }
-
-    pub async fn outbox_done(&self, id: &str) -> Result<(), Error> {
-        execute!(self, "DELETE FROM alert_outbox WHERE id = ?1", |query| query.bind(text(id)));
-        Ok(())
-    }
-
-    /// This replica's undelivered notifications, oldest first.
-    pub async fn outbox(&self, instance: &str) -> Result<Vec<OutboxRow>, Error> {
-        let rows = fetch_all!(
-            self,
-            (String, String, String, String, i64),
-            "SELECT id, target, kind, payload, created_at_ms FROM alert_outbox WHERE instance = ?1 ORDER BY seq",
-            |query| query.bind(text(instance))
-        );
-        Ok(rows
-            .into_iter()
-            .map(|(id, target, kind, payload, created_at_ms)| OutboxRow { id, target, kind, payload, created_at_ms })
-            .collect())
-    }
-
-    pub async fn alert_state_put(
-        &self,
-        instance: &str,
-        exchange: &str,
-        alertname: &str,
-        payload: &str,
-    ) -> Result<(), Error> {
-        execute!(
-            self,
-            "INSERT INTO alert_state (instance, exchange, alertname, payload, updated_at_ms) \
-             VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (instance, exchange, alertname) \
-             DO UPDATE SET payload = excluded.payload, updated_at_ms = excluded.updated_at_ms",
-            |query| query
-                .bind(text(instance))
-                .bind(text(exchange))
-                .bind(text(alertname))
-                .bind(text(payload))
-                .bind(now_ms())
-        );
-        Ok(())
-    }
-
-    pub async fn alert_state_clear(&self, instance: &str, exchange: &str, alertname: &str) -> Result<(), Error> {
-        execute!(self, "DELETE FROM alert_state WHERE instance = ?1 AND exchange = ?2 AND alertname = ?3", |query| {
-            query.bind(text(instance)).bind(text(exchange)).bind(text(alertname))
-        });
-        Ok(())
-    }
-
-    /// Marks every alert this replica fires as still firing: the other replicas wait for fresh rows only.
-    pub async fn alert_state_renew(&self, instance: &str) -> Result<(), Error> {
-        execute!(self, "UPDATE alert_state SET updated_at_ms = ?2 WHERE instance = ?1", |query| query
-            .bind(instance)
-            .bind(now_ms()));
-        Ok(())
-    }
-
-    /// The alerts other replicas fire, renewed within `fresh_within`: `(exchange, alertname)`.
-    pub async fn alert_state_elsewhere(
-        &self,
-        instance: &str,
-        fresh_within: Duration,
-    ) -> Result<Vec<(String, String)>, Error> {
-        let since = now_ms().saturating_sub(i64::try_from(fresh_within.as_millis()).unwrap_or(i64::MAX));
-        Ok(fetch_all!(
-            self,
-            (String, String),
-            "SELECT DISTINCT exchange, alertname FROM alert_state WHERE instance <> ?1 AND updated_at_ms >= ?2",
-            |query| query.bind(instance).bind(since)
-        ))
-    }
-
-    /// Adds a tally to the open incident of `provider` and `alertname`: its calls, its scenario now, its latest
-    /// error (also the first one if none was recorded). Returns whether an open incident took it.
-    pub async fn update_open_incident(
-        &self,
-        provider: &str,
-        alertname: &str,
-        scenario: &str,
-        tally: &Tally,
-    ) -> Result<bool, Error> {
-        let updated = execute!(
-            self,
-            "UPDATE incidents SET scenario = ?3, last_error = COALESCE(?4, last_error), \
-             first_error = COALESCE(first_error, ?4), \
-             failed_calls = failed_calls + ?5, total_calls = total_calls + ?6 \
-             WHERE provider = ?1 AND alertname = ?2 AND resolved_at IS NULL",
-            |query| query
-                .bind(text(provider))
-                .bind(text(alertname))
-                .bind(text(scenario))
-                .bind(tally.last_error.as_deref().map(text))
-                .bind(tally.failed_calls)
-                .bind(tally.total_calls)
-        );
-        Ok(updated == 1)
-    }
-
-    /// The alerts this replica had firing: `(exchange, alertname, payload)`.
-    pub async fn alert_state(&self, instance: &str) -> Result<Vec<(String, String, String)>, Error> {
-        Ok(fetch_all!(
-            self,
-            (String, String, String),
-            "SELECT exchange, alertname, payload FROM alert_state WHERE instance = ?1 ORDER BY exchange, alertname",
-            |query| query.bind(text(instance))
-        ))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::spool::tests::{assert_later_fields_default, write_spool_files};
 
     fn recorder_config(dir: &std::path::Path) -> Config {
         Config { flush_interval: Duration::from_secs(1), spool_dir: dir.join("alerts"), spool_max_bytes: 1 << 20 }
@@ -1029,5 +868,84 @@ mod tests {
         let without = text.replace(",\"first_error\":null", "");
         assert_ne!(without, text);
         assert_eq!(serde_json::from_str::<Spooled>(&without).unwrap(), line);
+    }
+
+    /// The fields each operation's line has carried since its variant was first spooled. A new variant must be
+    /// named here (the match is exhaustive); a new field of an existing one must default.
+    fn first_format(op: &Op) -> &'static [&'static str] {
+        match op {
+            Op::IncidentOpened { .. } => &["op", "provider", "alertname", "scenario", "at"],
+            Op::IncidentProgress { .. } => &["op", "provider", "alertname", "scenario", "tally"],
+            Op::IncidentResolved { .. } => &["op", "provider", "alertname", "at"],
+            Op::OutboxPut(_) => &["op", "id", "target", "kind", "payload", "created_at_ms"],
+            Op::OutboxDone { .. } => &["op", "id"],
+            Op::StatePut { .. } => &["op", "exchange", "alertname", "payload"],
+            Op::StateClear { .. } => &["op", "exchange", "alertname"],
+        }
+    }
+
+    #[test]
+    fn every_spooled_field_added_after_the_first_format_defaults_when_missing() {
+        let (provider, alertname, scenario) =
+            ("kraken".to_owned(), "exchange_api_down".to_owned(), "network".to_owned());
+        let tally = Tally { last_error: Some("timed out".into()), failed_calls: 3, total_calls: 4 };
+        let ops = [
+            Op::IncidentOpened {
+                provider: provider.clone(),
+                alertname: alertname.clone(),
+                scenario: scenario.clone(),
+                at: Utc::now(),
+                first_error: Some("refused".into()),
+                tally: tally.clone(),
+            },
+            Op::IncidentProgress {
+                provider: provider.clone(),
+                alertname: alertname.clone(),
+                scenario,
+                tally: tally.clone(),
+            },
+            Op::IncidentResolved { provider, alertname: alertname.clone(), at: Utc::now() },
+            Op::OutboxPut(OutboxRow {
+                id: "x".into(),
+                target: "webhook".into(),
+                kind: "firing".into(),
+                payload: "{}".into(),
+                created_at_ms: 1,
+            }),
+            Op::OutboxDone { id: "x".into() },
+            Op::StatePut { exchange: "kraken".into(), alertname: alertname.clone(), payload: "{}".into() },
+            Op::StateClear { exchange: "kraken".into(), alertname },
+        ];
+        for op in ops {
+            assert_later_fields_default(&op, first_format(&op));
+            let line = Spooled { version: SPOOL_VERSION, queued_at_ms: 1, op };
+            assert_later_fields_default(&line, &["version", "queued_at_ms", "op"]);
+        }
+        assert_later_fields_default(&tally, &["failed_calls", "total_calls"]);
+    }
+
+    #[tokio::test]
+    async fn a_previous_runs_spooled_write_in_an_older_format_is_replayed_not_dropped() {
+        let temp = tempfile::tempdir().unwrap();
+        let config = recorder_config(temp.path());
+        // An incident opening as spooled before openings carried their streak's tally.
+        let older = r#"{"version":1,"queued_at_ms":5,"op":{"op":"incident_opened","provider":"kraken","alertname":"exchange_api_down","scenario":"network","at":"2025-01-15T10:30:00Z"}}"#;
+        write_spool_files(&config.spool_dir, &[("spool-000001.jsonl", Some(vec![older.to_owned()]))]);
+        let registry = Registry::new();
+        let (_handle, mut recorder) = channel(config, &registry).unwrap();
+        let unreadable = [("reason", "unreadable_spool_line")];
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_dropped_total", &unreadable), 0.0);
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_queue_depth", &[]), 1.0);
+
+        let database_config =
+            crate::store::Config { sqlite_path: temp.path().join("exwatch.sqlite"), ..crate::store::Config::default() };
+        let database = Database::connect(&database_config).await.unwrap();
+        assert_eq!(recorder.replay(&database, "pod-a").await.unwrap(), 1);
+        let open = database.open_incidents().await.unwrap();
+        assert_eq!(open.len(), 1);
+        assert_eq!((open[0].alertname.as_str(), open[0].first_error.as_ref()), ("exchange_api_down", None));
+        assert_eq!((open[0].failed_calls, open[0].total_calls), (0, 0));
+        assert_eq!(sample(&registry, "exwatch_alert_recorder_queue_depth", &[]), 0.0);
+        database.close().await;
     }
 }

@@ -1,9 +1,15 @@
-//! The SQL: connecting (Postgres when `database.url` is set, otherwise a SQLite file), the embedded migrations,
-//! the batched insert behind [`Sink`], the runbook's query, incidents and their reports, and retention.
+//! The two backends: connecting (Postgres when `database.url` is set, otherwise a SQLite file), the embedded
+//! migrations, and how one statement runs on either. The statements themselves live with their tables:
+//! [`calls`](super::calls), [`incidents`](super::incidents), [`alert_state`](super::alert_state).
 //!
-//! Both backends have the same schema and the same behaviour; only the column types differ (SQLite keeps ids and
-//! times as text, see `migrations/sqlite/0001_api_call_logs.sql`). This module does no buffering or retrying: the
-//! [`writer`](super::writer) owns that, and uses [`WriteError`]'s two kinds to decide.
+//! One text per statement: `on_either!` (and `execute!`, `fetch!` on top of it) compiles a statement's code once
+//! per backend, placeholders are `$N` (Postgres's own; sqlx's SQLite driver binds `$N` by its number too,
+//! sqlx-sqlite 0.9.0 `arguments.rs`), and the values whose stored form differs encode themselves per backend:
+//! [`Id`] (`uuid` / text) and [`Time`] (`timestamptz` / text, see `migrations/sqlite/0001_api_call_logs.sql`).
+//! Rows decode through `sqlx::FromRow`, one derive for both backends. The pools stay typed rather than sqlx's
+//! `AnyPool`: its driver encodes neither `Uuid` nor `chrono` times, and the schemas differ in those very types.
+//! This module does no buffering or retrying: the [`writer`](super::writer) owns that, and uses
+//! [`WriteError`](super::WriteError)'s two kinds (`is_unavailable` decides which) to decide.
 //!
 //! Migrations run at connect. On Postgres, sqlx's migrator holds `pg_advisory_lock` (keyed on the database name)
 //! from before it creates `_sqlx_migrations` until it has applied every pending migration (sqlx-core 0.9.0
@@ -16,17 +22,20 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, TimeDelta, Utc};
-use serde::Serialize;
+use sqlx::decode::Decode;
+use sqlx::encode::{Encode, IsNull};
+use sqlx::error::BoxDynError;
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::postgres::{PgArgumentBuffer, PgConnectOptions, PgConnection, PgPool, PgPoolOptions, PgTypeInfo, PgValueRef};
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow, SqliteSynchronous,
+    SqliteArgumentsBuffer, SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteTypeInfo, SqliteValueRef,
 };
-use sqlx::{Connection as _, QueryBuilder, Row, Sqlite};
-use tokio_util::sync::CancellationToken;
+use sqlx::types::Type;
+use sqlx::{Connection as _, Postgres, Sqlite};
 use uuid::Uuid;
 
-use super::{CallRecord, Config, Sink, WriteError, text};
+use super::Config;
 use crate::secret::Secret;
 
 static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("./migrations/postgres");
@@ -39,21 +48,14 @@ const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a SQLite writer waits for another writer's lock before failing with `SQLITE_BUSY`.
 const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Bind parameters per `api_call_logs` row.
-const CALL_COLUMNS: usize = 11;
 /// The most bind parameters one statement may carry: Postgres counts them in a u16, SQLite's default
 /// `SQLITE_MAX_VARIABLE_NUMBER` is 32766.
 const POSTGRES_MAX_BINDS: usize = 65_535;
 const SQLITE_MAX_BINDS: usize = 32_766;
 
-/// Rows deleted per statement by [`run_retention`]: small, so no statement holds locks for long.
-pub const RETENTION_BATCH: u32 = 1000;
-/// The first retention pass runs this long after start (or after one interval, if shorter).
-const RETENTION_FIRST_RUN: Duration = Duration::from_secs(60);
-
-const INSERT_CALLS: &str = "INSERT INTO api_call_logs \
-    (id, provider, endpoint, success, response_time, error_message, created_at, http_status, error_class, \
-    exchange_error, instance) ";
+/// The database's own clock, on either backend (SQLite's has whole seconds, as its `datetime('now')`).
+const DATABASE_NOW: &str = "SELECT CURRENT_TIMESTAMP";
+const APPLIED_VERSION: &str = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version DESC LIMIT 1";
 
 /// Why a database operation failed. Messages name the database by host, port and name (or file) only: the URL is
 /// a [`Secret`] and its password never reaches a message.
@@ -95,67 +97,40 @@ impl fmt::Debug for Database {
     }
 }
 
-/// One row of `incidents`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Incident {
-    pub id: i64,
-    pub provider: String,
-    pub alertname: String,
-    /// The runbook scenario diagnosed, kept current while the incident is open (`alert::diagnosis::Scenario`).
-    pub scenario: String,
-    pub started_at: DateTime<Utc>,
-    /// `None` while the incident is open.
-    pub resolved_at: Option<DateTime<Utc>>,
-    pub first_error: Option<String>,
-    pub last_error: Option<String>,
-    pub failed_calls: i64,
-    pub total_calls: i64,
+/// Runs `$body` with `$pool` bound to the pool `$database` holds. The body is written once and compiled once per
+/// backend, so a statement in it has one text for both.
+macro_rules! on_either {
+    ($database:expr, |$pool:ident| $body:expr) => {
+        match $database {
+            $crate::store::database::Database::Postgres($pool) => $body,
+            $crate::store::database::Database::Sqlite($pool) => $body,
+        }
+    };
 }
+pub(crate) use on_either;
 
-/// What happened during an incident, computed from `api_call_logs` between its start (the first failure of the
-/// streak that caused it) and its end (or now).
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct IncidentReport {
-    pub incident: Incident,
-    /// `resolved_at`, or the time of the report for an open incident.
-    pub window_end: DateTime<Utc>,
-    /// Calls sent, and how many of them failed. Calls the breaker refused were never sent: they are counted in
-    /// `not_sent_calls` only, as the incident row counts them.
-    pub total_calls: u64,
-    pub failed_calls: u64,
-    pub not_sent_calls: u64,
-    /// Failed calls per `error_class` (`unclassified` when none was recorded), most first.
-    pub failures_by_class: Vec<Count>,
-    /// Failed calls per endpoint, most first.
-    pub failures_by_endpoint: Vec<Count>,
-    /// Over every call sent in the window, failed or not; `None` when none was sent.
-    pub response_time: Option<Latency>,
-    pub first_error: Option<ErrorSample>,
-    pub last_error: Option<ErrorSample>,
+/// Runs one statement with the values bound as `$1`, `$2`, ... and returns how many rows it affected.
+macro_rules! execute {
+    ($database:expr, $sql:expr $(, $value:expr)* $(,)?) => {
+        $crate::store::database::on_either!($database, |pool| {
+            sqlx::query($sql)$(.bind($value))*.execute(pool).await.map(|done| done.rows_affected())
+        })
+        .map_err($crate::store::database::query_error)
+    };
 }
+pub(crate) use execute;
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Count {
-    pub name: String,
-    pub calls: u64,
+/// Runs one query with the values bound as `$1`, `$2`, ... and decodes its rows as `$row` (a `FromRow` type or a
+/// tuple) with `$fetch` (`fetch_all`, `fetch_optional`, `fetch_one`).
+macro_rules! fetch {
+    ($database:expr, $fetch:ident, $row:ty, $sql:expr $(, $value:expr)* $(,)?) => {
+        $crate::store::database::on_either!($database, |pool| {
+            sqlx::query_as::<_, $row>($sql)$(.bind($value))*.$fetch(pool).await
+        })
+        .map_err($crate::store::database::query_error)
+    };
 }
-
-/// Response-time percentiles in milliseconds (nearest rank).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-pub struct Latency {
-    pub p50: i64,
-    pub p95: i64,
-    pub max: i64,
-}
-
-/// One failed call, as the report shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ErrorSample {
-    pub created_at: DateTime<Utc>,
-    pub endpoint: String,
-    pub error_class: Option<String>,
-    pub error_message: Option<String>,
-}
+pub(crate) use fetch;
 
 impl Database {
     /// Opens the pool (Postgres when `config.url` is set, otherwise the SQLite file at `config.sqlite_path`,
@@ -193,11 +168,8 @@ impl Database {
 
     /// The newest migration applied to this database (0 for a database exwatch never migrated).
     async fn applied_version(&self) -> Result<i64, Error> {
-        const APPLIED: &str = "SELECT version FROM _sqlx_migrations WHERE success ORDER BY version DESC LIMIT 1";
-        let version: Result<Option<i64>, sqlx::Error> = match self {
-            Database::Postgres(pool) => sqlx::query_scalar(APPLIED).fetch_optional(pool).await,
-            Database::Sqlite(pool) => sqlx::query_scalar(APPLIED).fetch_optional(pool).await,
-        };
+        let version: Result<Option<i64>, sqlx::Error> =
+            on_either!(self, |pool| sqlx::query_scalar(APPLIED_VERSION).fetch_optional(pool).await);
         match version {
             Ok(version) => Ok(version.unwrap_or(0)),
             // No migrations table at all: a database exwatch never touched.
@@ -293,543 +265,113 @@ impl Database {
 
     /// Closes every connection; queries after this fail with [`Error::Unavailable`].
     pub async fn close(&self) {
-        match self {
-            Database::Postgres(pool) => pool.close().await,
-            Database::Sqlite(pool) => pool.close().await,
-        }
+        on_either!(self, |pool| pool.close().await)
     }
 
-    /// The runbook's investigation query: `provider`'s calls newer than `since` ago (by the database's clock),
-    /// newest first, at most `limit`; only failures when `failures_only`.
-    pub async fn recent_calls(
-        &self,
-        provider: &str,
-        since: Duration,
-        limit: u32,
-        failures_only: bool,
-    ) -> Result<Vec<CallRecord>, Error> {
-        match self {
-            Database::Postgres(pool) => {
-                let sql = if failures_only {
-                    "SELECT id, provider, endpoint, success, response_time, error_message, created_at, http_status, \
-                     error_class, exchange_error, instance FROM api_call_logs \
-                     WHERE provider = $1 AND created_at > NOW() - $2 AND NOT success \
-                     ORDER BY created_at DESC LIMIT $3"
-                } else {
-                    "SELECT id, provider, endpoint, success, response_time, error_message, created_at, http_status, \
-                     error_class, exchange_error, instance FROM api_call_logs \
-                     WHERE provider = $1 AND created_at > NOW() - $2 \
-                     ORDER BY created_at DESC LIMIT $3"
-                };
-                let rows = sqlx::query(sql)
-                    .bind(provider)
-                    .bind(since)
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-                    .map_err(query_error)?;
-                rows.iter().map(postgres_call).collect()
-            }
-            Database::Sqlite(pool) => {
-                let sql = if failures_only {
-                    "SELECT id, provider, endpoint, success, response_time, error_message, created_at, http_status, \
-                     error_class, exchange_error, instance FROM api_call_logs \
-                     WHERE provider = ?1 AND created_at > datetime('now', ?2) AND NOT success \
-                     ORDER BY created_at DESC LIMIT ?3"
-                } else {
-                    "SELECT id, provider, endpoint, success, response_time, error_message, created_at, http_status, \
-                     error_class, exchange_error, instance FROM api_call_logs \
-                     WHERE provider = ?1 AND created_at > datetime('now', ?2) \
-                     ORDER BY created_at DESC LIMIT ?3"
-                };
-                let rows = sqlx::query(sql)
-                    .bind(provider)
-                    .bind(format!("-{:.6} seconds", since.as_secs_f64()))
-                    .bind(i64::from(limit))
-                    .fetch_all(pool)
-                    .await
-                    .map_err(query_error)?;
-                rows.iter().map(sqlite_call).collect()
-            }
-        }
-    }
-
-    /// Opens an incident for `provider` and `alertname`, or returns the one already open (a second replica or a
-    /// repeated alert does not open another: a partial unique index allows one open incident per pair).
-    pub async fn open_incident(
-        &self,
-        provider: &str,
-        alertname: &str,
-        scenario: &str,
-        started_at: DateTime<Utc>,
-        first_error: Option<&str>,
-    ) -> Result<i64, Error> {
-        // The open incident may be resolved between our conflicting insert and the select; then insert again.
-        for _ in 0..3 {
-            let id: Option<i64> = match self {
-                Database::Postgres(pool) => {
-                    let inserted = sqlx::query_scalar(
-                        "INSERT INTO incidents (provider, alertname, scenario, started_at, first_error, last_error) \
-                         VALUES ($1, $2, $3, $4, $5, $5) \
-                         ON CONFLICT (provider, alertname) WHERE resolved_at IS NULL DO NOTHING RETURNING id",
-                    )
-                    .bind(text(provider))
-                    .bind(text(alertname))
-                    .bind(text(scenario))
-                    .bind(started_at)
-                    .bind(first_error.map(text))
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(query_error)?;
-                    match inserted {
-                        Some(id) => Some(id),
-                        None => sqlx::query_scalar(
-                            "SELECT id FROM incidents WHERE provider = $1 AND alertname = $2 AND resolved_at IS NULL",
-                        )
-                        .bind(text(provider))
-                        .bind(text(alertname))
-                        .fetch_optional(pool)
-                        .await
-                        .map_err(query_error)?,
-                    }
-                }
-                Database::Sqlite(pool) => {
-                    let inserted = sqlx::query_scalar(
-                        "INSERT INTO incidents (provider, alertname, scenario, started_at, first_error, last_error) \
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?5) \
-                         ON CONFLICT (provider, alertname) WHERE resolved_at IS NULL DO NOTHING RETURNING id",
-                    )
-                    .bind(text(provider))
-                    .bind(text(alertname))
-                    .bind(text(scenario))
-                    .bind(sqlite_time(started_at))
-                    .bind(first_error.map(text))
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(query_error)?;
-                    match inserted {
-                        Some(id) => Some(id),
-                        None => sqlx::query_scalar(
-                            "SELECT id FROM incidents WHERE provider = ?1 AND alertname = ?2 AND resolved_at IS NULL",
-                        )
-                        .bind(text(provider))
-                        .bind(text(alertname))
-                        .fetch_optional(pool)
-                        .await
-                        .map_err(query_error)?,
-                    }
-                }
-            };
-            if let Some(id) = id {
-                return Ok(id);
-            }
-        }
-        Err(Error::Query(format!("cannot open an incident for {provider}/{alertname}: it kept being resolved")))
-    }
-
-    /// Records progress on an incident: the current scenario, the latest error (also the first one if none was
-    /// recorded yet) and more calls counted. Returns whether the incident exists.
-    pub async fn update_incident(
-        &self,
-        id: i64,
-        scenario: &str,
-        last_error: Option<&str>,
-        failed_calls_delta: i64,
-        total_calls_delta: i64,
-    ) -> Result<bool, Error> {
-        let result = match self {
-            Database::Postgres(pool) => sqlx::query(
-                "UPDATE incidents SET scenario = $2, last_error = COALESCE($3, last_error), \
-                 first_error = COALESCE(first_error, $3), \
-                 failed_calls = failed_calls + $4, total_calls = total_calls + $5 WHERE id = $1",
-            )
-            .bind(id)
-            .bind(text(scenario))
-            .bind(last_error.map(text))
-            .bind(failed_calls_delta)
-            .bind(total_calls_delta)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
-            Database::Sqlite(pool) => sqlx::query(
-                "UPDATE incidents SET scenario = ?2, last_error = COALESCE(?3, last_error), \
-                 first_error = COALESCE(first_error, ?3), \
-                 failed_calls = failed_calls + ?4, total_calls = total_calls + ?5 WHERE id = ?1",
-            )
-            .bind(id)
-            .bind(text(scenario))
-            .bind(last_error.map(text))
-            .bind(failed_calls_delta)
-            .bind(total_calls_delta)
-            .execute(pool)
-            .await
-            .map(|done| done.rows_affected()),
+    /// How many rows of `columns` values one statement may insert on this backend.
+    pub(crate) fn rows_per_statement(&self, columns: usize) -> usize {
+        let binds = match self {
+            Database::Postgres(_) => POSTGRES_MAX_BINDS,
+            Database::Sqlite(_) => SQLITE_MAX_BINDS,
         };
-        Ok(result.map_err(query_error)? == 1)
+        binds / columns.max(1)
     }
 
-    /// Marks an open incident resolved. Returns `false` when there is no such open incident (already resolved).
-    pub async fn resolve_incident(&self, id: i64, resolved_at: DateTime<Utc>) -> Result<bool, Error> {
-        let result = match self {
-            Database::Postgres(pool) => {
-                sqlx::query("UPDATE incidents SET resolved_at = $2 WHERE id = $1 AND resolved_at IS NULL")
-                    .bind(id)
-                    .bind(resolved_at)
-                    .execute(pool)
-                    .await
-            }
-            .map(|done| done.rows_affected()),
-            Database::Sqlite(pool) => {
-                sqlx::query("UPDATE incidents SET resolved_at = ?2 WHERE id = ?1 AND resolved_at IS NULL")
-                    .bind(id)
-                    .bind(sqlite_time(resolved_at))
-                    .execute(pool)
-                    .await
-            }
-            .map(|done| done.rows_affected()),
-        };
-        Ok(result.map_err(query_error)? == 1)
-    }
-
-    /// Every incident still open, newest first.
-    pub async fn open_incidents(&self) -> Result<Vec<Incident>, Error> {
-        match self {
-            Database::Postgres(pool) => {
-                let rows =
-                    sqlx::query("SELECT * FROM incidents WHERE resolved_at IS NULL ORDER BY started_at DESC, id DESC")
-                        .fetch_all(pool)
-                        .await
-                        .map_err(query_error)?;
-                rows.iter().map(postgres_incident).collect()
-            }
-            Database::Sqlite(pool) => {
-                let rows =
-                    sqlx::query("SELECT * FROM incidents WHERE resolved_at IS NULL ORDER BY started_at DESC, id DESC")
-                        .fetch_all(pool)
-                        .await
-                        .map_err(query_error)?;
-                rows.iter().map(sqlite_incident).collect()
-            }
-        }
-    }
-
-    /// Incidents that overlap the last `since`: started in it, resolved in it, or still open. Newest first.
-    pub async fn list_incidents(&self, since: Duration) -> Result<Vec<Incident>, Error> {
-        let cutoff = ago(since);
-        match self {
-            Database::Postgres(pool) => {
-                let rows = sqlx::query(
-                    "SELECT * FROM incidents WHERE started_at > $1 OR resolved_at IS NULL OR resolved_at > $1 \
-                     ORDER BY started_at DESC, id DESC",
-                )
-                .bind(cutoff)
-                .fetch_all(pool)
-                .await
-                .map_err(query_error)?;
-                rows.iter().map(postgres_incident).collect()
-            }
-            Database::Sqlite(pool) => {
-                let rows = sqlx::query(
-                    "SELECT * FROM incidents WHERE started_at > ?1 OR resolved_at IS NULL OR resolved_at > ?1 \
-                     ORDER BY started_at DESC, id DESC",
-                )
-                .bind(sqlite_time(cutoff))
-                .fetch_all(pool)
-                .await
-                .map_err(query_error)?;
-                rows.iter().map(sqlite_incident).collect()
-            }
-        }
-    }
-
-    pub async fn incident(&self, id: i64) -> Result<Option<Incident>, Error> {
-        match self {
-            Database::Postgres(pool) => {
-                let row = sqlx::query("SELECT * FROM incidents WHERE id = $1")
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(query_error)?;
-                row.as_ref().map(postgres_incident).transpose()
-            }
-            Database::Sqlite(pool) => {
-                let row = sqlx::query("SELECT * FROM incidents WHERE id = ?1")
-                    .bind(id)
-                    .fetch_optional(pool)
-                    .await
-                    .map_err(query_error)?;
-                row.as_ref().map(sqlite_incident).transpose()
-            }
-        }
-    }
-
-    /// The report of incident `id` from the provider's calls between its start and its end (or now);
-    /// `None` when there is no such incident.
-    pub async fn incident_report(&self, id: i64) -> Result<Option<IncidentReport>, Error> {
-        let Some(incident) = self.incident(id).await? else {
-            return Ok(None);
-        };
-        let window_end = incident.resolved_at.unwrap_or_else(Utc::now);
-        let calls = self.calls_between(&incident.provider, incident.started_at, window_end).await?;
-        Ok(Some(IncidentReport::from_calls(incident, window_end, &calls)))
-    }
-
-    /// `provider`'s calls with `start <= created_at <= end`, oldest first.
-    async fn calls_between(
-        &self,
-        provider: &str,
-        start: DateTime<Utc>,
-        end: DateTime<Utc>,
-    ) -> Result<Vec<CallRecord>, Error> {
-        match self {
-            Database::Postgres(pool) => {
-                let rows = sqlx::query(
-                    "SELECT id, provider, endpoint, success, response_time, error_message, created_at, http_status, \
-                     error_class, exchange_error, instance FROM api_call_logs \
-                     WHERE provider = $1 AND created_at >= $2 AND created_at <= $3 ORDER BY created_at, id",
-                )
-                .bind(provider)
-                .bind(start)
-                .bind(end)
-                .fetch_all(pool)
-                .await
-                .map_err(query_error)?;
-                rows.iter().map(postgres_call).collect()
-            }
-            Database::Sqlite(pool) => {
-                let rows = sqlx::query(
-                    "SELECT id, provider, endpoint, success, response_time, error_message, created_at, http_status, \
-                     error_class, exchange_error, instance FROM api_call_logs \
-                     WHERE provider = ?1 AND created_at >= ?2 AND created_at <= ?3 ORDER BY created_at, id",
-                )
-                .bind(provider)
-                .bind(sqlite_time(start))
-                .bind(sqlite_time(end))
-                .fetch_all(pool)
-                .await
-                .map_err(query_error)?;
-                rows.iter().map(sqlite_call).collect()
-            }
-        }
-    }
-
-    /// Deletes `api_call_logs` rows older than `cutoff`, `batch` rows per statement, until a statement deletes
-    /// fewer than `batch`. Returns how many rows were deleted. Each statement commits on its own, so stopping
-    /// between two (or during one) loses nothing but progress.
-    pub async fn delete_older_than(&self, cutoff: DateTime<Utc>, batch: u32) -> Result<u64, Error> {
-        let batch = batch.max(1);
-        let mut total = 0;
-        loop {
-            let deleted = match self {
-                Database::Postgres(pool) => sqlx::query(
-                    "DELETE FROM api_call_logs WHERE id IN \
-                     (SELECT id FROM api_call_logs WHERE created_at < $1 LIMIT $2)",
-                )
-                .bind(cutoff)
-                .bind(i64::from(batch))
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected()),
-                Database::Sqlite(pool) => sqlx::query(
-                    "DELETE FROM api_call_logs WHERE id IN \
-                     (SELECT id FROM api_call_logs WHERE created_at < ?1 LIMIT ?2)",
-                )
-                .bind(sqlite_time(cutoff))
-                .bind(i64::from(batch))
-                .execute(pool)
-                .await
-                .map(|done| done.rows_affected()),
-            }
-            .map_err(query_error)?;
-            total += deleted;
-            if deleted < u64::from(batch) {
-                return Ok(total);
-            }
-        }
-    }
-
-    async fn insert_postgres(pool: &PgPool, rows: &[CallRecord]) -> Result<(), sqlx::Error> {
-        let chunk_rows = POSTGRES_MAX_BINDS / CALL_COLUMNS;
-        let statement = |chunk: &[CallRecord]| {
-            let mut builder = QueryBuilder::<Postgres>::new(INSERT_CALLS);
-            builder.push_values(chunk, |mut row, record| {
-                row.push_bind(record.id)
-                    .push_bind(text(&record.provider))
-                    .push_bind(text(&record.endpoint))
-                    .push_bind(record.success)
-                    .push_bind(clamp_milliseconds(record.response_time))
-                    .push_bind(record.error_message.as_deref().map(text))
-                    .push_bind(record.created_at)
-                    .push_bind(record.http_status)
-                    .push_bind(record.error_class.as_deref().map(text))
-                    .push_bind(record.exchange_error.as_deref().map(text))
-                    .push_bind(text(&record.instance));
-            });
-            builder.push(" ON CONFLICT (id) DO NOTHING");
-            builder
-        };
-        if rows.len() <= chunk_rows {
-            statement(rows).build().execute(pool).await?;
-            return Ok(());
-        }
-        // More rows than one statement may carry: several statements, one transaction, so the batch stays atomic.
-        let mut transaction = pool.begin().await?;
-        for chunk in rows.chunks(chunk_rows) {
-            statement(chunk).build().execute(&mut *transaction).await?;
-        }
-        transaction.commit().await
-    }
-
-    async fn insert_sqlite(pool: &SqlitePool, rows: &[CallRecord]) -> Result<(), sqlx::Error> {
-        let chunk_rows = SQLITE_MAX_BINDS / CALL_COLUMNS;
-        let statement = |chunk: &[CallRecord]| {
-            let mut builder = QueryBuilder::<Sqlite>::new(INSERT_CALLS);
-            builder.push_values(chunk, |mut row, record| {
-                row.push_bind(record.id.to_string())
-                    .push_bind(text(&record.provider))
-                    .push_bind(text(&record.endpoint))
-                    .push_bind(record.success)
-                    .push_bind(record.response_time)
-                    .push_bind(record.error_message.as_deref().map(text))
-                    .push_bind(sqlite_time(record.created_at))
-                    .push_bind(record.http_status)
-                    .push_bind(record.error_class.as_deref().map(text))
-                    .push_bind(record.exchange_error.as_deref().map(text))
-                    .push_bind(text(&record.instance));
-            });
-            builder.push(" ON CONFLICT (id) DO NOTHING");
-            builder
-        };
-        if rows.len() <= chunk_rows {
-            statement(rows).build().execute(pool).await?;
-            return Ok(());
-        }
-        let mut transaction = pool.begin().await?;
-        for chunk in rows.chunks(chunk_rows) {
-            statement(chunk).build().execute(&mut *transaction).await?;
-        }
-        transaction.commit().await
+    /// The time now by the database's clock.
+    pub(crate) async fn now(&self) -> Result<DateTime<Utc>, Error> {
+        let (Time(now),) = fetch!(self, fetch_one, (Time,), DATABASE_NOW)?;
+        Ok(now)
     }
 }
 
-#[async_trait::async_trait]
-impl Sink for Database {
-    async fn insert_batch(&self, rows: &[CallRecord]) -> Result<(), WriteError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let result = match self {
-            Database::Postgres(pool) => Database::insert_postgres(pool, rows).await,
-            Database::Sqlite(pool) => Database::insert_sqlite(pool, rows).await,
-        };
-        result.map_err(|error| {
-            if is_unavailable(&error) {
-                WriteError::Unavailable(error.to_string())
-            } else {
-                WriteError::Rejected(error.to_string())
-            }
-        })
-    }
-}
+/// A row id as each backend stores it: `uuid` in Postgres, the hyphenated lowercase text in SQLite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Id(pub Uuid);
 
-/// Deletes rows older than `retention` every `interval` (the first pass shortly after start) until `cancel`,
-/// logging how many rows each pass deleted. A failed pass is logged and retried at the next interval.
-pub async fn run_retention(database: Database, retention: Duration, interval: Duration, cancel: CancellationToken) {
-    let mut next = tokio::time::Instant::now() + interval.min(RETENTION_FIRST_RUN);
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            _ = tokio::time::sleep_until(next) => {}
-        }
-        let cutoff = ago(retention);
-        // Cancelling mid-pass is safe: every batch is its own committed statement.
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            result = database.delete_older_than(cutoff, RETENTION_BATCH) => match result {
-                Ok(deleted) => tracing::info!(deleted, cutoff = %cutoff, "Retention pass deleted old call logs."),
-                Err(error) => tracing::warn!(error = %error, "Retention pass failed; retrying at the next interval."),
-            },
-        }
-        next = crate::clock::after(tokio::time::Instant::now(), interval);
-    }
-}
+/// A point in time as each backend stores it: `timestamptz` in Postgres, [`sqlite_time`]'s text in SQLite.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time(pub DateTime<Utc>);
 
-impl IncidentReport {
-    /// Computes the report from the calls in the incident's window (in any order).
-    pub fn from_calls(incident: Incident, window_end: DateTime<Utc>, calls: &[CallRecord]) -> IncidentReport {
-        let is_sent = |call: &&CallRecord| call.error_class.as_deref() != Some(super::NOT_PERMITTED);
-        let not_sent_calls = calls.iter().filter(|call| !is_sent(call)).count() as u64;
-        let calls: Vec<&CallRecord> = calls.iter().filter(is_sent).collect();
-        let mut by_class: std::collections::BTreeMap<String, u64> = Default::default();
-        let mut by_endpoint: std::collections::BTreeMap<String, u64> = Default::default();
-        let mut first_error: Option<&CallRecord> = None;
-        let mut last_error: Option<&CallRecord> = None;
-        for call in calls.iter().copied().filter(|call| !call.success) {
-            let class = call.error_class.clone().unwrap_or_else(|| "unclassified".to_owned());
-            *by_class.entry(class).or_default() += 1;
-            *by_endpoint.entry(call.endpoint.clone()).or_default() += 1;
-            if first_error.is_none_or(|first| call.created_at < first.created_at) {
-                first_error = Some(call);
+/// A nullable [`Time`], for `#[sqlx(try_from)]` on an `Option<DateTime<Utc>>` field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OptionalTime(pub Option<DateTime<Utc>>);
+
+/// Implements sqlx's `Type`, `Encode` and `Decode` for a wrapper whose value Postgres stores as `$inner` and SQLite
+/// as the text `$to_text` writes and `$from_text` reads back.
+macro_rules! stored_as_text_in_sqlite {
+    ($wrapper:ident($inner:ty), $to_text:expr, $from_text:expr) => {
+        impl Type<Postgres> for $wrapper {
+            fn type_info() -> PgTypeInfo {
+                <$inner as Type<Postgres>>::type_info()
             }
-            if last_error.is_none_or(|last| call.created_at >= last.created_at) {
-                last_error = Some(call);
+            fn compatible(ty: &PgTypeInfo) -> bool {
+                <$inner as Type<Postgres>>::compatible(ty)
             }
         }
-        let mut times: Vec<i64> = calls.iter().map(|call| call.response_time).collect();
-        times.sort_unstable();
-        let response_time =
-            times.last().map(|&max| Latency { p50: nearest_rank(&times, 0.50), p95: nearest_rank(&times, 0.95), max });
-        let failed_calls = by_class.values().sum();
-        IncidentReport {
-            incident,
-            window_end,
-            total_calls: calls.len() as u64,
-            failed_calls,
-            not_sent_calls,
-            failures_by_class: most_first(by_class),
-            failures_by_endpoint: most_first(by_endpoint),
-            response_time,
-            first_error: first_error.map(ErrorSample::of),
-            last_error: last_error.map(ErrorSample::of),
+        impl Encode<'_, Postgres> for $wrapper {
+            fn encode_by_ref(&self, buffer: &mut PgArgumentBuffer) -> Result<IsNull, BoxDynError> {
+                <$inner as Encode<'_, Postgres>>::encode_by_ref(&self.0, buffer)
+            }
         }
+        impl<'r> Decode<'r, Postgres> for $wrapper {
+            fn decode(value: PgValueRef<'r>) -> Result<Self, BoxDynError> {
+                <$inner as Decode<'r, Postgres>>::decode(value).map($wrapper)
+            }
+        }
+        impl Type<Sqlite> for $wrapper {
+            fn type_info() -> SqliteTypeInfo {
+                <String as Type<Sqlite>>::type_info()
+            }
+        }
+        impl Encode<'_, Sqlite> for $wrapper {
+            fn encode_by_ref(&self, buffer: &mut SqliteArgumentsBuffer) -> Result<IsNull, BoxDynError> {
+                <String as Encode<'_, Sqlite>>::encode($to_text(self.0), buffer)
+            }
+        }
+        impl<'r> Decode<'r, Sqlite> for $wrapper {
+            fn decode(value: SqliteValueRef<'r>) -> Result<Self, BoxDynError> {
+                let text = <&str as Decode<'r, Sqlite>>::decode(value)?;
+                Ok($wrapper($from_text(text)?))
+            }
+        }
+        impl From<$wrapper> for $inner {
+            fn from(wrapper: $wrapper) -> $inner {
+                wrapper.0
+            }
+        }
+    };
+}
+
+stored_as_text_in_sqlite!(Id(Uuid), |id: Uuid| id.hyphenated().to_string(), |text: &str| {
+    Uuid::parse_str(text).map_err(|error| format!("invalid id {text:?} in SQLite ({error})"))
+});
+stored_as_text_in_sqlite!(Time(DateTime<Utc>), sqlite_time, parse_sqlite_time);
+
+impl<DB: sqlx::Database> Type<DB> for OptionalTime
+where
+    Time: Type<DB>,
+{
+    fn type_info() -> DB::TypeInfo {
+        <Time as Type<DB>>::type_info()
+    }
+    fn compatible(ty: &DB::TypeInfo) -> bool {
+        <Time as Type<DB>>::compatible(ty)
     }
 }
 
-impl ErrorSample {
-    fn of(call: &CallRecord) -> ErrorSample {
-        ErrorSample {
-            created_at: call.created_at,
-            endpoint: call.endpoint.clone(),
-            error_class: call.error_class.clone(),
-            error_message: call.error_message.clone(),
-        }
+impl<'r, DB: sqlx::Database> Decode<'r, DB> for OptionalTime
+where
+    Time: Decode<'r, DB>,
+{
+    fn decode(value: DB::ValueRef<'r>) -> Result<Self, BoxDynError> {
+        Ok(OptionalTime(<Option<Time> as Decode<'r, DB>>::decode(value)?.map(DateTime::from)))
     }
 }
 
-/// The nearest-rank percentile of sorted, non-empty `values`.
-fn nearest_rank(values: &[i64], fraction: f64) -> i64 {
-    let rank = (fraction * values.len() as f64).ceil() as usize;
-    values[rank.clamp(1, values.len()) - 1]
-}
-
-fn most_first(counts: std::collections::BTreeMap<String, u64>) -> Vec<Count> {
-    let mut counts: Vec<Count> = counts.into_iter().map(|(name, calls)| Count { name, calls }).collect();
-    // Stable: equal counts stay in name order.
-    counts.sort_by_key(|count| std::cmp::Reverse(count.calls));
-    counts
-}
-
-/// `now - duration`, floored at the Unix epoch (a retention of a thousand years is "keep everything").
-fn ago(duration: Duration) -> DateTime<Utc> {
-    TimeDelta::from_std(duration)
-        .ok()
-        .and_then(|delta| Utc::now().checked_sub_signed(delta))
-        .map_or(DateTime::UNIX_EPOCH, |time| time.max(DateTime::UNIX_EPOCH))
-}
-
-/// `response_time` is an `integer` column; 2^31 ms is 24 days, far beyond any timeout.
-fn clamp_milliseconds(milliseconds: i64) -> i32 {
-    i32::try_from(milliseconds.max(0)).unwrap_or(i32::MAX)
+impl From<OptionalTime> for Option<DateTime<Utc>> {
+    fn from(wrapper: OptionalTime) -> Option<DateTime<Utc>> {
+        wrapper.0
+    }
 }
 
 /// SQLite's text form of a time: UTC, space-separated, microseconds, `Z`. Fixed width, so text order is time order,
@@ -838,11 +380,20 @@ pub fn sqlite_time(time: DateTime<Utc>) -> String {
     time.format("%Y-%m-%d %H:%M:%S%.6fZ").to_string()
 }
 
-fn parse_sqlite_time(text: &str) -> Result<DateTime<Utc>, Error> {
+/// Reads [`sqlite_time`]'s text, SQLite's own `CURRENT_TIMESTAMP` ('YYYY-MM-DD HH:MM:SS') and RFC 3339.
+fn parse_sqlite_time(text: &str) -> Result<DateTime<Utc>, String> {
     NaiveDateTime::parse_from_str(text.trim_end_matches('Z'), "%Y-%m-%d %H:%M:%S%.f")
         .map(|naive| naive.and_utc())
         .or_else(|_| DateTime::parse_from_rfc3339(text).map(|time| time.with_timezone(&Utc)))
-        .map_err(|error| Error::Query(format!("invalid time {text:?} in SQLite ({error})")))
+        .map_err(|error| format!("invalid time {text:?} in SQLite ({error})"))
+}
+
+/// `time - duration`, floored at the Unix epoch (a retention of a thousand years is "keep everything").
+pub(crate) fn before(time: DateTime<Utc>, duration: Duration) -> DateTime<Utc> {
+    TimeDelta::from_std(duration)
+        .ok()
+        .and_then(|delta| time.checked_sub_signed(delta))
+        .map_or(DateTime::UNIX_EPOCH, |time| time.max(DateTime::UNIX_EPOCH))
 }
 
 fn postgres_target(options: &PgConnectOptions) -> String {
@@ -889,7 +440,7 @@ fn percent_decode(text: &str) -> Result<String, std::string::FromUtf8Error> {
 }
 
 /// Whether retrying later can help: the connection, the pool or the server's state, not the rows themselves.
-fn is_unavailable(error: &sqlx::Error) -> bool {
+pub(crate) fn is_unavailable(error: &sqlx::Error) -> bool {
     match error {
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
@@ -920,110 +471,9 @@ pub(crate) fn query_error(error: sqlx::Error) -> Error {
     if is_unavailable(&error) { Error::Unavailable(error.to_string()) } else { Error::Query(error.to_string()) }
 }
 
-fn decode_error(error: sqlx::Error) -> Error {
-    Error::Query(error.to_string())
-}
-
-fn postgres_call(row: &PgRow) -> Result<CallRecord, Error> {
-    Ok(CallRecord {
-        id: row.try_get("id").map_err(decode_error)?,
-        provider: row.try_get("provider").map_err(decode_error)?,
-        endpoint: row.try_get("endpoint").map_err(decode_error)?,
-        success: row.try_get("success").map_err(decode_error)?,
-        response_time: i64::from(row.try_get::<i32, _>("response_time").map_err(decode_error)?),
-        error_message: row.try_get("error_message").map_err(decode_error)?,
-        http_status: row.try_get("http_status").map_err(decode_error)?,
-        error_class: row.try_get("error_class").map_err(decode_error)?,
-        exchange_error: row.try_get("exchange_error").map_err(decode_error)?,
-        instance: row.try_get("instance").map_err(decode_error)?,
-        created_at: row.try_get("created_at").map_err(decode_error)?,
-    })
-}
-
-fn sqlite_call(row: &SqliteRow) -> Result<CallRecord, Error> {
-    let id: String = row.try_get("id").map_err(decode_error)?;
-    let created_at: String = row.try_get("created_at").map_err(decode_error)?;
-    Ok(CallRecord {
-        id: Uuid::parse_str(&id).map_err(|error| Error::Query(format!("invalid id {id:?} in SQLite ({error})")))?,
-        provider: row.try_get("provider").map_err(decode_error)?,
-        endpoint: row.try_get("endpoint").map_err(decode_error)?,
-        success: row.try_get("success").map_err(decode_error)?,
-        response_time: row.try_get("response_time").map_err(decode_error)?,
-        error_message: row.try_get("error_message").map_err(decode_error)?,
-        http_status: row.try_get("http_status").map_err(decode_error)?,
-        error_class: row.try_get("error_class").map_err(decode_error)?,
-        exchange_error: row.try_get("exchange_error").map_err(decode_error)?,
-        instance: row.try_get("instance").map_err(decode_error)?,
-        created_at: parse_sqlite_time(&created_at)?,
-    })
-}
-
-fn postgres_incident(row: &PgRow) -> Result<Incident, Error> {
-    Ok(Incident {
-        id: row.try_get("id").map_err(decode_error)?,
-        provider: row.try_get("provider").map_err(decode_error)?,
-        alertname: row.try_get("alertname").map_err(decode_error)?,
-        scenario: row.try_get("scenario").map_err(decode_error)?,
-        started_at: row.try_get("started_at").map_err(decode_error)?,
-        resolved_at: row.try_get("resolved_at").map_err(decode_error)?,
-        first_error: row.try_get("first_error").map_err(decode_error)?,
-        last_error: row.try_get("last_error").map_err(decode_error)?,
-        failed_calls: row.try_get("failed_calls").map_err(decode_error)?,
-        total_calls: row.try_get("total_calls").map_err(decode_error)?,
-    })
-}
-
-fn sqlite_incident(row: &SqliteRow) -> Result<Incident, Error> {
-    let started_at: String = row.try_get("started_at").map_err(decode_error)?;
-    let resolved_at: Option<String> = row.try_get("resolved_at").map_err(decode_error)?;
-    Ok(Incident {
-        id: row.try_get("id").map_err(decode_error)?,
-        provider: row.try_get("provider").map_err(decode_error)?,
-        alertname: row.try_get("alertname").map_err(decode_error)?,
-        scenario: row.try_get("scenario").map_err(decode_error)?,
-        started_at: parse_sqlite_time(&started_at)?,
-        resolved_at: resolved_at.as_deref().map(parse_sqlite_time).transpose()?,
-        first_error: row.try_get("first_error").map_err(decode_error)?,
-        last_error: row.try_get("last_error").map_err(decode_error)?,
-        failed_calls: row.try_get("failed_calls").map_err(decode_error)?,
-        total_calls: row.try_get("total_calls").map_err(decode_error)?,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn call(endpoint: &str, success: bool, response_time: i64, class: Option<&str>, seconds: i64) -> CallRecord {
-        CallRecord {
-            id: Uuid::now_v7(),
-            provider: "kraken".to_owned(),
-            endpoint: endpoint.to_owned(),
-            success,
-            response_time,
-            error_message: (!success).then(|| format!("{endpoint} failed at {seconds}")),
-            http_status: None,
-            error_class: class.map(str::to_owned),
-            exchange_error: None,
-            instance: "test".to_owned(),
-            created_at: DateTime::UNIX_EPOCH + TimeDelta::seconds(seconds),
-        }
-    }
-
-    fn incident() -> Incident {
-        Incident {
-            id: 1,
-            provider: "kraken".to_owned(),
-            alertname: "ExchangeApiDown".to_owned(),
-            scenario: "maintenance".to_owned(),
-            started_at: DateTime::UNIX_EPOCH,
-            resolved_at: None,
-            first_error: None,
-            last_error: None,
-            failed_calls: 0,
-            total_calls: 0,
-        }
-    }
 
     #[test]
     fn sqlite_times_sort_as_text_and_read_back() {
@@ -1038,66 +488,9 @@ mod tests {
         );
         assert_eq!(parse_sqlite_time(&sqlite_time(early)).unwrap(), early);
         assert_eq!(parse_sqlite_time("2025-01-15T10:30:00.1Z").unwrap(), late);
-    }
-
-    #[test]
-    fn report_counts_failures_by_class_and_endpoint_with_nearest_rank_percentiles() {
-        let calls: Vec<CallRecord> = (1..=20)
-            .map(|second| call("Ticker", true, second * 10, None, second))
-            .chain([
-                call("Ticker", false, 5000, Some("timeout"), 30),
-                call("Balance", false, 0, Some("auth"), 25),
-                call("Ticker", false, 1000, Some("timeout"), 40),
-                call("Depth", false, 7, None, 35),
-            ])
-            .collect();
-        let report = IncidentReport::from_calls(incident(), DateTime::UNIX_EPOCH + TimeDelta::seconds(60), &calls);
-        assert_eq!((report.total_calls, report.failed_calls), (24, 4));
-        let classes: Vec<(&str, u64)> =
-            report.failures_by_class.iter().map(|count| (count.name.as_str(), count.calls)).collect();
-        assert_eq!(classes, [("timeout", 2), ("auth", 1), ("unclassified", 1)]);
-        let endpoints: Vec<(&str, u64)> =
-            report.failures_by_endpoint.iter().map(|count| (count.name.as_str(), count.calls)).collect();
-        assert_eq!(endpoints, [("Ticker", 2), ("Balance", 1), ("Depth", 1)]);
-        // 24 values: 0, 7, 10..200, 1000, 5000; p50 is the 12th (100), p95 the 23rd (1000).
-        assert_eq!(report.response_time, Some(Latency { p50: 100, p95: 1000, max: 5000 }));
-        let first = report.first_error.unwrap();
-        assert_eq!((first.endpoint.as_str(), first.error_class.as_deref()), ("Balance", Some("auth")));
-        let last = report.last_error.unwrap();
-        assert_eq!(last.error_message.as_deref(), Some("Ticker failed at 40"));
-    }
-
-    #[test]
-    fn calls_never_sent_are_counted_apart_and_never_enter_the_percentiles() {
-        let mut refused = call("Ticker", false, 0, Some(crate::store::NOT_PERMITTED), 20);
-        refused.error_message = Some("not sent: circuit breaker open".to_owned());
-        let calls = vec![
-            call("Ticker", false, 900, Some("timeout"), 10),
-            refused.clone(),
-            refused,
-            call("Ticker", true, 1000, None, 30),
-        ];
-        let report = IncidentReport::from_calls(incident(), DateTime::UNIX_EPOCH + TimeDelta::seconds(60), &calls);
-        assert_eq!((report.total_calls, report.failed_calls, report.not_sent_calls), (2, 1, 2));
-        assert_eq!(report.response_time, Some(Latency { p50: 900, p95: 1000, max: 1000 }));
-        let classes: Vec<&str> = report.failures_by_class.iter().map(|count| count.name.as_str()).collect();
-        assert_eq!(classes, ["timeout"]);
-        assert_eq!(report.last_error.unwrap().error_class.as_deref(), Some("timeout"));
-    }
-
-    #[test]
-    fn a_report_without_calls_has_no_percentiles_or_errors() {
-        let report = IncidentReport::from_calls(incident(), DateTime::UNIX_EPOCH, &[]);
-        assert_eq!((report.total_calls, report.failed_calls), (0, 0));
-        assert!(report.response_time.is_none() && report.first_error.is_none() && report.last_error.is_none());
-    }
-
-    #[test]
-    fn nearest_rank_handles_one_value_and_exact_ranks() {
-        assert_eq!(nearest_rank(&[42], 0.5), 42);
-        assert_eq!(nearest_rank(&[42], 0.95), 42);
-        let hundred: Vec<i64> = (1..=100).collect();
-        assert_eq!((nearest_rank(&hundred, 0.5), nearest_rank(&hundred, 0.95)), (50, 95));
+        // SQLite's CURRENT_TIMESTAMP, the database's clock.
+        let second = DateTime::parse_from_rfc3339("2025-01-15T10:30:00Z").unwrap().with_timezone(&Utc);
+        assert_eq!(parse_sqlite_time("2025-01-15 10:30:00").unwrap(), second);
     }
 
     #[test]
@@ -1113,16 +506,9 @@ mod tests {
     }
 
     #[test]
-    fn response_times_beyond_an_integer_are_clamped() {
-        assert_eq!(clamp_milliseconds(1234), 1234);
-        assert_eq!(clamp_milliseconds(-5), 0);
-        assert_eq!(clamp_milliseconds(i64::MAX), i32::MAX);
-    }
-
-    #[test]
-    fn ago_is_floored_at_the_epoch() {
-        assert_eq!(ago(Duration::from_secs(u64::MAX)), DateTime::UNIX_EPOCH);
-        let hour_ago = ago(Duration::from_secs(3600));
-        assert!((Utc::now() - hour_ago - TimeDelta::hours(1)).num_seconds().abs() < 5);
+    fn before_is_floored_at_the_epoch() {
+        let now = Utc::now();
+        assert_eq!(before(now, Duration::from_secs(u64::MAX)), DateTime::UNIX_EPOCH);
+        assert_eq!(before(now, Duration::from_secs(3600)), now - TimeDelta::hours(1));
     }
 }

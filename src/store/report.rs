@@ -7,7 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::CallRecord;
-use super::database::{ErrorSample, Incident, IncidentReport};
+use super::incidents::{ErrorSample, Incident, IncidentReport};
 
 /// The runbook query's rows as a table: created_at, endpoint, success, response time, error class, HTTP status and
 /// error message (last, unpadded, since it is the long one).
@@ -172,10 +172,9 @@ fn indent(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use chrono::TimeDelta;
-    use uuid::Uuid;
 
     use super::*;
-    use crate::store::database::{Count, Latency};
+    use crate::store::incidents::{Count, Latency};
 
     fn at(text: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(text).unwrap().with_timezone(&Utc)
@@ -200,30 +199,18 @@ mod tests {
     fn calls_render_as_a_table_with_the_runbook_columns() {
         let calls = vec![
             CallRecord {
-                id: Uuid::now_v7(),
-                provider: "kraken".to_owned(),
-                endpoint: "Ticker".to_owned(),
                 success: false,
                 response_time: 5012,
                 error_message: Some("EService:Unavailable\nretry later".to_owned()),
                 http_status: Some(503),
                 error_class: Some("maintenance".to_owned()),
                 exchange_error: Some("EService:Unavailable".to_owned()),
-                instance: "pod-a".to_owned(),
-                created_at: at("2025-01-15T10:31:00.250Z"),
+                ..CallRecord::new("kraken", "pod-a", "Ticker", at("2025-01-15T10:31:00.250Z"))
             },
             CallRecord {
-                id: Uuid::now_v7(),
-                provider: "kraken".to_owned(),
-                endpoint: "SystemStatus".to_owned(),
-                success: true,
                 response_time: 87,
-                error_message: None,
                 http_status: Some(200),
-                error_class: None,
-                exchange_error: None,
-                instance: "pod-a".to_owned(),
-                created_at: at("2025-01-15T10:30:30Z"),
+                ..CallRecord::new("kraken", "pod-a", "SystemStatus", at("2025-01-15T10:30:30Z"))
             },
         ];
         let text = render_calls(&calls);

@@ -483,17 +483,9 @@ pub(crate) mod tests {
     /// A distinct, recognisable row: `number` goes into the endpoint name and the response time.
     pub(crate) fn record(number: i64) -> CallRecord {
         CallRecord {
-            id: uuid::Uuid::now_v7(),
-            provider: "kraken".into(),
-            endpoint: format!("Ticker{number}"),
-            success: true,
             response_time: number,
-            error_message: None,
             http_status: Some(200),
-            error_class: None,
-            exchange_error: None,
-            instance: "test".into(),
-            created_at: chrono::Utc::now(),
+            ..CallRecord::new("kraken", "test", &format!("Ticker{number}"), chrono::Utc::now())
         }
     }
 
@@ -639,6 +631,25 @@ pub(crate) mod tests {
         rows.iter().map(|row| serde_json::to_string(row).unwrap()).collect()
     }
 
+    /// Asserts that `value`'s line still reads with any one of its fields left out, except the `first_format`
+    /// fields that every line has carried since the format's first version: a field added later must default
+    /// (`#[serde(default)]`), or a previous run's spool would turn into unreadable lines.
+    pub(crate) fn assert_later_fields_default<T: Serialize + DeserializeOwned>(value: &T, first_format: &[&str]) {
+        let line = serde_json::to_value(value).unwrap();
+        let object = line.as_object().expect("a line is a JSON object");
+        for field in object.keys().filter(|field| !first_format.contains(&field.as_str())) {
+            let mut without = object.clone();
+            without.remove(field);
+            if let Err(error) = serde_json::from_value::<T>(serde_json::Value::Object(without)) {
+                panic!("a line without `{field}` does not read ({error}): give the field #[serde(default)]");
+            }
+        }
+    }
+
+    /// The fields of [`CallRecord`] every spool line has had, from the first version on.
+    pub(crate) const CALL_FIRST_FORMAT: [&str; 6] =
+        ["id", "provider", "endpoint", "success", "response_time", "created_at"];
+
     fn quarantined_files(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir.join(QUARANTINE_DIR))
             .map(|entries| entries.map(|entry| entry.unwrap().file_name().into_string().unwrap()).collect())
@@ -750,6 +761,18 @@ pub(crate) mod tests {
         object.insert("added_by_a_later_version".to_owned(), serde_json::json!({"any": 1}));
         let read: CallRecord = serde_json::from_value(value).unwrap();
         assert_eq!(read, CallRecord { http_status: None, instance: String::new(), ..row });
+    }
+
+    #[test]
+    fn every_call_record_field_added_after_the_first_format_defaults_when_missing() {
+        let row = CallRecord {
+            success: false,
+            error_message: Some("timed out".into()),
+            error_class: Some("timeout".into()),
+            exchange_error: Some("EService:Busy".into()),
+            ..record(1)
+        };
+        assert_later_fields_default(&row, &CALL_FIRST_FORMAT);
     }
 
     #[test]

@@ -311,7 +311,7 @@ pub struct RunSummary {
 #[derive(Debug, Default)]
 struct Queue {
     rows: VecDeque<CallRecord>,
-    /// The rows' estimated size ([`row_bytes`]), bounded like their number.
+    /// The rows' estimated size ([`CallRecord::memory_bytes`]), bounded like their number.
     bytes: u64,
     /// When the oldest row in memory was pushed, at the latest: set when a push finds the queue empty, moved up
     /// when the writer takes rows off the front. While the database is away, memory is spooled one flush interval
@@ -332,7 +332,7 @@ struct Shared {
     /// Memory's hard limit when the spool cannot take rows: the writer normally keeps memory at `memory_rows` by
     /// spooling, and this bounds memory when the disk fails.
     hard_limit: usize,
-    /// The same two bounds in bytes ([`row_bytes`]), the batch in flight from memory included.
+    /// The same two bounds in bytes ([`CallRecord::memory_bytes`]), the batch in flight from memory included.
     memory_bytes: u64,
     hard_limit_bytes: u64,
     /// Set by the writer when the spool refused an append for lack of room, cleared when it frees space.
@@ -352,26 +352,13 @@ impl Queue {
     /// Takes up to `count` rows off the front. The rows left keep the older bound on when they were pushed.
     fn take_front(&mut self, count: usize) -> Vec<CallRecord> {
         let taken: Vec<CallRecord> = self.rows.drain(..count.min(self.rows.len())).collect();
-        self.bytes = self.bytes.saturating_sub(taken.iter().map(row_bytes).sum());
+        self.bytes = self.bytes.saturating_sub(taken.iter().map(CallRecord::memory_bytes).sum());
         if self.rows.is_empty() {
             self.bytes = 0;
             self.oldest_at = None;
         }
         taken
     }
-}
-
-/// A row's size in memory, estimated: the struct and its strings. Exact enough to bound memory, cheap enough for
-/// every push.
-pub fn row_bytes(row: &CallRecord) -> u64 {
-    let text = |text: &Option<String>| text.as_ref().map_or(0, String::len);
-    (std::mem::size_of::<CallRecord>()
-        + row.provider.len()
-        + row.endpoint.len()
-        + row.instance.len()
-        + text(&row.error_message)
-        + text(&row.error_class)
-        + text(&row.exchange_error)) as u64
 }
 
 impl Shared {
@@ -434,7 +421,7 @@ impl Handle {
     /// only when memory is full and the spool is full or failing, or the writer has stopped.
     pub fn push(&self, record: CallRecord) {
         let shared = &self.shared;
-        let bytes = row_bytes(&record);
+        let bytes = record.memory_bytes();
         let mut queue = shared.queue();
         let length = queue.rows.len();
         let held = shared.buffered_bytes(queue.bytes) + bytes;
@@ -503,7 +490,7 @@ impl Pending {
     }
 
     fn bytes(&self) -> u64 {
-        self.chunks.iter().flatten().map(row_bytes).sum()
+        self.chunks.iter().flatten().map(CallRecord::memory_bytes).sum()
     }
 
     fn all_rows(&self) -> Vec<CallRecord> {
@@ -935,7 +922,7 @@ impl Writer {
                         break;
                     }
                     rows_left -= 1;
-                    bytes_left = bytes_left.saturating_sub(row_bytes(row));
+                    bytes_left = bytes_left.saturating_sub(row.memory_bytes());
                     chunk.push(row.clone());
                 }
                 chunk
@@ -1406,6 +1393,36 @@ mod tests {
         let summary = running.stop().await;
         assert_eq!(summary, RunSummary { written: 35, rejected: 0, spooled_at_exit: 0, dropped: 0 });
         assert!(spool_files(&config.spool_dir).is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_previous_runs_spool_lines_in_older_and_newer_formats_are_written_not_dropped() {
+        let temp = tempfile::tempdir().unwrap();
+        let config = config(temp.path());
+        // As the first version wrote a line (every field, nulls included), one with only the fields every version
+        // wrote (a field added since is missing), and one from a later version (a field this one does not know).
+        let lines = [
+            r#"{"id":"01943b8c-9a6e-7c1f-8e2a-3f5d6b7c8d90","provider":"kraken","endpoint":"Ticker","success":false,"response_time":5012,"error_message":"timed out","http_status":null,"error_class":"timeout","exchange_error":null,"instance":"pod-a","created_at":"2025-01-15T10:30:00.250Z"}"#,
+            r#"{"id":"01943b8c-9a6e-7c1f-8e2a-3f5d6b7c8d91","provider":"kraken","endpoint":"Depth","success":true,"response_time":87,"created_at":"2025-01-15T10:30:01Z"}"#,
+            r#"{"id":"01943b8c-9a6e-7c1f-8e2a-3f5d6b7c8d92","provider":"kraken","endpoint":"Balance","success":true,"response_time":90,"instance":"pod-b","created_at":"2025-01-15T10:30:02Z","added_later":{"any":1}}"#,
+        ];
+        write_spool_files(&config.spool_dir, &[("spool-000001.jsonl", Some(lines.map(str::to_owned).to_vec()))]);
+
+        let sink = FakeSink::new(Mode::Up);
+        let running = start(config.clone(), sink.clone(), Duration::from_secs(2));
+        eventually("the previous run's rows written", || sink.written().len() == 3).await;
+        let written = sink.written();
+        let endpoints: Vec<&str> = written.iter().map(|row| row.endpoint.as_str()).collect();
+        assert_eq!(endpoints, ["Ticker", "Depth", "Balance"]);
+        assert_eq!(written[0].error_class.as_deref(), Some("timeout"));
+        assert_eq!((written[1].instance.as_str(), written[1].error_message.as_ref()), ("", None));
+        assert_eq!(written[2].instance, "pod-b");
+        let unreadable = [("reason", "unreadable_spool_line")];
+        assert_eq!(sample(&running.registry, "exwatch_store_dropped_rows_total", &unreadable), 0.0);
+        let summary = running.stop().await;
+        assert_eq!(summary, RunSummary { written: 3, rejected: 0, spooled_at_exit: 0, dropped: 0 });
+        assert!(spool_files(&config.spool_dir).is_empty());
+        assert!(!config.spool_dir.join(QUARANTINE_DIR).exists(), "nothing set aside");
     }
 
     #[tokio::test(start_paused = true)]

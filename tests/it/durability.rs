@@ -263,17 +263,9 @@ async fn alert_writes_reach_the_spool_while_the_database_is_away_and_are_recorde
 
 fn call(number: i64) -> CallRecord {
     CallRecord {
-        id: uuid::Uuid::now_v7(),
-        provider: "kraken".to_owned(),
-        endpoint: "Ticker".to_owned(),
-        success: true,
         response_time: number,
-        error_message: None,
         http_status: Some(200),
-        error_class: None,
-        exchange_error: None,
-        instance: "quarantine-test".to_owned(),
-        created_at: Utc::now(),
+        ..CallRecord::new("kraken", "quarantine-test", "Ticker", Utc::now())
     }
 }
 

@@ -9,7 +9,9 @@ use std::time::Duration;
 use chrono::{DateTime, TimeDelta, Utc};
 use exwatch::secret::Secret;
 use exwatch::store::alerts::{OutboxRow, Tally};
-use exwatch::store::database::{self, Count, Latency};
+use exwatch::store::calls::run_retention;
+use exwatch::store::database;
+use exwatch::store::incidents::{Count, Latency};
 use exwatch::store::{self, CallRecord, Database, Sink, WriteError, report};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use tokio_util::sync::CancellationToken;
@@ -135,17 +137,9 @@ fn now() -> DateTime<Utc> {
 
 fn call(provider: &str, endpoint: &str, created_at: DateTime<Utc>) -> CallRecord {
     CallRecord {
-        id: Uuid::now_v7(),
-        provider: provider.to_owned(),
-        endpoint: endpoint.to_owned(),
-        success: true,
         response_time: 87,
-        error_message: None,
         http_status: Some(200),
-        error_class: None,
-        exchange_error: None,
-        instance: "exwatch-0".to_owned(),
-        created_at,
+        ..CallRecord::new(provider, "exwatch-0", endpoint, created_at)
     }
 }
 
@@ -522,7 +516,7 @@ async fn the_retention_loop_deletes_old_rows_soon_after_start_and_stops_on_cance
     let rows = [call("kraken", "Ticker", now - TimeDelta::days(31)), call("kraken", "Ticker", now)];
     database.insert_batch(&rows).await.unwrap();
     let cancel = CancellationToken::new();
-    let task = tokio::spawn(database::run_retention(
+    let task = tokio::spawn(run_retention(
         database.clone(),
         Duration::from_secs(30 * 86_400),
         Duration::from_millis(50),
