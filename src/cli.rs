@@ -1,7 +1,8 @@
 //! The command line: `run`, `check-config`, `simulate`, `probe`; the admin API's clients `breaker` and
 //! `rate-limit`; and the store's `migrate`, `logs` and `incidents`. Each command loads what it needs and maps its
-//! result to an exit code (0 done, 1 failed, e.g. the database or the daemon cannot be reached, 2 bad arguments or
-//! configuration); the work itself lives in the library modules.
+//! result to an exit code: 0 done; 1 a runtime failure (the daemon cannot be built, e.g. `server.listen` is in use,
+//! or stops on a failure; a database, a daemon or a sink cannot be reached or refuses; a check fails); 2 the
+//! arguments or the configuration are wrong. The work itself lives in the library modules.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,7 +14,7 @@ use clap::{Args, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{self, App};
-use crate::config::Config;
+use crate::config::{self, Config};
 use crate::secret::{Secret, redact_url};
 use crate::simulator::{self, Scenario};
 use crate::store::{Database, replay, report};
@@ -291,6 +292,12 @@ fn parse_rate(text: &str) -> Result<f64, String> {
     }
 }
 
+/// A mistake in the arguments or the configuration: exit 2. A [`config::Error`] is one too; every other error of
+/// a command is a runtime failure, exit 1.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:#}")]
+struct Usage(anyhow::Error);
+
 /// Runs the parsed command and returns the process exit code.
 pub async fn execute(cli: Cli) -> ExitCode {
     let result = match cli.command {
@@ -317,18 +324,24 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Ok(code) => code,
         Err(error) => {
             eprintln!("exwatch: {error:#}");
-            ExitCode::from(2)
+            exit_code(&error)
         }
     }
+}
+
+fn exit_code(error: &anyhow::Error) -> ExitCode {
+    if error.is::<config::Error>() || error.is::<Usage>() { ExitCode::from(2) } else { ExitCode::FAILURE }
 }
 
 fn load(args: &ConfigArgs) -> anyhow::Result<Config> {
     Ok(Config::load(args.config.as_deref())?)
 }
 
+/// Runs the daemon until a signal (exit 0) or a failure (exit 1).
 async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args)?;
-    telemetry::init(&config.log)?;
+    // RUST_LOG or `log.level` that does not parse is configuration.
+    telemetry::init(&config.log).map_err(Usage)?;
     for warning in config.warnings() {
         tracing::warn!(warning = %warning, "Part of exwatch is off.");
     }
@@ -382,7 +395,7 @@ async fn simulate(args: SimulateArgs) -> anyhow::Result<ExitCode> {
     if args.no_public_rate_limit {
         options.public_rate_limit = None;
     }
-    telemetry::init(&Config::default().log)?;
+    telemetry::init(&Config::default().log).map_err(Usage)?;
     let cancel = CancellationToken::new();
     tokio::spawn(cancel_on_signals(cancel.clone()));
     simulator::serve(options, cancel).await?;
@@ -420,10 +433,11 @@ impl AdminClient {
     fn new(args: AdminArgs) -> anyhow::Result<AdminClient> {
         let config = Config::load(args.config.as_deref())?;
         let Some(token) = config.admin.token.clone() else {
-            anyhow::bail!(
+            return Err(Usage(anyhow::anyhow!(
                 "no admin token configured: set admin.token or admin.token_file in the configuration file, \
                  or EXWATCH__ADMIN__TOKEN"
-            );
+            ))
+            .into());
         };
         let base = daemon_url(args.url, &config)?;
         Ok(AdminClient { http: daemon::Client::new()?, base, token, exchange: args.exchange })
@@ -441,7 +455,7 @@ impl AdminClient {
     ) -> anyhow::Result<serde_json::Value> {
         let mut url = self.base.clone();
         url.path_segments_mut()
-            .map_err(|()| anyhow::anyhow!("--url {} cannot be a base URL", redact_url(&self.base)))?
+            .map_err(|()| Usage(anyhow::anyhow!("--url {} cannot be a base URL", redact_url(&self.base))))?
             .pop_if_empty()
             .extend(["api", "admin", resource, &self.exchange])
             .extend(action);
@@ -472,7 +486,7 @@ fn daemon_url(url: Option<url::Url>, config: &Config) -> anyhow::Result<url::Url
 /// `exwatch status`: `/api/v1/status` for people. Exit 0 when the daemon answered, 1 when it could not be reached.
 async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args.config)?;
-    let url = daemon_url(args.url, &config)?.join("api/v1/status")?;
+    let url = daemon_url(args.url, &config)?.join("api/v1/status").map_err(|error| Usage(error.into()))?;
     let answer = match daemon::Client::new()?.call(reqwest::Method::GET, &url, None, None, DAEMON_STATUS).await {
         Ok(answer) => answer,
         Err(error) => {
@@ -602,7 +616,7 @@ async fn rate_limit(args: RateLimitArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Prints an admin command's output: exit 0, or the daemon's error on standard error with exit 1. The CLI's own
-/// problems (bad URL, no token) go on to `execute`, which exits 2.
+/// problems (bad URL, no token) go on to `execute`, which exits 2 for them.
 fn admin_output(result: anyhow::Result<String>) -> anyhow::Result<ExitCode> {
     match result {
         Ok(text) => {
@@ -893,6 +907,19 @@ async fn wait_for_signal() -> std::io::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn configuration_and_argument_mistakes_exit_2_and_everything_else_1() {
+        let missing = std::path::Path::new("/nonexistent/exwatch.toml");
+        let configuration = Config::load_from(Some(missing), Some(std::collections::HashMap::new()));
+        let configuration = anyhow::Error::from(configuration.unwrap_err()).context("loading");
+        assert_eq!(exit_code(&configuration), ExitCode::from(2));
+        let usage = anyhow::Error::from(Usage(anyhow::anyhow!("no admin token configured")));
+        assert_eq!(exit_code(&usage), ExitCode::from(2));
+        assert_eq!(format!("{usage:#}"), "no admin token configured");
+        let runtime = anyhow::anyhow!("Address already in use").context("cannot listen on 127.0.0.1:9750");
+        assert_eq!(exit_code(&runtime), ExitCode::FAILURE);
+    }
 
     #[test]
     fn status_reads_as_words_with_wall_clock_times_and_ages() {

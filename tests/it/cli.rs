@@ -182,3 +182,16 @@ async fn status_names_the_scenario_of_a_firing_alert_and_fails_when_the_daemon_i
     assert_eq!(output.code, Some(1), "{}", output.stdout);
     assert!(output.stderr.contains("cannot read the status"), "{}", output.stderr);
 }
+
+#[tokio::test]
+async fn run_exits_1_naming_the_address_when_server_listen_is_already_bound() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("exwatch.toml");
+    std::fs::write(&path, format!("[server]\nlisten = \"{address}\"\n")).unwrap();
+    let output = exwatch(&["run", "--config", path.to_str().unwrap()], directory.path()).await;
+    assert_eq!(output.code, Some(1), "{}{}", output.stdout, output.stderr);
+    assert!(output.stderr.contains(&format!("cannot listen on {address} (server.listen)")), "{}", output.stderr);
+    drop(taken);
+}
