@@ -1,5 +1,5 @@
 //! The HTTP surface: `/health` (liveness), `/ready` (readiness), `/metrics` (Prometheus) and, when a token is
-//! configured, the admin API under `/api/admin` ([`admin`]).
+//! configured, the admin API under `/api/admin` ([`admin`]). The JSON the CLI reads back is typed in [`api`].
 //!
 //! [`router`] is pure: it builds an axum `Router` from [`State`] without binding anything, so tests drive it without
 //! a socket; [`App`](crate::app::App) serves it. Liveness reports the daemon's own health only: an exchange or
@@ -27,6 +27,7 @@ use crate::store::writer;
 use crate::telemetry;
 
 pub mod admin;
+pub mod api;
 pub mod serve;
 
 /// What the handlers read. Cheap to clone.
@@ -177,30 +178,25 @@ async fn status(
         let error = format!("unknown exchange {:?}; known: {}", crate::text::bounded(name, 64), known.join(", "));
         return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
     }
-    let exchanges: Vec<_> = state
+    let exchanges = state
         .controls
         .iter()
         .filter(|(name, _)| only.as_ref().is_none_or(|only| only == *name))
         .map(|(name, control)| {
-            let breaker = control.breaker.snapshot();
-            let limiter = control.limiter.snapshot(now);
             let alerts = control.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             let active = alerts.active();
-            let down = active.iter().any(|alert| alert.alertname == crate::alert::AlertName::Down);
-            json!({
-                "exchange": name,
-                "up": !down,
-                "system_status": alerts.last_status().map(|status| status.as_text().to_owned()),
-                "breaker": {"state": breaker.state, "consecutiveFailures": breaker.consecutive_failures,
-                            "failureRate": breaker.failure_rate, "notPermittedCalls": breaker.not_permitted_calls},
-                "rate_limit": {"factor": limiter.factor, "privatePauseReason": limiter.private_pause_reason,
-                               "privatePausedForSeconds": limiter.private_paused_for.map(|left| left.as_secs())},
-                "schedule": state.heartbeat.schedule_view(name, now),
-                "active_alerts": active,
-            })
+            api::ExchangeStatus {
+                exchange: name.clone(),
+                up: !active.iter().any(|alert| alert.alertname == crate::alert::AlertName::Down),
+                system_status: alerts.last_status().map(|status| status.as_text().to_owned()),
+                breaker: api::BreakerSummary::from(&control.breaker.snapshot()),
+                rate_limit: api::RateLimitSummary::from(&control.limiter.snapshot(now)),
+                schedule: state.heartbeat.schedule_view(name, now).map(api::ScheduleStatus::from),
+                active_alerts: active.iter().map(api::FiringAlert::from).collect(),
+            }
         })
         .collect();
-    (StatusCode::OK, Json(json!({"exchanges": exchanges}))).into_response()
+    (StatusCode::OK, Json(api::StatusResponse { exchanges })).into_response()
 }
 
 /// 200 while serving, 503 once shutdown has begun so the load balancer stops sending traffic first, and 503 with

@@ -1,18 +1,27 @@
-//! The CLI's HTTP client of a running daemon (`status`, `breaker`, `rate-limit`): one request, one bounded JSON
-//! answer whose shape is checked before anything is printed.
+//! The commands that talk to a running daemon (`status`, `breaker`, `rate-limit`) and their HTTP client: one
+//! request, one bounded JSON answer read as its [`api`] type before anything is printed.
 //!
-//! What it owns: reaching the daemon (never following a redirect, like every exwatch client), telling "nothing
-//! answers there" from "something answers that is not exwatch", reading at most [`ANSWER_LIMIT_BYTES`], and
-//! refusing an answer that lacks the fields the command prints. What it does not do: format the answer (the
-//! commands in `cli` do) or decide exit codes (every [`Failure`] is exit 1).
+//! What it owns: finding the daemon (`--url`, else `server.listen`) and the admin token, reaching it (never
+//! following a redirect, like every exwatch client), telling "nothing answers there" from "something answers that
+//! is not exwatch", reading at most [`ANSWER_LIMIT_BYTES`], and refusing an answer that does not read as the
+//! command's type, naming the field. What it does not do: word the answer (`cli::render`). Every [`Failure`] of
+//! the daemon is exit 1; a missing token or an unusable `--url` is the CLI's own problem, exit 2.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use url::Url;
 
+use super::{AdminArgs, BreakerAction, BreakerArgs, RateLimitAction, RateLimitArgs, StatusArgs, Usage, load, render};
+use crate::breaker;
+use crate::config::Config;
 use crate::exchange::ErrorClass;
+use crate::http::api;
+use crate::secret::{Secret, redact_url};
 use crate::transport;
 
 /// How long one request to the daemon may take.
@@ -27,69 +36,43 @@ const QUOTE_LIMIT_CHARS: usize = 200;
 /// Why a request to the daemon gave nothing to print. The message names the URL tried (without userinfo).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub(super) struct Failure(pub(super) String);
+struct Failure(String);
 
-/// What a field of an expected answer must be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Field {
-    Text,
-    Number,
-    Flag,
-    List,
+/// An answer read as its type, with the JSON it was read from (`status --json` prints that).
+struct Answer<T> {
+    value: T,
+    json: Value,
 }
 
-impl Field {
-    fn matches(self, value: &Value) -> bool {
-        match self {
-            Field::Text => value.is_string(),
-            Field::Number => value.is_number(),
-            Field::Flag => value.is_boolean(),
-            Field::List => value.is_array(),
-        }
-    }
-
-    fn name(self) -> &'static str {
-        match self {
-            Field::Text => "string",
-            Field::Number => "number",
-            Field::Flag => "boolean",
-            Field::List => "array",
-        }
-    }
-}
-
-/// The fields (and their kinds) an answer must have for a command to print it.
-pub(super) type Shape = &'static [(&'static str, Field)];
-
-pub(super) struct Client {
+/// The HTTP client of a running daemon: no redirects, [`TIMEOUT`] per request.
+struct Client {
     http: reqwest::Client,
 }
 
 impl Client {
-    pub(super) fn new() -> anyhow::Result<Client> {
+    fn new() -> anyhow::Result<Client> {
         let http = transport::client_builder(TIMEOUT)
             .build()
             .map_err(|error| anyhow::anyhow!("cannot build the HTTP client: {error}"))?;
         Ok(Client { http })
     }
 
-    /// Sends `method url` with an optional bearer token and JSON body. `Ok` only for a 2xx JSON answer with
-    /// every field of `shape`; the daemon's own error (`{"error": "..."}` with a non-2xx status) is quoted.
-    pub(super) async fn call(
+    /// Sends `method url` with an optional bearer token and JSON body. `Ok` only for a 2xx JSON answer that reads
+    /// as `T`; the daemon's own error (`{"error": "..."}` with a non-2xx status) is quoted.
+    async fn call<T: DeserializeOwned>(
         &self,
         method: Method,
         url: &Url,
         token: Option<&str>,
-        body: Option<Value>,
-        shape: Shape,
-    ) -> Result<Value, Failure> {
+        body: Option<String>,
+    ) -> Result<Answer<T>, Failure> {
         let shown = shown(url);
         let mut request = self.http.request(method, url.clone());
         if let Some(token) = token {
             request = request.bearer_auth(token);
         }
         if let Some(body) = body {
-            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body.to_string());
+            request = request.header(reqwest::header::CONTENT_TYPE, "application/json").body(body);
         }
         let mut response = request.send().await.map_err(|error| unreachable_failure(&shown, &error))?;
         let status = response.status();
@@ -126,14 +109,136 @@ impl Client {
             let what = if is_html { "an HTML page" } else { "a body that is not JSON" };
             return Err(Failure(format!("{shown} answered {status} with {what}: that is not exwatch's API")));
         };
-        if let Some(problem) = shape_problem(&json, shape) {
-            return Err(Failure(format!(
+        match read_answer(&json) {
+            Ok(value) => Ok(Answer { value, json }),
+            Err(problem) => Err(Failure(format!(
                 "{shown} answered {status} with JSON that is not exwatch's answer ({problem}): is it exwatch, \
                  and the same version as this command?"
-            )));
+            ))),
         }
-        Ok(json)
     }
+}
+
+/// `exwatch status`: `/api/v1/status` for people. Exit 0 when the daemon answered, 1 when it could not be reached.
+pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let config = load(&args.config)?;
+    let url = daemon_url(args.url, &config)?.join("api/v1/status").map_err(|error| Usage(error.into()))?;
+    let answer: Answer<api::StatusResponse> = match Client::new()?.call(Method::GET, &url, None, None).await {
+        Ok(answer) => answer,
+        Err(error) => {
+            eprintln!("exwatch: cannot read the status: {error}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    if args.json {
+        println!("{:#}", answer.json);
+    } else {
+        print!("{}", render::status(&answer.value, chrono::Utc::now()));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `exwatch breaker`: read, force or reset the breaker, then print its status.
+pub(super) async fn breaker(args: BreakerArgs) -> anyhow::Result<ExitCode> {
+    let admin = Admin::new(args.admin)?;
+    let forced = match args.action {
+        BreakerAction::Status => {
+            let status: api::BreakerStatus = admin.call(Method::GET, "circuit-breaker", None, None).await?;
+            println!("{}", render::breaker_line(&status));
+            return Ok(ExitCode::SUCCESS);
+        }
+        BreakerAction::Reset => None,
+        BreakerAction::HalfOpen => Some(breaker::State::HalfOpen),
+        BreakerAction::ForceOpen => Some(breaker::State::ForcedOpen),
+        BreakerAction::Disable => Some(breaker::State::Disabled),
+        BreakerAction::MetricsOnly => Some(breaker::State::MetricsOnly),
+        BreakerAction::Close => Some(breaker::State::Closed),
+    };
+    let change: api::BreakerChange = match forced {
+        Some(state) => {
+            let body = json_body(&api::ForceRequest { state })?;
+            admin.call(Method::POST, "circuit-breaker", None, Some(body)).await?
+        }
+        None => admin.call(Method::POST, "circuit-breaker", Some("reset"), None).await?,
+    };
+    println!("{}", render::breaker_change(&change, forced.is_none()));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `exwatch rate-limit`: read or set the rate factor, or end a private-call pause, then print the limiter's status.
+pub(super) async fn rate_limit(args: RateLimitArgs) -> anyhow::Result<ExitCode> {
+    let admin = Admin::new(args.admin)?;
+    let status: api::RateLimitStatus = match args.action {
+        RateLimitAction::Status => admin.call(Method::GET, "rate-limit", None, None).await?,
+        RateLimitAction::Set { factor } => {
+            let body = json_body(&api::RateFactorRequest { factor })?;
+            admin.call(Method::PUT, "rate-limit", None, Some(body)).await?
+        }
+        RateLimitAction::ResumePrivate => admin.call(Method::POST, "rate-limit", Some("resume-private"), None).await?,
+    };
+    println!("{}", render::rate_limit_line(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A request body as the admin API reads it.
+fn json_body(body: &impl Serialize) -> anyhow::Result<String> {
+    Ok(serde_json::to_string(body)?)
+}
+
+/// A client of the admin API: the base URL, the token and the exchange acted on.
+struct Admin {
+    http: Client,
+    base: Url,
+    token: Secret,
+    exchange: String,
+}
+
+impl Admin {
+    fn new(args: AdminArgs) -> anyhow::Result<Admin> {
+        let config = Config::load(args.config.as_deref())?;
+        let Some(token) = config.admin.token.clone() else {
+            return Err(Usage(anyhow::anyhow!(
+                "no admin token configured: set admin.token or admin.token_file in the configuration file, \
+                 or EXWATCH__ADMIN__TOKEN"
+            ))
+            .into());
+        };
+        let base = daemon_url(args.url, &config)?;
+        Ok(Admin { http: Client::new()?, base, token, exchange: args.exchange })
+    }
+
+    /// Calls `method /api/admin/{resource}/{exchange}[/{action}]` with an optional JSON body; returns the answer
+    /// of a 2xx that reads as `T`, or a [`Failure`] naming what answered instead.
+    async fn call<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        resource: &str,
+        action: Option<&str>,
+        body: Option<String>,
+    ) -> anyhow::Result<T> {
+        let mut url = self.base.clone();
+        url.path_segments_mut()
+            .map_err(|()| Usage(anyhow::anyhow!("--url {} cannot be a base URL", redact_url(&self.base))))?
+            .pop_if_empty()
+            .extend(["api", "admin", resource, &self.exchange])
+            .extend(action);
+        Ok(self.http.call(method, &url, Some(self.token.expose()), body).await?.value)
+    }
+}
+
+/// The daemon's base URL: `--url`, else `server.listen` (on loopback when it listens on every address).
+fn daemon_url(url: Option<Url>, config: &Config) -> anyhow::Result<Url> {
+    if let Some(url) = url {
+        return Ok(url);
+    }
+    let mut listen = config.server.listen;
+    if listen.ip().is_unspecified() {
+        listen.set_ip(match listen {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    Ok(Url::parse(&format!("http://{listen}"))?)
 }
 
 /// The URL as printed: without userinfo or query values, which can be credentials.
@@ -181,16 +286,13 @@ fn refusal(shown: &str, status: StatusCode, json: Option<&Value>, is_html: bool,
     format!("{shown} answered {status} without exwatch's JSON error: {:?}", quote.trim())
 }
 
-/// The first field of `shape` that `json` lacks or has with the wrong kind.
-fn shape_problem(json: &Value, shape: Shape) -> Option<String> {
+/// `json` as `T`, or the first problem, naming the field (`missing field `exchange``, `changed: invalid type`).
+fn read_answer<T: DeserializeOwned>(json: &Value) -> Result<T, String> {
+    // A struct also reads from an array; exwatch only ever answers objects.
     if !json.is_object() {
-        return Some("not an object".to_owned());
+        return Err("not an object".to_owned());
     }
-    shape.iter().find_map(|(name, field)| match json.get(name) {
-        None => Some(format!("no field {name:?}")),
-        Some(value) if !field.matches(value) => Some(format!("field {name:?} is not a {}", field.name())),
-        Some(_) => None,
-    })
+    serde_path_to_error::deserialize(json).map_err(|error| error.to_string())
 }
 
 #[cfg(test)]
@@ -204,12 +306,19 @@ mod tests {
     }
 
     #[test]
-    fn an_answer_must_have_every_field_of_its_shape() {
-        const SHAPE: Shape = &[("exchange", Field::Text), ("changed", Field::Flag)];
-        assert_eq!(shape_problem(&serde_json::json!({"exchange": "kraken", "changed": true}), SHAPE), None);
-        assert_eq!(shape_problem(&serde_json::json!({"ok": true}), SHAPE).unwrap(), "no field \"exchange\"");
-        let problem = shape_problem(&serde_json::json!({"exchange": "kraken", "changed": "yes"}), SHAPE).unwrap();
-        assert_eq!(problem, "field \"changed\" is not a boolean");
-        assert_eq!(shape_problem(&serde_json::json!([1]), SHAPE).unwrap(), "not an object");
+    fn an_answer_must_have_every_field_of_its_type() {
+        #[derive(Debug, serde::Deserialize)]
+        struct Change {
+            #[expect(dead_code, reason = "only whether it reads matters")]
+            exchange: String,
+            #[expect(dead_code, reason = "only whether it reads matters")]
+            changed: bool,
+        }
+        let read = |json: Value| read_answer::<Change>(&json).map(|_| ());
+        assert_eq!(read(serde_json::json!({"exchange": "kraken", "changed": true})), Ok(()));
+        assert_eq!(read(serde_json::json!({"ok": true})).unwrap_err(), "missing field `exchange`");
+        let problem = read(serde_json::json!({"exchange": "kraken", "changed": "yes"})).unwrap_err();
+        assert_eq!(problem, "changed: invalid type: string \"yes\", expected a boolean");
+        assert_eq!(read(serde_json::json!([1])).unwrap_err(), "not an object");
     }
 }

@@ -3,9 +3,9 @@
 //!
 //! It is only mounted when `admin.token` is configured; every route then requires `Authorization: Bearer <token>`,
 //! compared in constant time. Every answer is JSON, errors included (`{"error": "..."}`): axum's plain-text
-//! rejections never reach a client. The breaker and the limiter own their rules (which states may be forced,
-//! which factors are valid); this module only translates HTTP to their calls, logs each change once and never
-//! logs a token, presented or configured.
+//! rejections never reach a client. Bodies and answers are the [`api`](super::api) types the CLI reads too, which
+//! also say which states may be forced; the limiter owns which factors are valid. This module only translates HTTP
+//! to the breaker's and limiter's calls, logs each change once and never logs a token, presented or configured.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,27 +19,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use chrono::{DateTime, SecondsFormat, Utc};
 use prometheus::{IntCounter, Registry};
-use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use sha2::{Digest as _, Sha256};
 use subtle::ConstantTimeEq as _;
 use tokio::time::Instant;
 
-use super::{State, Throttle};
+use super::{State, Throttle, api};
 use crate::breaker;
 use crate::limiter;
 use crate::poller::Control;
 use crate::secret::Secret;
 use crate::telemetry;
-
-/// The states an operator may force; plain OPEN is the breaker's own decision (use FORCED_OPEN).
-const FORCEABLE: [breaker::State; 5] = [
-    breaker::State::HalfOpen,
-    breaker::State::ForcedOpen,
-    breaker::State::Disabled,
-    breaker::State::MetricsOnly,
-    breaker::State::Closed,
-];
 
 /// The admin routes, each behind the bearer token. The caller mounts them only when a token is configured.
 pub fn routes(state: State) -> axum::Router<State> {
@@ -93,14 +84,11 @@ impl From<JsonRejection> for Error {
     }
 }
 
-/// The one field of a request body, which must be a JSON object holding that field and no other. Checked by
-/// hand rather than by serde, which would also read a struct from an array and hides the field in its messages.
-fn only_field(body: Result<Json<Map<String, Value>>, JsonRejection>, key: &str) -> Result<Value, Error> {
-    let Json(mut object) = body?;
-    if let Some(unknown) = object.keys().find(|name| *name != key) {
-        return Err(Error::unprocessable(format!("unknown field `{unknown}`; expected {{\"{key}\": ...}}")));
-    }
-    object.remove(key).ok_or_else(|| Error::unprocessable(format!("missing field `{key}`")))
+/// A request body as its [`api`] type. The body is read as a JSON object first: serde alone would also read a
+/// struct from an array. The type names the field in each of its own refusals.
+fn request<T: DeserializeOwned>(body: Result<Json<Map<String, Value>>, JsonRejection>) -> Result<T, Error> {
+    let Json(object) = body?;
+    serde_json::from_value(Value::Object(object)).map_err(|error| Error::unprocessable(error.to_string()))
 }
 
 /// Refuses a call without the configured bearer token. The presented token is never logged.
@@ -169,61 +157,28 @@ fn control<'state>(state: &'state State, exchange: &str) -> Result<&'state Contr
 }
 
 /// The breaker's status: its snapshot with wall-clock times added and durations rounded to seconds.
-#[derive(Debug, Serialize)]
-#[serde(rename_all = "camelCase")]
-struct BreakerStatus {
-    exchange: String,
-    /// When the breaker entered its state (RFC 3339).
-    since: String,
-    /// When the last failure was recorded (RFC 3339), if any.
-    last_failure_time: Option<String>,
-    #[serde(flatten)]
-    snapshot: breaker::Snapshot,
-    config: breaker::Config,
+fn breaker_status_now(exchange: &str, breaker: &breaker::Shared) -> api::BreakerStatus {
+    let mut snapshot = breaker.snapshot();
+    let now = Utc::now();
+    let since = rfc3339(now, snapshot.in_state_for);
+    let last_failure_time = snapshot.last_failure_ago.map(|ago| rfc3339(now, ago));
+    snapshot.in_state_for = whole_seconds(snapshot.in_state_for);
+    snapshot.last_failure_ago = snapshot.last_failure_ago.map(whole_seconds);
+    snapshot.half_open_in = snapshot.half_open_in.map(seconds_left);
+    api::BreakerStatus::new(exchange, snapshot, since, last_failure_time, &breaker.config())
 }
 
-impl BreakerStatus {
-    fn read(exchange: &str, breaker: &breaker::Shared) -> BreakerStatus {
-        let mut snapshot = breaker.snapshot();
-        let now = Utc::now();
-        let since = rfc3339(now, snapshot.in_state_for);
-        let last_failure_time = snapshot.last_failure_ago.map(|ago| rfc3339(now, ago));
-        snapshot.in_state_for = whole_seconds(snapshot.in_state_for);
-        snapshot.last_failure_ago = snapshot.last_failure_ago.map(whole_seconds);
-        snapshot.half_open_in = snapshot.half_open_in.map(seconds_left);
-        BreakerStatus { exchange: exchange.to_owned(), since, last_failure_time, snapshot, config: breaker.config() }
-    }
-}
-
-/// The answer to a change of state: what it was, what it is, and the status afterwards.
-#[derive(Debug, Serialize)]
-struct BreakerChange {
-    exchange: String,
-    from: breaker::State,
-    to: breaker::State,
-    changed: bool,
-    status: BreakerStatus,
-}
-
-#[derive(Debug, Serialize)]
-struct RateLimitStatus {
-    exchange: String,
-    #[serde(flatten)]
-    snapshot: limiter::Snapshot,
-}
-
-impl RateLimitStatus {
-    fn read(exchange: &str, limiter: &limiter::Limiter) -> RateLimitStatus {
-        let mut snapshot = limiter.snapshot(Instant::now());
-        snapshot.last_rate_limited_ago = snapshot.last_rate_limited_ago.map(whole_seconds);
-        snapshot.private_paused_for = snapshot.private_paused_for.map(seconds_left);
-        RateLimitStatus { exchange: exchange.to_owned(), snapshot }
-    }
+/// The limiter's status with durations rounded to seconds.
+fn rate_limit_status_now(exchange: &str, limiter: &limiter::Limiter) -> api::RateLimitStatus {
+    let mut snapshot = limiter.snapshot(Instant::now());
+    snapshot.last_rate_limited_ago = snapshot.last_rate_limited_ago.map(whole_seconds);
+    snapshot.private_paused_for = snapshot.private_paused_for.map(seconds_left);
+    api::RateLimitStatus::new(exchange, snapshot)
 }
 
 async fn breaker_status(Extract(state): Extract<State>, Path(exchange): Path<String>) -> Result<Response, Error> {
     let control = control(&state, &exchange)?;
-    Ok(Json(BreakerStatus::read(&exchange, &control.breaker)).into_response())
+    Ok(Json(breaker_status_now(&exchange, &control.breaker)).into_response())
 }
 
 async fn force_breaker(
@@ -232,7 +187,7 @@ async fn force_breaker(
     body: Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, Error> {
     let control = control(&state, &exchange)?;
-    let target = forced_state(body)?;
+    let api::ForceRequest { state: target } = request(body)?;
     let transition = control.breaker.force(target);
     let change = change(&exchange, &control.breaker, transition, target);
     tracing::info!(
@@ -261,41 +216,17 @@ async fn reset_breaker(Extract(state): Extract<State>, Path(exchange): Path<Stri
     Ok(Json(change).into_response())
 }
 
-/// The state a body asks the breaker to be forced into: `{"state": "FORCED_OPEN"}`.
-fn forced_state(body: Result<Json<Map<String, Value>>, JsonRejection>) -> Result<breaker::State, Error> {
-    let allowed = FORCEABLE.map(breaker::State::as_str).join(", ");
-    let state = only_field(body, "state")?;
-    let Some(state) = state.as_str() else {
-        return Err(Error::unprocessable(format!("state must be a string, got {state}; allowed: {allowed}")));
-    };
-    match breaker::State::parse(state) {
-        Some(breaker::State::Open) => Err(Error::unprocessable(format!(
-            "state OPEN cannot be forced (the breaker opens on its own); use FORCED_OPEN; allowed: {allowed}"
-        ))),
-        Some(target) => Ok(target),
-        None => Err(Error::unprocessable(format!("unknown state {state:?}; allowed: {allowed}"))),
-    }
-}
-
-/// The factor a body asks for, `{"factor": 0.5}`; the limiter checks its range.
-fn requested_factor(body: Result<Json<Map<String, Value>>, JsonRejection>) -> Result<f64, Error> {
-    let factor = only_field(body, "factor")?;
-    factor.as_f64().ok_or_else(|| {
-        Error::unprocessable(format!("factor must be a number greater than 0 and at most 1, got {factor}"))
-    })
-}
-
 /// Reads `bytes` as the body of each admin request that has one, as the handlers do (JSON, the one field, its
 /// value, the limiter's range), and returns the status each would answer. For the fuzz harness (`exwatch::fuzz`).
 #[doc(hidden)]
 pub fn answer_bodies(bytes: &[u8], limiter: &limiter::Limiter) -> [StatusCode; 2] {
     let body = || Json::<Map<String, Value>>::from_bytes(bytes);
-    let breaker = match forced_state(body()) {
+    let breaker = match request::<api::ForceRequest>(body()) {
         Ok(_) => StatusCode::OK,
         Err(error) => error.status,
     };
-    let factor = match requested_factor(body())
-        .and_then(|factor| limiter.set_factor(factor).map_err(|error| Error::unprocessable(error.to_string())))
+    let factor = match request::<api::RateFactorRequest>(body())
+        .and_then(|request| limiter.set_factor(request.factor).map_err(|error| Error::unprocessable(error.to_string())))
     {
         Ok(()) => StatusCode::OK,
         Err(error) => error.status,
@@ -309,20 +240,20 @@ fn change(
     breaker: &breaker::Shared,
     transition: Option<breaker::Transition>,
     target: breaker::State,
-) -> BreakerChange {
+) -> api::BreakerChange {
     let (from, to) = transition.as_ref().map_or((target, target), |transition| (transition.from, transition.to));
-    BreakerChange {
+    api::BreakerChange {
         exchange: exchange.to_owned(),
         from,
         to,
         changed: transition.is_some(),
-        status: BreakerStatus::read(exchange, breaker),
+        status: breaker_status_now(exchange, breaker),
     }
 }
 
 async fn rate_limit_status(Extract(state): Extract<State>, Path(exchange): Path<String>) -> Result<Response, Error> {
     let control = control(&state, &exchange)?;
-    Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
+    Ok(Json(rate_limit_status_now(&exchange, &control.limiter)).into_response())
 }
 
 async fn set_rate_factor(
@@ -331,10 +262,10 @@ async fn set_rate_factor(
     body: Result<Json<Map<String, Value>>, JsonRejection>,
 ) -> Result<Response, Error> {
     let control = control(&state, &exchange)?;
-    let factor = requested_factor(body)?;
+    let api::RateFactorRequest { factor } = request(body)?;
     control.limiter.set_factor(factor).map_err(|error| Error::unprocessable(error.to_string()))?;
     tracing::info!(action = "set_rate_factor", exchange, factor, "Admin API set the rate factor.");
-    Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
+    Ok(Json(rate_limit_status_now(&exchange, &control.limiter)).into_response())
 }
 
 /// Ends a private-call pause now (the key was fixed), without waiting for the next re-check or a restart.
@@ -342,7 +273,7 @@ async fn resume_private(Extract(state): Extract<State>, Path(exchange): Path<Str
     let control = control(&state, &exchange)?;
     let resumed = control.limiter.resume_private(tokio::time::Instant::now());
     tracing::info!(action = "resume_private", exchange, resumed, "Admin API resumed private calls.");
-    Ok(Json(RateLimitStatus::read(&exchange, &control.limiter)).into_response())
+    Ok(Json(rate_limit_status_now(&exchange, &control.limiter)).into_response())
 }
 
 /// The wall-clock time `ago` before `now`, in RFC 3339 with milliseconds.

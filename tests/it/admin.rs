@@ -110,15 +110,17 @@ async fn breaker_status_has_the_runbook_fields() {
     let since = chrono::DateTime::parse_from_rfc3339(status["since"].as_str().unwrap()).unwrap();
     assert!(since <= before + chrono::Duration::seconds(1), "{since} is in the future");
     assert!(since >= before - chrono::Duration::seconds(60), "{since} is too old");
-    for key in ["failureCount", "consecutiveFailures", "notPermittedCalls", "callsInWindow", "slowCallsInWindow"] {
+    for key in
+        ["failure_count", "consecutive_failures", "not_permitted_calls", "calls_in_window", "slow_calls_in_window"]
+    {
         assert!(status[key].is_u64(), "{key}: {status}");
     }
-    for key in ["failureRate", "slowCallRate"] {
+    for key in ["failure_rate", "slow_call_rate"] {
         assert!(status[key].is_f64(), "{key}: {status}");
     }
-    assert!(status["inStateFor"].is_string(), "{status}");
-    assert!(status["lastFailureTime"].is_null() && status["lastFailureClass"].is_null(), "{status}");
-    assert!(status["halfOpenIn"].is_null(), "{status}");
+    assert!(status["in_state_for"].is_string(), "{status}");
+    assert!(status["last_failure_time"].is_null() && status["last_failure_class"].is_null(), "{status}");
+    assert!(status["half_open_in"].is_null(), "{status}");
     assert_eq!(status["config"]["consecutive_failures"], 3, "{status}");
     assert_eq!(status["config"]["minimum_calls"], 5, "{status}");
 }
@@ -133,12 +135,12 @@ async fn a_failing_exchange_shows_in_the_status_with_wall_clock_times() {
         (status["state"] == "OPEN").then_some(status)
     })
     .await;
-    assert!(status["consecutiveFailures"].as_u64().unwrap() >= 3, "{status}");
-    assert!(status["failureCount"].as_u64().unwrap() >= 3, "{status}");
-    assert_eq!(status["lastFailureClass"], "maintenance", "{status}");
-    let last_failure = chrono::DateTime::parse_from_rfc3339(status["lastFailureTime"].as_str().unwrap()).unwrap();
+    assert!(status["consecutive_failures"].as_u64().unwrap() >= 3, "{status}");
+    assert!(status["failure_count"].as_u64().unwrap() >= 3, "{status}");
+    assert_eq!(status["last_failure_class"], "maintenance", "{status}");
+    let last_failure = chrono::DateTime::parse_from_rfc3339(status["last_failure_time"].as_str().unwrap()).unwrap();
     assert!(last_failure <= chrono::Utc::now(), "{status}");
-    assert!(status["halfOpenIn"].is_string(), "{status}");
+    assert!(status["half_open_in"].is_string(), "{status}");
 }
 
 #[tokio::test]
@@ -187,7 +189,7 @@ async fn reset_closes_the_breaker_and_clears_its_counters() {
     assert_eq!(force(&app, "FORCED_OPEN").await.status, 200);
     // The poll loop is refused while FORCED_OPEN, which the status counts.
     eventually(Duration::from_secs(10), "refused calls while forced open", || async {
-        (get(&app, BREAKER).await.body["notPermittedCalls"].as_u64() > Some(0)).then_some(())
+        (get(&app, BREAKER).await.body["not_permitted_calls"].as_u64() > Some(0)).then_some(())
     })
     .await;
 
@@ -197,7 +199,7 @@ async fn reset_closes_the_breaker_and_clears_its_counters() {
     assert_eq!(answer.body["to"], "CLOSED");
     assert_eq!(answer.body["changed"], true);
     assert_eq!(answer.body["status"]["state"], "CLOSED");
-    assert_eq!(answer.body["status"]["notPermittedCalls"], 0, "{}", answer.text);
+    assert_eq!(answer.body["status"]["not_permitted_calls"], 0, "{}", answer.text);
     assert_eq!(get(&app, BREAKER).await.body["state"], "CLOSED");
     let metrics = app.metrics().await;
     assert_eq!(breaker_state_metric(&metrics, "closed"), Some(1.0));
@@ -317,16 +319,16 @@ async fn the_rate_factor_is_read_and_set_through_the_admin_api() {
     assert_eq!(answer.body["exchange"], "kraken");
     assert_eq!(answer.body["factor"], 1.0);
     assert_eq!(answer.body["ceiling"], 1.0);
-    assert_eq!(answer.body["publicPerSecond"], 50.0, "the test configuration's budget");
-    assert_eq!(answer.body["recentRateLimited"], 0);
-    assert!(answer.body["privatePausedFor"].is_null(), "{}", answer.text);
+    assert_eq!(answer.body["public_per_second"], 50.0, "the test configuration's budget");
+    assert_eq!(answer.body["recent_rate_limited"], 0);
+    assert!(answer.body["private_paused_for"].is_null(), "{}", answer.text);
 
     let answer = put_factor(&app, r#"{"factor":0.5}"#).await;
     assert_eq!(answer.status, 200, "{}", answer.text);
     assert_eq!(answer.body["exchange"], "kraken");
     assert_eq!(answer.body["factor"], 0.5);
     assert_eq!(answer.body["ceiling"], 0.5);
-    assert_eq!(answer.body["publicPerSecond"], 25.0);
+    assert_eq!(answer.body["public_per_second"], 25.0);
     assert_eq!(get(&app, RATE_LIMIT).await.body["factor"], 0.5);
     let metrics = app.metrics().await;
     assert_eq!(metric(&metrics, "exwatch_rate_limit_factor", &[("exchange", "kraken")]), Some(0.5));
@@ -373,7 +375,7 @@ async fn health_stays_ok_while_the_breaker_is_forced_open() {
     assert_eq!(status, 200, "{body}");
     assert_eq!(get(&app, BREAKER).await.body["state"], "FORCED_OPEN");
     let status = get(&app, BREAKER).await.body;
-    assert!(status["notPermittedCalls"].as_u64().unwrap() >= 5, "{status}");
+    assert!(status["not_permitted_calls"].as_u64().unwrap() >= 5, "{status}");
 }
 
 struct Output {

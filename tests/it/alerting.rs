@@ -366,20 +366,20 @@ async fn a_fixed_key_ends_the_private_pause_at_the_next_recheck_and_the_page_res
     at(start, Duration::from_secs(30)).await;
     assert_eq!(daemon.capture.webhooks("/hook"), [("firing".to_owned(), "exchange_api_down".to_owned())]);
     let status = daemon.status().await;
-    assert_eq!(status["rate_limit"]["privatePauseReason"], "2 consecutive invalid-key answers", "{status}");
-    assert!(status["rate_limit"]["privatePausedForSeconds"].as_u64().unwrap() > 800, "{status}");
+    assert_eq!(status["rate_limit"]["private_pause_reason"], "2 consecutive invalid-key answers", "{status}");
+    assert!(status["rate_limit"]["private_paused_for_seconds"].as_u64().unwrap() > 800, "{status}");
 
     // The key is fixed. Until the re-check is due no private call is made.
     daemon.simulator.set_scenario(Scenario::Healthy);
     let balances = daemon.simulator.requests("Balance");
     at(start, Duration::from_secs(55)).await;
     assert_eq!(daemon.simulator.requests("Balance"), balances, "no private call before the re-check");
-    assert!(daemon.status().await["rate_limit"]["privatePauseReason"].is_string(), "still paused");
+    assert!(daemon.status().await["rate_limit"]["private_pause_reason"].is_string(), "still paused");
 
     // One minute after the pause began, one Balance finds the key working: the pause ends and the page resolves.
     at(start, Duration::from_secs(100)).await;
     let status = daemon.status().await;
-    assert_eq!(status["rate_limit"]["privatePauseReason"], serde_json::Value::Null, "{status}");
+    assert_eq!(status["rate_limit"]["private_pause_reason"], serde_json::Value::Null, "{status}");
     assert_eq!(
         daemon.capture.webhooks("/hook"),
         [

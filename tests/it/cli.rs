@@ -3,10 +3,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use exwatch::http::api::StatusResponse;
 use exwatch::simulator::Scenario;
 use tokio::process::Command;
 
 use crate::helpers::{SIMULATOR_API_KEY, SIMULATOR_API_SECRET, start_simulator};
+use crate::paused::{PausedDaemon, at};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_exwatch");
 
@@ -181,4 +183,40 @@ async fn status_names_the_scenario_of_a_firing_alert_and_fails_when_the_daemon_i
     let output = exwatch(&["status", "--url", &url], directory.path()).await;
     assert_eq!(output.code, Some(1), "{}", output.stdout);
     assert!(output.stderr.contains("cannot read the status"), "{}", output.stderr);
+}
+
+#[tokio::test]
+async fn run_exits_1_naming_the_address_when_server_listen_is_already_bound() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("exwatch.toml");
+    std::fs::write(&path, format!("[server]\nlisten = \"{address}\"\n")).unwrap();
+    let output = exwatch(&["run", "--config", path.to_str().unwrap()], directory.path()).await;
+    assert_eq!(output.code, Some(1), "{}{}", output.stdout, output.stderr);
+    assert!(output.stderr.contains(&format!("cannot listen on {address} (server.listen)")), "{}", output.stderr);
+    drop(taken);
+}
+
+/// The status answer `exwatch status` reads is the daemon's, field for field: read as the CLI's type and written
+/// back, it is the JSON the daemon served, so no field is served that the type does not carry.
+#[tokio::test(start_paused = true)]
+async fn the_daemons_status_reads_as_the_clis_type_with_every_field() {
+    let start = tokio::time::Instant::now();
+    let daemon = PausedDaemon::start_with("cli-status-round-trip-key", "").await;
+    // Invalid-key answers pause private calls and fire exchange_api_down: every optional field has a value.
+    daemon.simulator.set_scenario(Scenario::InvalidKey);
+    at(start, Duration::from_secs(30)).await;
+    let served = daemon.status_answer().await;
+    let status: StatusResponse = serde_json::from_value(served.clone()).unwrap();
+    assert_eq!(serde_json::to_value(&status).unwrap(), served);
+    let kraken = &status.exchanges[0];
+    assert_eq!(kraken.exchange, "kraken");
+    assert!(!kraken.up, "{served}");
+    assert_eq!(kraken.system_status.as_deref(), Some("online"), "{served}");
+    assert!(kraken.schedule.is_some(), "{served}");
+    assert!(kraken.rate_limit.private_pause_reason.is_some(), "{served}");
+    assert!(kraken.rate_limit.private_paused_for_seconds.is_some(), "{served}");
+    assert_eq!(kraken.active_alerts[0].alertname, "exchange_api_down", "{served}");
+    daemon.stop().await;
 }

@@ -91,7 +91,7 @@ async fn a_single_failed_poll_pages_nobody_and_the_schedule_returns_to_normal() 
     let failures = [("endpoint", "Ticker"), ("outcome", "failure")];
     assert_eq!(daemon.value("exwatch_exchange_calls_total", &failures).await, 1.0);
     let schedule = &daemon.status().await["schedule"];
-    assert_eq!((schedule["mode"].as_str(), schedule["failedPolls"].as_u64()), (Some("confirming"), Some(1)));
+    assert_eq!((schedule["mode"].as_str(), schedule["failed_polls"].as_u64()), (Some("confirming"), Some(1)));
     assert_eq!(daemon.value("exwatch_poll_mode", &[("mode", "confirming")]).await, 1.0);
 
     // The confirmation poll, 2 s after the failed one, succeeds: back to normal, and the next poll is a regular one.

@@ -282,7 +282,7 @@ async fn admin_commands_against_a_server_that_is_not_exwatch_exit_1_and_say_so()
         &["rate-limit", "set", "0.5"],
     ];
     for (url, expected) in [
-        (&wrong_json, "with JSON that is not exwatch's answer (no field \"exchange\")"),
+        (&wrong_json, "with JSON that is not exwatch's answer (missing field `exchange`)"),
         (&not_found, "answered 404 Not Found with an HTML page: that is not exwatch's API"),
         (&html, "answered 200 OK with an HTML page: that is not exwatch's API"),
     ] {
@@ -298,7 +298,7 @@ async fn admin_commands_against_a_server_that_is_not_exwatch_exit_1_and_say_so()
     }
     let output = admin_cli(&["status", "--url", &wrong_json], None).await;
     assert_eq!(output.code, Some(1), "{}{}", output.stdout, output.stderr);
-    assert!(output.stderr.contains("(no field \"exchanges\")"), "{}", output.stderr);
+    assert!(output.stderr.contains("(missing field `exchanges`)"), "{}", output.stderr);
 }
 
 #[tokio::test]

@@ -62,11 +62,15 @@ impl PausedDaemon {
 
     /// `/api/v1/status`'s entry for kraken.
     pub(crate) async fn status(&self) -> serde_json::Value {
+        self.status_answer().await["exchanges"][0].clone()
+    }
+
+    /// `/api/v1/status`, the whole answer.
+    pub(crate) async fn status_answer(&self) -> serde_json::Value {
         let request = axum::http::Request::get("/api/v1/status").body(Body::empty()).unwrap();
         let response = self.router.clone().oneshot(request).await.unwrap();
         let body = response.into_body().collect().await.unwrap().to_bytes();
-        let status: serde_json::Value = serde_json::from_slice(&body).unwrap();
-        status["exchanges"][0].clone()
+        serde_json::from_slice(&body).unwrap()
     }
 
     pub(crate) async fn value(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
