@@ -61,44 +61,26 @@ impl Default for Config {
     }
 }
 
-/// The alerts exwatch makes, each with its fixed severity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
-pub enum AlertName {
-    /// The exchange is failing (critical): the down rule's streak, or the breaker open.
-    #[serde(rename = "exchange_api_down")]
-    Down,
-    /// The exchange answers, slowly (warning).
-    #[serde(rename = "exchange_api_slow")]
-    Slow,
+crate::text::named_enum! {
+    /// The alerts exwatch makes, each with its fixed severity.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+    pub enum AlertName {
+        /// The exchange is failing (critical): the down rule's streak, or the breaker open.
+        #[serde(rename = "exchange_api_down")]
+        Down => "exchange_api_down",
+        /// The exchange answers, slowly (warning).
+        #[serde(rename = "exchange_api_slow")]
+        Slow => "exchange_api_slow",
+    }
 }
 
 impl AlertName {
-    pub const ALL: [AlertName; 2] = [AlertName::Down, AlertName::Slow];
-
-    /// The `alertname` label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AlertName::Down => "exchange_api_down",
-            AlertName::Slow => "exchange_api_slow",
-        }
-    }
-
     /// The `severity` label.
     pub fn severity(self) -> &'static str {
         match self {
             AlertName::Down => "critical",
             AlertName::Slow => "warning",
         }
-    }
-
-    pub fn parse(text: &str) -> Option<AlertName> {
-        AlertName::ALL.into_iter().find(|name| name.as_str() == text)
-    }
-}
-
-impl std::fmt::Display for AlertName {
-    fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.write_str(self.as_str())
     }
 }
 

@@ -3,71 +3,36 @@
 //! Exchange clients classify their answers into it, [`crate::transport`] its transport failures, and the poller,
 //! breaker, limiter, logs, alerts and metrics branch on it. A leaf beside `text`: it does no I/O and knows no exchange.
 
-use std::fmt;
-
 use serde::Serialize;
 
 use crate::text;
 
-/// Why a call failed. One taxonomy for the whole daemon: classification happens once, in the exchange's client,
-/// by transport outcome first and then by the exchange's error strings; everything downstream branches on this.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ErrorClass {
-    /// The exchange says it is not trading normally: SystemStatus not `online`, `EService:Unavailable`,
-    /// markets in cancel-only or post-only mode.
-    Maintenance,
-    /// The exchange refused the call for its rate: `EAPI:Rate limit exceeded`, `EGeneral:Too many requests`,
-    /// `EService: Throttled`, HTTP 429.
-    RateLimited,
-    /// The credentials were refused: invalid key, signature or nonce, permission denied, temporary lockout.
-    Auth,
-    /// The request never got an answer: DNS, connection refused or reset, TLS.
-    Network,
-    /// No complete answer within `poll.timeout`, or the exchange's own deadline elapsed.
-    Timeout,
-    /// The exchange (or the CDN in front of it) failed: 5xx, Cloudflare 52x pages, `EService:Busy`,
-    /// `EGeneral:Internal error`.
-    ServerError,
-    /// An answer that is not what the API promises: not JSON, HTML with 200, empty, truncated, wrong shape.
-    BadResponse,
-    /// Our own fault: unknown pair, invalid arguments, unknown method. Not evidence that the exchange is down.
-    InvalidRequest,
-}
-
-impl ErrorClass {
-    pub const ALL: [ErrorClass; 8] = [
-        ErrorClass::Maintenance,
-        ErrorClass::RateLimited,
-        ErrorClass::Auth,
-        ErrorClass::Network,
-        ErrorClass::Timeout,
-        ErrorClass::ServerError,
-        ErrorClass::BadResponse,
-        ErrorClass::InvalidRequest,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorClass::Maintenance => "maintenance",
-            ErrorClass::RateLimited => "rate_limited",
-            ErrorClass::Auth => "auth",
-            ErrorClass::Network => "network",
-            ErrorClass::Timeout => "timeout",
-            ErrorClass::ServerError => "server_error",
-            ErrorClass::BadResponse => "bad_response",
-            ErrorClass::InvalidRequest => "invalid_request",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<ErrorClass> {
-        ErrorClass::ALL.into_iter().find(|class| class.as_str() == text)
-    }
-}
-
-impl fmt::Display for ErrorClass {
-    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
-        formatter.write_str(self.as_str())
+text::named_enum! {
+    /// Why a call failed. One taxonomy for the whole daemon: classification happens once, in the exchange's
+    /// client, by transport outcome first and then by the exchange's error strings; everything downstream branches
+    /// on this.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    pub enum ErrorClass {
+        /// The exchange says it is not trading normally: SystemStatus not `online`, `EService:Unavailable`,
+        /// markets in cancel-only or post-only mode.
+        Maintenance => "maintenance",
+        /// The exchange refused the call for its rate: `EAPI:Rate limit exceeded`, `EGeneral:Too many requests`,
+        /// `EService: Throttled`, HTTP 429.
+        RateLimited => "rate_limited",
+        /// The credentials were refused: invalid key, signature or nonce, permission denied, temporary lockout.
+        Auth => "auth",
+        /// The request never got an answer: DNS, connection refused or reset, TLS.
+        Network => "network",
+        /// No complete answer within `poll.timeout`, or the exchange's own deadline elapsed.
+        Timeout => "timeout",
+        /// The exchange (or the CDN in front of it) failed: 5xx, Cloudflare 52x pages, `EService:Busy`,
+        /// `EGeneral:Internal error`.
+        ServerError => "server_error",
+        /// An answer that is not what the API promises: not JSON, HTML with 200, empty, truncated, wrong shape.
+        BadResponse => "bad_response",
+        /// Our own fault: unknown pair, invalid arguments, unknown method. Not evidence that the exchange is down.
+        InvalidRequest => "invalid_request",
     }
 }
 

@@ -797,6 +797,13 @@ mod tests {
         poller_with(exchange, breaker::Config::default())
     }
 
+    /// The metrics after one poll of `exchange`.
+    async fn one_poll(exchange: Arc<FakeExchange>) -> Registry {
+        let (mut poller, registry, _) = poller(exchange);
+        poller.poll_once().await;
+        registry
+    }
+
     /// A sink that is never reached: the writer is not run, so rows stay in its buffer, where tests count them.
     struct UnusedSink;
 
@@ -867,8 +874,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_poll_records_ticker_and_system_status_as_successes() {
         let exchange = FakeExchange::new(false);
-        let (mut poller, registry, _) = poller(exchange);
-        poller.poll_once().await;
+        let registry = one_poll(exchange).await;
         for endpoint in ["Ticker", "SystemStatus"] {
             let labels = [("endpoint", endpoint), ("outcome", "success"), ("error_class", "none")];
             assert_eq!(sample(&registry, "exwatch_exchange_calls_total", &labels), 1.0, "{endpoint}");
@@ -882,10 +888,10 @@ mod tests {
     async fn a_status_other_than_online_is_recorded_as_a_maintenance_failure() {
         let exchange = FakeExchange::new(false);
         *exchange.status.lock().unwrap() = "maintenance";
-        let (mut poller, registry, _) = poller(exchange);
-        poller.poll_once().await;
+        let registry = one_poll(exchange).await;
         let labels = [("endpoint", "SystemStatus"), ("outcome", "failure"), ("error_class", "maintenance")];
         assert_eq!(sample(&registry, "exwatch_exchange_calls_total", &labels), 1.0);
+        // The answer arrived, so the status it names is still recorded, and the exchange counts as down.
         assert_eq!(sample(&registry, "exwatch_exchange_up", &[("exchange", "fake")]), 0.0);
         assert_eq!(sample(&registry, "exwatch_exchange_system_status", &[("status", "maintenance")]), 1.0);
         assert_eq!(sample(&registry, "exwatch_exchange_system_status", &[("status", "online")]), 0.0);
@@ -896,8 +902,7 @@ mod tests {
         let exchange = FakeExchange::new(false);
         *exchange.ticker_error.lock().unwrap() = Some(ErrorClass::RateLimited);
         *exchange.latency.lock().unwrap() = Duration::from_secs(6);
-        let (mut poller, registry, _) = poller(exchange);
-        poller.poll_once().await;
+        let registry = one_poll(exchange).await;
         let labels = [("endpoint", "Ticker"), ("outcome", "failure"), ("error_class", "rate_limited")];
         assert_eq!(sample(&registry, "exwatch_exchange_calls_total", &labels), 1.0);
         assert_eq!(sample(&registry, "exwatch_exchange_slow_calls_total", &[("endpoint", "Ticker")]), 1.0);

@@ -54,6 +54,44 @@ pub fn external(text: &str, max_bytes: usize) -> String {
     format!("{}{marker}", &kept[..keep])
 }
 
+/// Declares a fieldless enum whose variants have fixed names, with `ALL` (declaration order), `as_str`, `parse`
+/// and `Display` written once: `named_enum! { pub enum Color { Red => "red", Light => "light_blue" } }`. Variant
+/// attributes and doc comments are kept; the enum's own attributes too.
+macro_rules! named_enum {
+    (
+        $(#[$meta:meta])*
+        $vis:vis enum $name:ident {
+            $($(#[$variant_meta:meta])* $variant:ident => $text:literal,)+
+        }
+    ) => {
+        $(#[$meta])*
+        $vis enum $name {
+            $($(#[$variant_meta])* $variant,)+
+        }
+
+        impl $name {
+            pub const ALL: [$name; [$($text),+].len()] = [$($name::$variant),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self {
+                    $($name::$variant => $text,)+
+                }
+            }
+
+            pub fn parse(text: &str) -> Option<$name> {
+                $name::ALL.into_iter().find(|value| value.as_str() == text)
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                formatter.write_str(self.as_str())
+            }
+        }
+    };
+}
+pub(crate) use named_enum;
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,12 +3,11 @@
 //! renames it on both sides (and a field the server adds by hand fails the status round-trip test).
 //!
 //! What it owns: the wire types, the states an operator may force ([`FORCEABLE`]) with the messages that refuse
-//! the others, and each type's construction from the breaker's, limiter's, schedule's and alerts' own views (every
-//! one destructured in full, so a new field there is a decision made here). What it does not do: routing,
+//! the others, and each type's construction from the breaker's, limiter's, schedule's and alerts' own views (most
+//! destructured in full, so a new field there is a decision made here). What it does not do: routing,
 //! authentication, reading the clock or rounding durations (`http`, `http::admin`), nor printing (`cli`).
 //!
-//! Input is lenient where the runbook is: a force request may say `forceState` (`circuitBreaker.forceState`), and
-//! the answers of an exwatch that still spoke camelCase (`failureCount`, `privatePauseReason`) read as well.
+//! Input is lenient where the runbook is: a force request may say `forceState` (`circuitBreaker.forceState`).
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -63,12 +62,9 @@ pub struct ExchangeStatus {
 pub struct BreakerSummary {
     #[serde(with = "state_name")]
     pub state: breaker::State,
-    #[serde(alias = "consecutiveFailures")]
     pub consecutive_failures: u32,
     /// Percent, or -1 while the window holds fewer than `minimum_calls`.
-    #[serde(alias = "failureRate")]
     pub failure_rate: f64,
-    #[serde(alias = "notPermittedCalls")]
     pub not_permitted_calls: u64,
 }
 
@@ -88,10 +84,8 @@ impl From<&breaker::Snapshot> for BreakerSummary {
 pub struct RateLimitSummary {
     pub factor: f64,
     /// Why private calls are paused, while they are.
-    #[serde(alias = "privatePauseReason")]
     pub private_pause_reason: Option<String>,
     /// Whole seconds left of the pause.
-    #[serde(alias = "privatePausedForSeconds")]
     pub private_paused_for_seconds: Option<u64>,
 }
 
@@ -110,11 +104,8 @@ impl From<&limiter::Snapshot> for RateLimitSummary {
 pub struct ScheduleStatus {
     pub mode: PollMode,
     /// Failed polls in the current streak.
-    #[serde(alias = "failedPolls")]
     pub failed_polls: u32,
-    #[serde(alias = "nextAction")]
     pub next_action: NextAction,
-    #[serde(alias = "nextInSeconds")]
     pub next_in_seconds: f64,
 }
 
@@ -217,33 +208,21 @@ pub struct BreakerStatus {
     /// When the breaker entered its state.
     pub since: String,
     /// How long it has been in it (`1m 5s`).
-    #[serde(alias = "inStateFor")]
     pub in_state_for: String,
-    #[serde(alias = "consecutiveFailures")]
     pub consecutive_failures: u32,
     /// Failures in the window (the runbook's `failureCount`).
-    #[serde(alias = "failureCount")]
     pub failure_count: u32,
-    #[serde(alias = "callsInWindow")]
     pub calls_in_window: u32,
-    #[serde(alias = "slowCallsInWindow")]
     pub slow_calls_in_window: u32,
     /// Percent, or -1 while the window holds fewer than `minimum_calls`.
-    #[serde(alias = "failureRate")]
     pub failure_rate: f64,
-    #[serde(alias = "slowCallRate")]
     pub slow_call_rate: f64,
-    #[serde(alias = "lastFailureClass")]
     pub last_failure_class: Option<ErrorClass>,
     /// When the last failure was recorded (the runbook's `lastFailureTime`).
-    #[serde(alias = "lastFailureTime")]
     pub last_failure_time: Option<String>,
-    #[serde(alias = "lastFailureAgo")]
     pub last_failure_ago: Option<String>,
-    #[serde(alias = "notPermittedCalls")]
     pub not_permitted_calls: u64,
     /// While OPEN: how long until HALF_OPEN.
-    #[serde(alias = "halfOpenIn")]
     pub half_open_in: Option<String>,
     pub config: BreakerSettings,
 }
@@ -330,40 +309,29 @@ pub struct BackoffSettings {
 
 impl From<&breaker::Config> for BreakerSettings {
     fn from(config: &breaker::Config) -> BreakerSettings {
-        let breaker::Config {
-            consecutive_failures,
-            failure_rate_threshold,
-            slow_call_rate_threshold,
-            slow_call_duration,
-            window,
-            minimum_calls,
-            wait_duration_in_open,
-            open_backoff,
-            permitted_calls_in_half_open,
-            max_wait_in_half_open,
-            ignored_classes,
-        } = config;
-        let window = match window {
-            breaker::Window::Count(calls) => WindowSettings::Count { window_calls: *calls },
-            breaker::Window::Time(duration) => WindowSettings::Time { window_duration: human(*duration) },
+        let window = match config.window {
+            breaker::Window::Count(calls) => WindowSettings::Count { window_calls: calls },
+            breaker::Window::Time(duration) => WindowSettings::Time { window_duration: human(duration) },
         };
-        let open_backoff = open_backoff.map(|backoff| BackoffSettings {
+        let open_backoff = config.open_backoff.map(|backoff| BackoffSettings {
             backoff_multiplier: backoff.multiplier,
             backoff_max_wait: human(backoff.max_wait),
             backoff_jitter: backoff.jitter,
         });
+        // A field added to the breaker's settings shows in `breaker::Config`'s own serialization, which a test
+        // holds equal to this one.
         BreakerSettings {
-            consecutive_failures: *consecutive_failures,
-            failure_rate_threshold: *failure_rate_threshold,
-            slow_call_rate_threshold: *slow_call_rate_threshold,
-            slow_call_duration: human(*slow_call_duration),
+            consecutive_failures: config.consecutive_failures,
+            failure_rate_threshold: config.failure_rate_threshold,
+            slow_call_rate_threshold: config.slow_call_rate_threshold,
+            slow_call_duration: human(config.slow_call_duration),
             window,
-            minimum_calls: *minimum_calls,
-            wait_duration_in_open: human(*wait_duration_in_open),
+            minimum_calls: config.minimum_calls,
+            wait_duration_in_open: human(config.wait_duration_in_open),
             open_backoff,
-            permitted_calls_in_half_open: *permitted_calls_in_half_open,
-            max_wait_in_half_open: human(*max_wait_in_half_open),
-            ignored_classes: ignored_classes.clone(),
+            permitted_calls_in_half_open: config.permitted_calls_in_half_open,
+            max_wait_in_half_open: human(config.max_wait_in_half_open),
+            ignored_classes: config.ignored_classes.clone(),
         }
     }
 }
@@ -400,23 +368,17 @@ pub struct RateLimitStatus {
     pub factor: f64,
     /// The operator's factor; automatic backoff stays at or below it.
     pub ceiling: f64,
-    #[serde(alias = "publicPerSecond")]
+    /// The budgets in force: the configured ones times the factor.
     pub public_per_second: f64,
-    #[serde(alias = "privatePerSecond")]
     pub private_per_second: f64,
-    #[serde(alias = "publicBurst")]
+    /// Calls that may go at once after a quiet spell, scaled by the factor too.
     pub public_burst: u32,
-    #[serde(alias = "privateBurst")]
     pub private_burst: u32,
     /// Rate-limited answers within the limiter's quiet period.
-    #[serde(alias = "recentRateLimited")]
     pub recent_rate_limited: u64,
-    #[serde(alias = "lastRateLimitedAgo")]
     pub last_rate_limited_ago: Option<String>,
     /// What is left of a private-call pause.
-    #[serde(alias = "privatePausedFor")]
     pub private_paused_for: Option<String>,
-    #[serde(alias = "privatePauseReason")]
     pub private_pause_reason: Option<String>,
 }
 
@@ -511,17 +473,6 @@ mod tests {
         let refused = serde_json::from_str::<ForceRequest>(r#"{"state":"OPEN"}"#).unwrap_err().to_string();
         assert!(refused.starts_with("state OPEN cannot be forced"), "{refused}");
         assert_eq!(serde_json::to_string(&RateFactorRequest { factor: 0.5 }).unwrap(), r#"{"factor":0.5}"#);
-    }
-
-    #[test]
-    fn an_answer_in_the_old_camel_case_still_reads() {
-        let old = serde_json::json!({
-            "exchange": "kraken", "factor": 0.5, "ceiling": 0.5, "publicPerSecond": 0.5, "privatePerSecond": 0.165,
-            "publicBurst": 1, "privateBurst": 7, "recentRateLimited": 0, "lastRateLimitedAgo": null,
-            "privatePausedFor": "14m 50s", "privatePauseReason": "2 consecutive invalid-key answers"
-        });
-        let status: RateLimitStatus = serde_json::from_value(old).unwrap();
-        assert_eq!((status.private_burst, status.private_paused_for.as_deref()), (7, Some("14m 50s")));
     }
 
     #[test]
