@@ -193,6 +193,7 @@ impl App {
             controls: Arc::new(controls),
             admin_token: config.admin.token.clone(),
             log: Some(log.clone()),
+            placeholders: Arc::new(config.placeholders.clone()),
         };
         Ok(App {
             config,

@@ -44,6 +44,8 @@ pub struct State {
     pub log: Option<writer::Handle>,
     /// Counts and logs the admin requests refused for want of a valid token.
     pub admin_refusals: admin::Refusals,
+    /// Settings left off because they still hold the secret template's placeholders (`Config::placeholders`).
+    pub placeholders: Arc<Vec<String>>,
 }
 
 /// Readiness: true from the moment the daemon serves until shutdown begins, or until a critical task fails.
@@ -196,7 +198,7 @@ async fn status(
             }
         })
         .collect();
-    (StatusCode::OK, Json(api::StatusResponse { exchanges })).into_response()
+    (StatusCode::OK, Json(api::StatusResponse { exchanges, placeholders: state.placeholders.to_vec() })).into_response()
 }
 
 /// 200 while serving, 503 once shutdown has begun so the load balancer stops sending traffic first, and 503 with
@@ -254,6 +256,7 @@ mod tests {
             admin_token: None,
             log: None,
             admin_refusals: admin::Refusals::new(&telemetry::registry()),
+            placeholders: Arc::default(),
         }
     }
 

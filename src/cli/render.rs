@@ -15,6 +15,9 @@ use crate::http::api;
 /// with its evidence. Times read as on a wall clock with how long ago ("since 07:12:03Z, 4m 10s").
 pub(super) fn status(answer: &api::StatusResponse, now: DateTime<Utc>) -> String {
     let mut output = String::new();
+    for placeholder in &answer.placeholders {
+        output.push_str(&format!("NOT SET: {placeholder}\n"));
+    }
     for exchange in &answer.exchanges {
         let up = if exchange.up { "UP" } else { "DOWN" };
         // The factor as JSON writes it (1.0, not 1), as this line always showed it.
@@ -181,6 +184,7 @@ mod tests {
                     runbook_url: "http://127.0.0.1:9750/runbook".to_owned(),
                 }],
             }],
+            placeholders: Vec::new(),
         };
         let text = status(&answer, now);
         assert_eq!(
@@ -200,5 +204,19 @@ mod tests {
         let since = DateTime::parse_from_rfc3339("2026-11-29T23:59:00Z").unwrap().with_timezone(&Utc);
         assert_eq!(wall_clock_and_age(Some(since), now), "2026-11-29 23:59:00Z, 1m 10s");
         assert_eq!(wall_clock_and_age(None, now), "an unknown time");
+    }
+
+    #[test]
+    fn status_starts_with_the_settings_left_off_for_placeholders() {
+        let answer = api::StatusResponse {
+            exchanges: Vec::new(),
+            placeholders: vec![
+                "`admin.token`: is still the placeholder of the template; the admin API stays off".to_owned(),
+            ],
+        };
+        assert_eq!(
+            status(&answer, Utc::now()),
+            "NOT SET: `admin.token`: is still the placeholder of the template; the admin API stays off\n"
+        );
     }
 }

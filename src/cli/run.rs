@@ -23,6 +23,9 @@ pub(super) async fn run(args: ConfigArgs) -> anyhow::Result<ExitCode> {
     for warning in config.warnings() {
         tracing::warn!(warning = %warning, "Part of exwatch is off.");
     }
+    for placeholder in &config.placeholders {
+        tracing::error!(problem = %placeholder, "Secret not set: exwatch runs with this part off until it is.");
+    }
     for variable in &config.ignored_variables {
         tracing::warn!(
             variable,
@@ -51,6 +54,7 @@ pub(super) fn check_config(args: ConfigArgs) -> anyhow::Result<ExitCode> {
         eprintln!("exwatch: warning: {variable} is ignored: settings take two underscores after EXWATCH");
     }
     config.check_writable_paths()?;
+    config.check_placeholders()?;
     print!("{}", config.to_redacted_toml());
     Ok(ExitCode::SUCCESS)
 }

@@ -357,6 +357,7 @@ mod tests {
             admin_token: Some(Secret::new("0123456789abcdef")),
             log: None,
             admin_refusals: Refusals::new(&registry),
+            placeholders: Arc::default(),
         };
         let refuse = |token: &'static str| {
             let router = super::super::router(state.clone());

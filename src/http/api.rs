@@ -40,6 +40,9 @@ pub const FORCEABLE: [breaker::State; 5] = [
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusResponse {
     pub exchanges: Vec<ExchangeStatus>,
+    /// Settings that still hold the secret template's placeholders, each naming its key and what is off until it
+    /// is replaced (the API key: no Balance check; the admin token: no admin API).
+    pub placeholders: Vec<String>,
 }
 
 /// One exchange: up or down, SystemStatus, breaker, rate factor, poll schedule and the alerts firing.

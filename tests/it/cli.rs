@@ -220,3 +220,47 @@ async fn the_daemons_status_reads_as_the_clis_type_with_every_field() {
     assert_eq!(kraken.active_alerts[0].alertname, "exchange_api_down", "{served}");
     daemon.stop().await;
 }
+
+/// A pod started from `deploy/kubernetes/secret.example.yaml` unchanged: the API key, its secret and the admin
+/// token still hold the template's placeholders. The daemon starts, polls the public checks, never sends a Balance
+/// call nor serves the admin API, and says what is not set in `/api/v1/status` and `exwatch status`;
+/// `check-config` refuses the same settings, naming each key.
+#[tokio::test]
+async fn the_secret_templates_placeholders_start_a_daemon_that_reports_them_and_fail_check_config() {
+    let simulator = start_simulator().await;
+    let secrets = "api_key = \"REPLACE_WITH_KRAKEN_API_KEY\"\napi_secret = \"REPLACE_WITH_KRAKEN_API_SECRET_BASE64\"\n";
+    let text = format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[admin]\ntoken = \
+         \"REPLACE_WITH_AT_LEAST_16_RANDOM_CHARACTERS\"\n[poll]\ninterval = \"200ms\"\ntimeout = \"150ms\"\n\
+         balance_interval = \"200ms\"\n{}[[exchanges]]\nbase_url = \"{}\"\n{secrets}{}",
+        crate::helpers::FAST_RATE_LIMIT,
+        simulator.base_url(),
+        crate::helpers::scratch_database()
+    );
+    let app = crate::helpers::spawn_app(exwatch::config::Config::from_toml(&text).unwrap()).await;
+    crate::helpers::eventually(Duration::from_secs(15), "three polls", || async {
+        (simulator.requests("Ticker") >= 3).then_some(())
+    })
+    .await;
+    assert_eq!(simulator.requests("Balance"), 0, "no private call with a placeholder key");
+    assert_eq!(app.get("/health").await.0, 200);
+    assert_eq!(app.get("/api/admin/circuit-breaker/kraken").await.0, 404, "no admin API with a placeholder token");
+    let (code, body) = app.get("/api/v1/status").await;
+    assert_eq!(code, 200);
+    let status: StatusResponse = serde_json::from_str(&body).unwrap();
+    assert_eq!(status.placeholders.len(), 2, "{body}");
+    assert!(status.placeholders[0].starts_with("`exchanges[0].api_key`/`exchanges[0].api_secret`"), "{body}");
+    assert!(status.placeholders[1].starts_with("`admin.token`"), "{body}");
+    assert!(!body.contains("REPLACE_WITH"), "placeholder values are never shown: {body}");
+    let directory = tempfile::tempdir().unwrap();
+    let output = exwatch(&["status", "--url", &app.url("")], directory.path()).await;
+    assert!(output.stdout.starts_with("NOT SET: `exchanges[0].api_key`"), "{}", output.stdout);
+    app.shutdown().await.unwrap();
+
+    let path = directory.path().join("exwatch.toml");
+    std::fs::write(&path, &text).unwrap();
+    let output = exwatch(&["check-config", "--config", path.to_str().unwrap()], directory.path()).await;
+    assert_eq!(output.code, Some(2), "{}", output.stdout);
+    assert!(output.stderr.contains("`admin.token`: is still the placeholder"), "{}", output.stderr);
+    assert!(output.stderr.contains("`exchanges[0].api_key`/`exchanges[0].api_secret`"), "{}", output.stderr);
+}
