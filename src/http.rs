@@ -313,7 +313,7 @@ mod tests {
         assert_eq!(status, StatusCode::NOT_FOUND);
         assert!(body.contains("unknown exchange \\\"nope\\\""), "{body}");
         let (status, body) = get_path(router(state()), "/api/v1/status").await;
-        assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"exchanges":[]}"#));
+        assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"exchanges":[],"placeholders":[]}"#));
     }
 
     #[tokio::test]
