@@ -19,6 +19,7 @@ use tokio::time::Instant;
 
 use crate::breaker;
 use crate::exchange::{Endpoint, ErrorClass, Outcome, Profile, TradingStatus};
+use crate::journal::{self, Event};
 use crate::store::alerts::Op::{IncidentOpened, IncidentProgress};
 use crate::store::alerts::{Op, Tally};
 use crate::telemetry;
@@ -341,8 +342,12 @@ impl Engine {
         if poll.total_calls == 0 && !scenario_changed {
             return;
         }
-        self.incident_scenario = Some(scenario.to_owned());
+        let previous = self.incident_scenario.replace(scenario.to_owned());
         if let Some(outbox) = &self.outbox {
+            if scenario_changed && let Some(previous) = previous {
+                let detail = format!("scenario {previous} -> {scenario}");
+                outbox.record_event(Event::now(&self.exchange, journal::Kind::Scenario, detail));
+            }
             outbox.incident_progress(IncidentProgress {
                 provider: self.exchange.clone(),
                 alertname: AlertName::Down.as_str().to_owned(),
@@ -397,6 +402,8 @@ impl Engine {
                 };
                 let incident = (alertname == AlertName::Down).then(|| self.opening(&active.scenario));
                 if let Some(outbox) = &self.outbox {
+                    let detail = format!("{alertname} fired ({}); scenario {}", active.reason, active.scenario);
+                    outbox.record_event(Event::now(&exchange, journal::Kind::Alert, detail));
                     outbox.fire(active.notification(&exchange), incident);
                 }
                 self.active.insert(alertname, active);
@@ -407,6 +414,10 @@ impl Engine {
                 if alertname == AlertName::Down {
                     self.streak = None;
                     self.incident_scenario = None;
+                }
+                if let Some(outbox) = &self.outbox {
+                    let detail = format!("{alertname} resolved ({reason})");
+                    outbox.record_event(Event::now(&exchange, journal::Kind::Alert, detail));
                 }
                 if let (Some(active), Some(outbox)) = (self.active.remove(&alertname), &self.outbox) {
                     let mut alert = active.notification(&exchange);

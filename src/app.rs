@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Config;
 use crate::exchange::{self, Exchange};
 use crate::http::{self, Readiness};
+use crate::journal;
 use crate::limiter::{self, Limiter};
 use crate::poller::{self, Heartbeat, Poller};
 use crate::store::{self, Sink, connector::Connector, writer};
@@ -44,6 +45,8 @@ pub struct App {
     outbox: alert::outbox::Outbox,
     /// Where the outbox's rows, the alert state and incident rows are written, with a database.
     recorder: Option<store::alerts::Recorder>,
+    /// The recorder as the journal, with a database: what incident timelines are told from.
+    journal: Option<journal::Shared>,
 }
 
 /// Where the daemon keeps its records.
@@ -134,6 +137,7 @@ impl App {
                 (Some(handle), Some(receiver))
             }
         };
+        let journal = recorder.clone().map(|handle| Arc::new(handle) as journal::Shared);
         let outbox =
             alert::outbox::Outbox::new(&config.alerts.sinks, config.alerts.delivery.clone(), &registry, recorder)?;
         let controls = exchanges
@@ -151,6 +155,10 @@ impl App {
                         Some(outbox.clone()),
                     ))),
                 };
+                if let Some(journal) = &journal {
+                    control.breaker.set_journal(journal.clone());
+                    control.limiter.set_journal(journal.clone());
+                }
                 (name, control)
             })
             .collect::<BTreeMap<_, _>>();
@@ -194,6 +202,7 @@ impl App {
             admin_token: config.admin.token.clone(),
             log: Some(log.clone()),
             placeholders: Arc::new(config.placeholders.clone()),
+            database: connector.clone(),
         };
         Ok(App {
             config,
@@ -206,6 +215,7 @@ impl App {
             connector,
             outbox,
             recorder: recorder_receiver,
+            journal,
         })
     }
 
@@ -226,7 +236,7 @@ impl App {
     /// Runs until `cancel` fires (a signal) or a task dies. Returns an error naming the task in the second case (the
     /// binary exits 1). Once `cancel` fires it returns within `server.shutdown_grace`.
     pub async fn run(self, cancel: CancellationToken) -> anyhow::Result<()> {
-        let App { config, server, exchanges, state, metrics, writer, log, connector, outbox, recorder } = self;
+        let App { config, server, exchanges, state, metrics, writer, log, connector, outbox, recorder, journal } = self;
         let address = server.local_addr().context("listener has no local address")?;
         let budget = Budget::new(config.server.shutdown_grace);
 
@@ -278,6 +288,7 @@ impl App {
             log,
             instance: config.server.instance.clone(),
             schedule: poller::schedule::Config::default(),
+            journal,
         };
         let exchange_count = exchanges.len();
         for exchange in exchanges {

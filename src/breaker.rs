@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use prometheus::{GaugeVec, IntCounterVec, IntGaugeVec, Opts, Registry};
@@ -21,9 +21,9 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::clock;
 use crate::exchange::ErrorClass;
 use crate::telemetry;
+use crate::{clock, journal};
 
 /// The breaker's settings, validated by `config`.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -690,6 +690,8 @@ pub struct Shared {
     metrics: Metrics,
     /// Wakes the poll loop when an operator changes the state (a forced HALF_OPEN starts the trial at once).
     changed: Notify,
+    /// Where transitions are told for incident timelines, once the daemon has a journal.
+    journal: OnceLock<journal::Shared>,
 }
 
 impl Shared {
@@ -699,6 +701,7 @@ impl Shared {
             machine: Mutex::new(Breaker::new(config, Instant::now())),
             metrics,
             changed: Notify::new(),
+            journal: OnceLock::new(),
         });
         shared.metrics.not_permitted.with_label_values(&[exchange]);
         shared.publish(&mut shared.lock());
@@ -797,6 +800,11 @@ impl Shared {
         snapshot
     }
 
+    /// Tells every transition from now on to `journal` as well (set once; a second journal is ignored).
+    pub fn set_journal(&self, journal: journal::Shared) {
+        let _ = self.journal.set(journal);
+    }
+
     /// Resolves when an operator changed the state.
     pub async fn changed(&self) {
         self.changed.notified().await;
@@ -815,6 +823,8 @@ impl Shared {
                 reason = transition.reason,
                 "Circuit breaker changed state."
             );
+            let detail = format!("{} -> {}: {}", transition.from, transition.to, transition.reason);
+            journal::record(self.journal.get(), journal::Event::now(&self.exchange, journal::Kind::Breaker, detail));
         }
         self.publish(machine);
     }

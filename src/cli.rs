@@ -147,6 +147,9 @@ pub struct IncidentsArgs {
 pub enum IncidentsAction {
     /// What happened during one incident: failures by class and endpoint, latency, first and last error.
     Report(ReportArgs),
+    /// The incident as a story, in order: the first failure, breaker transitions, alerts fired and resolved with
+    /// each sink's delivery, scenario changes, rate-limit changes and operator actions, recovery verification steps.
+    Timeline(ReportArgs),
 }
 
 #[derive(Debug, Args)]
@@ -308,10 +311,14 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::RateLimit(args) => daemon::rate_limit(args).await,
         Command::Migrate(args) => database::migrate(args).await,
         Command::Logs(args) => database::logs(args).await,
-        Command::Incidents(IncidentsArgs { action: Some(IncidentsAction::Report(mut args)), config, .. }) => {
+        Command::Incidents(IncidentsArgs { action: Some(action), config, .. }) => {
+            let (view, mut args) = match action {
+                IncidentsAction::Report(args) => (database::View::Report, args),
+                IncidentsAction::Timeline(args) => (database::View::Timeline, args),
+            };
             // `exwatch incidents --config x report 1` works too.
             args.config.config = args.config.config.or(config.config);
-            database::incident_report(args).await
+            database::incident(view, args).await
         }
         Command::Incidents(args) => database::incidents(args).await,
         Command::Alerts(AlertsArgs { action: AlertsAction::Test(args) }) => run::alerts_test(args).await,

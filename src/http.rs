@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::poller::Control;
 use crate::poller::Heartbeat;
 use crate::secret::Secret;
+use crate::store::connector::Connector;
 use crate::store::writer;
 use crate::telemetry;
 
@@ -46,7 +47,12 @@ pub struct State {
     pub admin_refusals: admin::Refusals,
     /// Settings left off because they still hold the secret template's placeholders (`Config::placeholders`).
     pub placeholders: Arc<Vec<String>>,
+    /// The configured database, which incident timelines are read from; `None` when the daemon keeps none.
+    pub database: Option<Arc<Connector>>,
 }
+
+/// The longest an incident timeline waits for the database: the request is bounded like every other.
+const DATABASE_WAIT: Duration = Duration::from_secs(5);
 
 /// Readiness: true from the moment the daemon serves until shutdown begins, or until a critical task fails.
 #[derive(Debug, Default)]
@@ -109,12 +115,36 @@ pub fn router(state: State) -> axum::Router {
         .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/", get(|| async { axum::response::Redirect::temporary("/api/v1/status") }))
         .route("/api/v1/status", get(status))
+        .route("/api/v1/incidents/{id}", get(incident))
         .route(crate::alert::RUNBOOK_PATH, get(runbook));
     if state.admin_token.is_some() {
         router = router.merge(admin::routes(state.clone()));
     }
     router.with_state(state)
+}
+
+/// `GET /api/v1/incidents/{id}`: the incident told as a story (`store::events::Timeline`), read-only like the status.
+/// 400 for an id that is not a number, 404 for no such incident, 503 when there is no database or it does not answer
+/// within [`DATABASE_WAIT`] (the error names its class, never the URL).
+async fn incident(Extract(state): Extract<State>, axum::extract::Path(id): axum::extract::Path<String>) -> Response {
+    let error = |status: StatusCode, error: String| (status, Json(json!({ "error": error }))).into_response();
+    let Ok(id) = id.parse::<i64>() else {
+        return error(StatusCode::BAD_REQUEST, format!("invalid incident id {:?}", crate::text::bounded(&id, 32)));
+    };
+    let Some(connector) = &state.database else {
+        return error(StatusCode::SERVICE_UNAVAILABLE, "this daemon keeps no database, so no incidents".to_owned());
+    };
+    let timeline = async { connector.database().await?.incident_timeline(id).await };
+    match tokio::time::timeout(DATABASE_WAIT, timeline).await {
+        Ok(Ok(Some(timeline))) => (StatusCode::OK, Json(timeline)).into_response(),
+        Ok(Ok(None)) => error(StatusCode::NOT_FOUND, format!("no incident {id}")),
+        Ok(Err(failure)) => {
+            error(StatusCode::SERVICE_UNAVAILABLE, format!("database unavailable: {}", failure.class()))
+        }
+        Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "database did not answer in time".to_owned()),
+    }
 }
 
 /// 200 while every poll loop ticked within three intervals; 503 with the stalled loops otherwise.
@@ -257,6 +287,7 @@ mod tests {
             log: None,
             admin_refusals: admin::Refusals::new(&telemetry::registry()),
             placeholders: Arc::default(),
+            database: None,
         }
     }
 
@@ -314,6 +345,20 @@ mod tests {
         assert!(body.contains("unknown exchange \\\"nope\\\""), "{body}");
         let (status, body) = get_path(router(state()), "/api/v1/status").await;
         assert_eq!((status, body.as_str()), (StatusCode::OK, r#"{"exchanges":[],"placeholders":[]}"#));
+    }
+
+    #[tokio::test]
+    async fn the_root_leads_to_the_status_and_incidents_need_a_database() {
+        let response = router(state())
+            .oneshot(axum::http::Request::get("/").body(axum::body::Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::TEMPORARY_REDIRECT);
+        assert_eq!(response.headers()[header::LOCATION], "/api/v1/status");
+        let (status, body) = get_path(router(state()), "/api/v1/incidents/1").await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{body}");
+        assert!(body.contains("no database"), "{body}");
+        assert_eq!(get_path(router(state()), "/api/v1/incidents/x").await.0, StatusCode::BAD_REQUEST);
     }
 
     #[tokio::test]

@@ -14,6 +14,7 @@
 //! - [`secret`]: the redacting wrapper for credentials and tokens.
 //! - [`resources`]: the process's open-file limit, and failures for want of file descriptors.
 //! - [`text`]: outside text bounded in bytes and cleaned of control characters.
+//! - [`journal`]: what happened to each exchange, as events an incident's timeline is told from.
 //! - [`failure`]: the one failure taxonomy (`ErrorClass`, `Error`) every call outcome is classified into.
 //! - [`transport`]: the HTTP transport exchange clients and alert sinks share: one request, bounded in time and size,
 //!   never redirected, over reqwest or in memory.
@@ -31,6 +32,7 @@ pub mod failure;
 #[cfg(any(test, feature = "test-util"))]
 pub mod fuzz;
 pub mod http;
+pub mod journal;
 pub mod limiter;
 pub mod poller;
 pub mod probe;

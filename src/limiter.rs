@@ -9,7 +9,7 @@
 
 use std::collections::VecDeque;
 use std::num::NonZeroU32;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
@@ -22,9 +22,9 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::clock;
 use crate::exchange::{AuthFailure, Error, ErrorClass, Kind, RateBudget};
 use crate::telemetry;
+use crate::{clock, journal};
 
 /// The limiter's settings, for one exchange. The call budgets start from the exchange kind's documented rates
 /// ([`RateBudget`]); `[rate_limit]` and the exchange's own `rate_limit` table override them.
@@ -206,6 +206,8 @@ pub struct Limiter {
     /// Woken on every factor change, so the poll loop and a waiting [`Limiter::acquire`] use the new rate at once.
     changed: Notify,
     metrics: Metrics,
+    /// Where factor changes and private-call pauses are told for incident timelines, once there is a journal.
+    journal: OnceLock<journal::Shared>,
 }
 
 impl Limiter {
@@ -234,6 +236,7 @@ impl Limiter {
             }),
             changed: Notify::new(),
             metrics,
+            journal: OnceLock::new(),
         })
     }
 
@@ -386,6 +389,7 @@ impl Limiter {
         state.consecutive_invalid_keys = 0;
         self.metrics.private_paused.with_label_values(&[&self.exchange]).set(0.0);
         tracing::info!(exchange = self.exchange, why, "Private-call pause over; private calls resume.");
+        self.journal(format!("private calls resume: {why}"));
     }
 
     /// Whether private calls are paused now, and why.
@@ -430,6 +434,8 @@ impl Limiter {
                 pause = %humantime::format_duration(self.config.private_pause),
                 "Pausing private calls to avoid extending a lockout."
             );
+            let pause = humantime::format_duration(self.config.private_pause);
+            self.journal(format!("private calls paused for {pause}: {reason}"));
         }
     }
 
@@ -455,6 +461,16 @@ impl Limiter {
         self.metrics.changes.with_label_values(&[&self.exchange, cause]).inc();
         self.changed.notify_waiters();
         tracing::info!(exchange = self.exchange, factor, cause, "Rate factor changed.");
+        self.journal(format!("rate factor {factor} ({cause})"));
+    }
+
+    /// Tells factor changes and private-call pauses from now on to `journal` as well (set once).
+    pub fn set_journal(&self, journal: journal::Shared) {
+        let _ = self.journal.set(journal);
+    }
+
+    fn journal(&self, detail: String) {
+        journal::record(self.journal.get(), journal::Event::now(&self.exchange, journal::Kind::RateLimit, detail));
     }
 
     /// Forgets `rate_limited` answers older than the quiet period.

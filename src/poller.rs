@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
+use crate::journal::{self, Event};
 use crate::limiter::{Budget, Limiter};
 use crate::store::{CallRecord, writer};
 use crate::telemetry;
@@ -367,6 +368,8 @@ pub struct Context {
     pub instance: String,
     /// When to poll, confirm and check (built from `[poll]`, `alerts.down`, `[rate_limit]` and `[breaker]`).
     pub schedule: schedule::Config,
+    /// Where recovery verification steps are told for incident timelines; `None` without a database.
+    pub journal: Option<journal::Shared>,
 }
 
 /// The poll loop of one exchange: limiter, then breaker, then the exchange, for every call.
@@ -633,6 +636,12 @@ impl Poller {
             let verdict = self.poll_verdict(std::slice::from_ref(&outcome));
             let passed = matches!(verdict, breaker::Call::Success(_));
             self.breaker.record(permit, verdict);
+            let result = match outcome.error() {
+                None => "passed".to_owned(),
+                Some(error) => format!("failed: {error}"),
+            };
+            let detail = format!("recovery verification: {endpoint} {result} ({} ms)", outcome.latency.as_millis());
+            journal::record(self.context.journal.as_ref(), Event::now(&name, journal::Kind::Verification, detail));
             outcomes.push(outcome);
             if !passed {
                 tracing::warn!(exchange = name, endpoint = endpoint.as_str(), "Recovery verification failed.");
@@ -844,6 +853,7 @@ mod tests {
             log: log.clone(),
             instance: "test".to_owned(),
             schedule: schedule_config,
+            journal: None,
         };
         let breaker = breaker::Shared::new("fake", breaker_config, breaker::Metrics::new(&registry));
         let limiter = Limiter::new("fake", crate::limiter::Config::default(), crate::limiter::Metrics::new(&registry));

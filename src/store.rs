@@ -29,6 +29,7 @@ pub mod alerts;
 pub mod calls;
 pub mod connector;
 pub mod database;
+pub mod events;
 pub mod incidents;
 pub mod replay;
 pub mod report;

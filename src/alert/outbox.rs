@@ -33,6 +33,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
 use crate::clock::sleep_until_some;
+use crate::journal::{self, Event, Journal as _};
 use crate::store::alerts::{self as stored, Op, OutboxRow};
 use crate::store::connector::Connector;
 use crate::telemetry;
@@ -256,6 +257,13 @@ impl Outbox {
 
     /// A new alert fired: remembered as active and queued for every target. `incident` (`exchange_api_down`'s
     /// [`Op::IncidentOpened`]) opens the incident row first.
+    /// Writes a journal event in order with the outbox's own records (nothing without a database).
+    pub fn record_event(&self, event: Event) {
+        if let Some(recorder) = &self.shared.recorder {
+            recorder.record(event);
+        }
+    }
+
     pub fn fire(&self, alert: Alert, incident: Option<Op>) {
         let shared = &self.shared;
         if let Some(incident) = incident {
@@ -433,6 +441,17 @@ impl Shared {
         }
     }
 
+    /// Writes a journal event about `alert`'s delivery, for its incident's timeline (not for re-sends).
+    fn journal(&self, alert: &Alert, kind: Kind, detail: String) {
+        if kind == Kind::Resend {
+            return;
+        }
+        if let Some(recorder) = &self.recorder {
+            let detail = format!("{} {}: {detail}", alert.label("alertname"), kind.as_str());
+            recorder.record(Event::now(alert.label("exchange"), journal::Kind::Delivery, detail));
+        }
+    }
+
     /// How long a replica's renewal (or this replica's last look) counts.
     fn stale_after(&self) -> Duration {
         self.peer_interval.saturating_mul(STALE_INTERVALS)
@@ -604,6 +623,7 @@ async fn deliver(
                 "Notification expired undelivered."
             );
             shared.metrics.expired.with_label_values(&[label]).inc();
+            shared.journal(&entry.alert, entry.kind, format!("expired undelivered to {label}"));
             shared.finish(index, &entry.id);
             continue;
         }
@@ -623,6 +643,8 @@ async fn deliver(
                     latency_ms = latency.as_millis() as u64,
                     "Notification delivered."
                 );
+                let attempts = entry.attempts + 1;
+                shared.journal(&entry.alert, entry.kind, format!("delivered to {label} (attempt {attempts})"));
                 shared.finish(index, &entry.id);
             }
             Err(failure) if !failure.retry => {
@@ -639,6 +661,7 @@ async fn deliver(
                         error = failure.message,
                         "Receiver rejected the notification; dropping it."
                     );
+                    shared.journal(&entry.alert, entry.kind, format!("rejected by {label}: {}", failure.message));
                     shared.finish(index, &entry.id);
                     continue;
                 }

@@ -133,20 +133,34 @@ pub(super) async fn incidents(args: IncidentsArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-pub(super) async fn incident_report(args: ReportArgs) -> anyhow::Result<ExitCode> {
+/// What `exwatch incidents report|timeline ID` shows of one incident.
+pub(super) enum View {
+    Report,
+    Timeline,
+}
+
+pub(super) async fn incident(view: View, args: ReportArgs) -> anyhow::Result<ExitCode> {
     let config = load(&args.config)?;
     let database = match open_for_reading(&config, &args.config).await {
         Ok(database) => database,
         Err(code) => return Ok(code),
     };
-    let report = match database.incident_report(args.id).await {
-        Ok(report) => report,
+    let shown = match view {
+        View::Report => database.incident_report(args.id).await.map(|report| {
+            report.map(|report| if args.json { to_json(&report) } else { Ok(report::render_incident_report(&report)) })
+        }),
+        View::Timeline => database.incident_timeline(args.id).await.map(|timeline| {
+            timeline.map(|timeline| if args.json { to_json(&timeline) } else { Ok(report::render_timeline(&timeline)) })
+        }),
+    };
+    let shown = match shown {
+        Ok(shown) => shown,
         Err(error) => return Ok(database_failure(error)),
     };
     database.close().await;
-    match report {
-        Some(report) => {
-            print!("{}", if args.json { to_json(&report)? } else { report::render_incident_report(&report) });
+    match shown {
+        Some(text) => {
+            print!("{}", text?);
             Ok(ExitCode::SUCCESS)
         }
         None => {

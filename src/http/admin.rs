@@ -358,6 +358,7 @@ mod tests {
             log: None,
             admin_refusals: Refusals::new(&registry),
             placeholders: Arc::default(),
+            database: None,
         };
         let refuse = |token: &'static str| {
             let router = super::super::router(state.clone());

@@ -33,6 +33,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::journal::{Event, Journal};
 use crate::store::connector::Connector;
 use crate::store::database::{Database, Error};
 use crate::store::spool::{Quarantined, Spool, SpoolError};
@@ -104,6 +105,12 @@ pub enum Op {
         exchange: String,
         alertname: String,
     },
+    /// One journal event (`exchange_events`); `id` makes a replay a no-op.
+    Event {
+        id: String,
+        #[serde(flatten)]
+        event: Event,
+    },
 }
 
 impl Op {
@@ -117,6 +124,7 @@ impl Op {
             Op::OutboxDone { .. } => "outbox_done",
             Op::StatePut { .. } => "state_put",
             Op::StateClear { .. } => "state_clear",
+            Op::Event { .. } => "event",
         }
     }
 
@@ -138,6 +146,7 @@ impl Op {
             Op::OutboxDone { id } => id.len(),
             Op::StatePut { exchange, alertname, payload } => exchange.len() + alertname.len() + payload.len(),
             Op::StateClear { exchange, alertname } => exchange.len() + alertname.len(),
+            Op::Event { id, event } => id.len() + event.exchange.len() + event.detail.len(),
         };
         (std::mem::size_of::<Queued>() + strings) as u64
     }
@@ -297,6 +306,13 @@ pub struct Handle {
 impl std::fmt::Debug for Handle {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         formatter.debug_struct("Handle").field("queued", &self.shared.queue().ops.len()).finish()
+    }
+}
+
+/// The daemon's journal: events are written in order with alerting's other records.
+impl Journal for Handle {
+    fn record(&self, event: Event) {
+        self.send(Op::Event { id: uuid::Uuid::now_v7().to_string(), event });
     }
 }
 
@@ -801,6 +817,7 @@ pub async fn apply(database: &Database, instance: &str, op: &Op) -> Result<(), E
             database.alert_state_put(instance, exchange, alertname, payload).await?;
         }
         Op::StateClear { exchange, alertname } => database.alert_state_clear(instance, exchange, alertname).await?,
+        Op::Event { id, event } => database.event_put(id, instance, event).await?,
     }
     Ok(())
 }
@@ -881,6 +898,7 @@ mod tests {
             Op::OutboxDone { .. } => &["op", "id"],
             Op::StatePut { .. } => &["op", "exchange", "alertname", "payload"],
             Op::StateClear { .. } => &["op", "exchange", "alertname"],
+            Op::Event { .. } => &["op", "id", "exchange", "at", "kind", "detail"],
         }
     }
 
@@ -915,6 +933,7 @@ mod tests {
             Op::OutboxDone { id: "x".into() },
             Op::StatePut { exchange: "kraken".into(), alertname: alertname.clone(), payload: "{}".into() },
             Op::StateClear { exchange: "kraken".into(), alertname },
+            Op::Event { id: "e".into(), event: Event::now("kraken", crate::journal::Kind::Breaker, "CLOSED -> OPEN") },
         ];
         for op in ops {
             assert_later_fields_default(&op, first_format(&op));

@@ -179,6 +179,13 @@ pub async fn run_retention(database: Database, retention: Duration, interval: Du
                 Err(error) => tracing::warn!(error = %error, "Retention pass failed; retrying at the next interval."),
             },
         }
+        // The journal's events age with the calls they explain.
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            result = database.events_prune(cutoff) => if let Err(error) = result {
+                tracing::warn!(error = %error, "Retention of journal events failed; retrying at the next interval.");
+            },
+        }
         next = crate::clock::after(tokio::time::Instant::now(), interval);
     }
 }

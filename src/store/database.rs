@@ -83,6 +83,21 @@ pub enum Error {
     Query(String),
 }
 
+impl Error {
+    /// The kind of failure, without the text (which may name hosts, databases and the server's words): what an
+    /// unauthenticated endpoint may show.
+    pub fn class(&self) -> &'static str {
+        match self {
+            Error::Connect { .. } => "connect",
+            Error::Migrate { .. } => "migrate",
+            Error::Missing { .. } => "missing",
+            Error::Outdated { .. } => "outdated",
+            Error::Unavailable(_) => "unavailable",
+            Error::Query(_) => "query",
+        }
+    }
+}
+
 /// A pool on one of the two backends. Cloning is cheap (the pools are shared).
 #[derive(Clone)]
 pub enum Database {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use super::CallRecord;
+use super::events::{MAX_TIMELINE_EVENTS, Timeline};
 use super::incidents::{ErrorSample, Incident, IncidentReport};
 
 /// The runbook query's rows as a table: created_at, endpoint, success, response time, error class, HTTP status and
@@ -97,6 +98,47 @@ pub fn render_incident_report(report: &IncidentReport) -> String {
             let rows = counts.iter().map(|count| vec![count.name.clone(), count.calls.to_string()]).collect();
             text.push_str(&indent(&table_without_header(rows)));
         }
+    }
+    text
+}
+
+/// One incident as a story: a heading, then one line per event, oldest first, with the time since the start and the
+/// replica that saw it when more than one did.
+pub fn render_timeline(timeline: &Timeline) -> String {
+    let incident = &timeline.incident;
+    let mut text = format!(
+        "Incident {}: {} {} (scenario {}), {}\n",
+        incident.id,
+        incident.provider,
+        incident.alertname,
+        incident.scenario,
+        match incident.resolved_at {
+            Some(resolved_at) => format!("resolved {}", incident_time(resolved_at)),
+            None => "open".to_owned(),
+        }
+    );
+    let instances: std::collections::BTreeSet<&str> =
+        timeline.entries.iter().map(|entry| entry.instance.as_str()).filter(|name| !name.is_empty()).collect();
+    let rows = timeline
+        .entries
+        .iter()
+        .map(|entry| {
+            let offset = (entry.at - incident.started_at).to_std().unwrap_or_default();
+            let mut row = vec![
+                call_time(entry.at),
+                format!("+{}", humantime::format_duration(Duration::from_secs(offset.as_secs()))),
+                entry.kind.clone(),
+                optional(Some(&entry.detail)),
+            ];
+            if instances.len() > 1 {
+                row.push(entry.instance.clone());
+            }
+            row
+        })
+        .collect();
+    text.push_str(&indent(&table_without_header(rows)));
+    if timeline.truncated {
+        text.push_str(&format!("  … only the first {MAX_TIMELINE_EVENTS} events are shown\n"));
     }
     text
 }
@@ -281,5 +323,38 @@ mod tests {
         ] {
             assert!(text.contains(expected), "{expected:?} missing from:\n{text}");
         }
+    }
+
+    #[test]
+    fn a_timeline_reads_as_one_line_per_event_with_its_offset_and_the_replica_when_several() {
+        use crate::store::events::Entry;
+        let entry = |at_text: &str, kind: &str, detail: &str, instance: &str| Entry {
+            at: at(at_text),
+            kind: kind.to_owned(),
+            detail: detail.to_owned(),
+            instance: instance.to_owned(),
+        };
+        let mut timeline = Timeline {
+            incident: incident(Some(at("2025-01-15T10:34:00Z"))),
+            entries: vec![
+                entry("2025-01-15T10:30:00Z", "failure", "first failure of the streak: EService:Unavailable", ""),
+                entry("2025-01-15T10:30:04Z", "breaker", "CLOSED -> OPEN: 3 consecutive failures", "pod-a"),
+            ],
+            truncated: false,
+        };
+        let text = render_timeline(&timeline);
+        assert!(text.starts_with("Incident 7: kraken ExchangeApiDown (scenario maintenance), resolved 2025-01-15"));
+        assert!(text.contains("+4s") && text.contains("breaker") && text.contains("CLOSED -> OPEN"), "{text}");
+        assert!(!text.contains("pod-a"), "one replica is not named: {text}");
+        timeline.entries.push(entry(
+            "2025-01-15T10:30:05Z",
+            "breaker",
+            "CLOSED -> OPEN: 3 consecutive failures",
+            "pod-b",
+        ));
+        timeline.truncated = true;
+        let text = render_timeline(&timeline);
+        assert!(text.contains("pod-a") && text.contains("pod-b"), "{text}");
+        assert!(text.contains("only the first 1000 events are shown"), "{text}");
     }
 }

@@ -137,3 +137,88 @@ async fn a_nul_in_an_exchange_error_leaves_incidents_and_alert_state_recorded_on
     assert!(calls.iter().any(|call| call.exchange_error.as_deref() == Some("EGeneral:Internal error:\u{FFFD}nul")));
     app.shutdown().await.unwrap();
 }
+
+/// An incident told as a story, on `section`'s backend: the first failure, the breaker opening, the page fired and
+/// delivered to the webhook, the recovery verification's steps, the breaker closing, the resolve and its delivery,
+/// in order, from `GET /api/v1/incidents/{id}` and `exwatch incidents timeline ID`.
+async fn the_timeline_tells_the_incident_in_order(section: &str, store_config: &store::Config) {
+    let simulator = start_simulator().await;
+    let capture = crate::helpers::Capture::default();
+    let (receiver, _stop) = capture.serve().await;
+    let sink = format!("[[alerts.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://{receiver}/hook\"\n");
+    let app = spawn_app(config(&simulator.base_url(), &format!("{section}{sink}"))).await;
+    let database = Database::connect(store_config).await.unwrap();
+    simulator.set_scenario(Scenario::Maintenance);
+    let id = eventually(Duration::from_secs(20), "an open incident", || async {
+        database.open_incidents().await.unwrap().first().map(|incident| incident.id)
+    })
+    .await;
+    simulator.set_scenario(Scenario::Healthy);
+    eventually(Duration::from_secs(20), "the resolve delivered", || async {
+        capture.webhooks("/hook").iter().any(|(status, _)| status == "resolved").then_some(())
+    })
+    .await;
+    // The recorder writes the resolve's delivery shortly after it happens.
+    let timeline = eventually(Duration::from_secs(20), "the resolve's delivery in the timeline", || async {
+        let (code, body) = app.get(&format!("/api/v1/incidents/{id}")).await;
+        assert_eq!(code, 200, "{body}");
+        let timeline: serde_json::Value = serde_json::from_str(&body).unwrap();
+        let delivered =
+            |text: &str| {
+                timeline["entries"].as_array().unwrap().iter().any(|entry| {
+                    entry["kind"] == "delivery" && entry["detail"].as_str().unwrap_or_default().contains(text)
+                })
+            };
+        delivered("resolved: delivered to hook").then_some(timeline)
+    })
+    .await;
+    let entries = timeline["entries"].as_array().unwrap();
+    let position = |kind: &str, text: &str| {
+        entries
+            .iter()
+            .position(|entry| entry["kind"] == kind && entry["detail"].as_str().unwrap_or_default().contains(text))
+            .unwrap_or_else(|| panic!("no {kind} event with {text:?} in {timeline:#}"))
+    };
+    let story = [
+        position("failure", "first failure of the streak: maintenance"),
+        position("breaker", "CLOSED -> OPEN"),
+        position("alert", "exchange_api_down fired"),
+        position("delivery", "exchange_api_down firing: delivered to hook"),
+        position("verification", "recovery verification: Ticker passed"),
+        position("breaker", "HALF_OPEN -> CLOSED"),
+        position("alert", "exchange_api_down resolved"),
+        position("delivery", "exchange_api_down resolved: delivered to hook"),
+    ];
+    assert!(story.is_sorted(), "out of order: {story:?} in {timeline:#}");
+    let times: Vec<&str> = entries.iter().map(|entry| entry["at"].as_str().unwrap()).collect();
+    assert!(times.is_sorted(), "{times:?}");
+    assert_eq!(app.get("/api/v1/incidents/999999").await.0, 404);
+    assert_eq!(app.get("/api/v1/incidents/one").await.0, 400);
+
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("exwatch.toml");
+    std::fs::write(&path, section).unwrap();
+    let output = crate::cli::exwatch(
+        &["incidents", "timeline", &id.to_string(), "--config", path.to_str().unwrap()],
+        directory.path(),
+    )
+    .await;
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(output.stdout.starts_with(&format!("Incident {id}: kraken exchange_api_down")), "{}", output.stdout);
+    for text in ["first failure of the streak", "CLOSED -> OPEN", "exchange_api_down fired", "delivered to hook"] {
+        assert!(output.stdout.contains(text), "{text:?} missing in:\n{}", output.stdout);
+    }
+    app.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_timeline_tells_the_incident_in_order_on_sqlite() {
+    let (section, store_config, _directory) = sqlite();
+    the_timeline_tells_the_incident_in_order(&section, &store_config).await;
+}
+
+#[tokio::test]
+async fn the_timeline_tells_the_incident_in_order_on_postgres() {
+    let (section, store_config, _cleanup) = postgres().await;
+    the_timeline_tells_the_incident_in_order(&section, &store_config).await;
+}

@@ -164,11 +164,11 @@ async fn count(database: &Database, sql: &'static str) -> i64 {
 
 async fn migrations_apply_and_a_second_run_is_a_no_op(test: &TestDatabase) {
     let database = &test.database;
-    assert_eq!(count(database, "SELECT COUNT(*) FROM _sqlx_migrations").await, 3);
+    assert_eq!(count(database, "SELECT COUNT(*) FROM _sqlx_migrations").await, 4);
     database.migrate().await.expect("a second run applies nothing and succeeds");
     let again = Database::connect(&test.config).await.expect("connecting again migrates again, as a no-op");
-    assert_eq!(count(database, "SELECT COUNT(*) FROM _sqlx_migrations").await, 3);
-    assert_eq!(again.schema_version(), 3);
+    assert_eq!(count(database, "SELECT COUNT(*) FROM _sqlx_migrations").await, 4);
+    assert_eq!(again.schema_version(), 4);
     assert_eq!(count(database, "SELECT COUNT(*) FROM api_call_logs").await, 0);
     assert_eq!(count(database, "SELECT COUNT(*) FROM incidents").await, 0);
     again.close().await;
@@ -562,7 +562,7 @@ async fn two_replicas_migrating_a_new_postgres_database_at_once_both_succeed() {
     let (config, _cleanup) = TestDatabase::postgres_config().await;
     let (first, second) = tokio::join!(Database::connect(&config), Database::connect(&config));
     let (first, second) = (first.expect("first replica"), second.expect("second replica"));
-    assert_eq!(count(&first, "SELECT COUNT(*) FROM _sqlx_migrations").await, 3);
+    assert_eq!(count(&first, "SELECT COUNT(*) FROM _sqlx_migrations").await, 4);
     first.close().await;
     second.close().await;
 }
@@ -608,7 +608,7 @@ async fn logs_and_incidents_commands_print_tables_and_json_from_sqlite() {
     let path = directory.path();
     let (code, stdout, stderr) = exwatch(&["migrate"], path).await;
     assert_eq!(code, Some(0), "{stdout}{stderr}");
-    assert!(stdout.contains("sqlite exwatch.sqlite is migrated to schema version 3"), "{stdout}");
+    assert!(stdout.contains("sqlite exwatch.sqlite is migrated to schema version 4"), "{stdout}");
     let (code, stdout, _) = exwatch(&["logs"], path).await;
     assert_eq!((code, stdout.as_str()), (Some(0), "No calls found.\n"));
 
