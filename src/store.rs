@@ -239,17 +239,20 @@ pub(crate) fn text(value: &str) -> String {
 pub const NOT_PERMITTED: &str = "not_permitted";
 
 /// A sink that keeps rows in memory: for tests on a paused clock, where a database's I/O would let time jump.
+#[cfg(any(test, feature = "test-util"))]
 #[derive(Debug, Default)]
 pub struct MemorySink {
     rows: std::sync::Mutex<Vec<CallRecord>>,
 }
 
+#[cfg(any(test, feature = "test-util"))]
 impl MemorySink {
     pub fn rows(&self) -> Vec<CallRecord> {
         self.rows.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
     }
 }
 
+#[cfg(any(test, feature = "test-util"))]
 #[async_trait::async_trait]
 impl Sink for MemorySink {
     async fn insert_batch(&self, rows: &[CallRecord]) -> Result<(), WriteError> {
