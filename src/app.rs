@@ -24,6 +24,7 @@ use crate::http::{self, Readiness};
 use crate::journal;
 use crate::limiter::{self, Limiter};
 use crate::poller::{self, Heartbeat, Poller};
+use crate::statuspage;
 use crate::store::{self, Sink, connector::Connector, writer};
 use crate::telemetry;
 use crate::{alert, breaker};
@@ -140,6 +141,20 @@ impl App {
         let journal = recorder.clone().map(|handle| Arc::new(handle) as journal::Shared);
         let outbox =
             alert::outbox::Outbox::new(&config.alerts.sinks, config.alerts.delivery.clone(), &registry, recorder)?;
+        let statuspage_metrics = statuspage::Metrics::new(&registry);
+        let mut statuspages = BTreeMap::new();
+        for view in &config.exchanges {
+            if let Some(source) = &view.statuspage {
+                let watch = statuspage::Watch::new(
+                    &view.name,
+                    source.clone(),
+                    config.status_sources.clone(),
+                    statuspage_metrics.clone(),
+                )
+                .context("cannot build the Statuspage client")?;
+                statuspages.insert(view.name.clone(), watch);
+            }
+        }
         let controls = exchanges
             .iter()
             .map(|exchange| {
@@ -203,6 +218,7 @@ impl App {
             log: Some(log.clone()),
             placeholders: Arc::new(config.placeholders.clone()),
             database: connector.clone(),
+            statuspages: Arc::new(statuspages),
         };
         Ok(App {
             config,
@@ -301,6 +317,15 @@ impl App {
             let stop = cancel.clone();
             tasks.spawn(polling, name, async move {
                 poller.run(stop).await;
+                Ok(())
+            });
+        }
+        // What each exchange's Statuspage says, beside the polls and stopped with them.
+        for watch in state.statuspages.values().cloned() {
+            let name = format!("statuspage {}", watch.exchange());
+            let stop = cancel.clone();
+            tasks.spawn(polling, name, async move {
+                watch.run(stop).await;
                 Ok(())
             });
         }

@@ -19,7 +19,7 @@ use crate::clock::human_duration;
 use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::{Secret, redact_url};
 use crate::telemetry::LogFormat;
-use crate::{alert, breaker, limiter, poller, store, telemetry};
+use crate::{alert, breaker, limiter, poller, statuspage, store, telemetry};
 
 /// Public calls in one poll: Ticker and SystemStatus.
 const PUBLIC_CALLS_PER_POLL: f64 = 2.0;
@@ -40,6 +40,7 @@ pub struct Config {
     pub alerts: alert::Config,
     pub database: store::Config,
     pub admin: Admin,
+    pub status_sources: statuspage::Config,
     pub log: telemetry::Config,
     /// Environment variables that look like settings but are ignored (`EXWATCH_POLL__INTERVAL`, one underscore):
     /// `run` logs a warning for each at start, naming the variable, never its value.
@@ -82,6 +83,8 @@ pub struct ExchangeView {
     pub api_secret: Option<Secret>,
     /// This exchange's limiter settings: its kind's budget, `[rate_limit]`, then its own `rate_limit` table.
     pub rate_limit: limiter::Config,
+    /// Its Statuspage (`statuspage_url`, `statuspage_page_id`, `statuspage_components`); unset = not watched.
+    pub statuspage: Option<statuspage::Source>,
     /// Whether the exchange has a `rate_limit` table of its own (problems name that key).
     #[serde(skip)]
     pub own_rate_limit: bool,
@@ -853,6 +856,46 @@ impl Reader {
         }
     }
 
+    /// An exchange's Statuspage: its URL (http or https with a host), the page id it must report, and the components
+    /// that mean "our API" (the kind's default without the key).
+    fn statuspage(&mut self, table: &mut Table, profile: &exchange::Profile) -> Option<statuspage::Source> {
+        let url = self.parsed(table, "statuspage_url", None, |text| match url::Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(Some(url)),
+            _ => Err("invalid URL; expected http:// or https:// with a host".to_owned()),
+        });
+        let page_id = self.string(table, "statuspage_page_id");
+        let components = self.string_list(table, "statuspage_components");
+        let Some(url) = url else {
+            if page_id.is_some() || components.is_some() {
+                let key = table.key("statuspage_url");
+                self.problem(&key, "is needed by statuspage_page_id and statuspage_components, which are set");
+            }
+            return None;
+        };
+        let components =
+            components.unwrap_or_else(|| profile.statuspage_components.iter().map(|name| (*name).to_owned()).collect());
+        Some(statuspage::Source { url, page_id, components })
+    }
+
+    /// `[status_sources]`: how the exchanges' own status sources are read.
+    fn status_sources(&mut self, root: &mut Table) -> statuspage::Config {
+        let defaults = statuspage::Config::default();
+        let mut table = self.section(root, "status_sources");
+        let config = statuspage::Config {
+            statuspage_interval: self.duration(&mut table, "statuspage_interval", defaults.statuspage_interval),
+            timeout: self.duration(&mut table, "timeout", defaults.timeout),
+            stale_after: self.duration(&mut table, "stale_after", defaults.stale_after),
+        };
+        for (key, value) in [("statuspage_interval", config.statuspage_interval), ("timeout", config.timeout)] {
+            if value < Duration::from_secs(1) {
+                let key = table.key(key);
+                self.problem(&key, "must be at least 1s");
+            }
+        }
+        self.finish(table);
+        config
+    }
+
     /// One exchange's limiter settings: its kind's budget, then `[rate_limit]` (`global`), then its own
     /// `rate_limit` table, each overriding the one before.
     fn exchange_rate_limit(&mut self, exchange: &mut Table, kind: Kind, global: &Option<Value>) -> limiter::Config {
@@ -1128,6 +1171,7 @@ impl Reader {
         }
 
         let database = self.database(&mut root);
+        let status_sources = self.status_sources(&mut root);
 
         let mut admin = self.section(&mut root, "admin");
         let token = self.secret_or_file(&mut admin, "token");
@@ -1167,6 +1211,7 @@ impl Reader {
             alerts,
             database,
             admin: Admin { token },
+            status_sources,
             log: telemetry::Config { level, format },
             ignored_variables: Vec::new(),
             placeholders: std::mem::take(&mut self.placeholders),
@@ -1264,6 +1309,7 @@ impl Reader {
                 None
             }
         };
+        let statuspage = self.statuspage(table, profile);
         let own_rate_limit = table.entries.contains_key("rate_limit");
         let rate_limit = self.exchange_rate_limit(table, kind, global_rate_limit);
         let exchange = exchange::Config {
@@ -1283,6 +1329,7 @@ impl Reader {
             api_key,
             api_secret,
             rate_limit,
+            statuspage,
             own_rate_limit,
             exchange,
         })

@@ -68,6 +68,8 @@ pub struct Profile {
     pub default_pair: &'static str,
     /// Where the exchange announces incidents and maintenance; the diagnosis of maintenance points there.
     pub status_page: &'static str,
+    /// The Statuspage components that mean "our API" when `statuspage_components` is not configured.
+    pub statuspage_components: &'static [&'static str],
     /// The call rates the exchange documents; `[rate_limit]` and an exchange's own `rate_limit` override them.
     pub rate_budget: RateBudget,
     /// Checks a configured pair; the error says what is expected and may quote the pair.

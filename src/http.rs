@@ -23,6 +23,7 @@ use tokio::time::Instant;
 use crate::poller::Control;
 use crate::poller::Heartbeat;
 use crate::secret::Secret;
+use crate::statuspage;
 use crate::store::connector::Connector;
 use crate::store::writer;
 use crate::telemetry;
@@ -49,6 +50,8 @@ pub struct State {
     pub placeholders: Arc<Vec<String>>,
     /// The configured database, which incident timelines are read from; `None` when the daemon keeps none.
     pub database: Option<Arc<Connector>>,
+    /// Each exchange's Statuspage watch, for those with `statuspage_url`.
+    pub statuspages: Arc<BTreeMap<String, Arc<statuspage::Watch>>>,
 }
 
 /// The longest an incident timeline waits for the database: the request is bounded like every other.
@@ -118,6 +121,7 @@ pub fn router(state: State) -> axum::Router {
         .route("/", get(|| async { axum::response::Redirect::temporary("/api/v1/status") }))
         .route("/api/v1/status", get(status))
         .route("/api/v1/incidents/{id}", get(incident))
+        .route("/api/v1/exchanges/{name}/exchange-status", get(exchange_status))
         .route(crate::alert::RUNBOOK_PATH, get(runbook));
     if state.admin_token.is_some() {
         router = router.merge(admin::routes(state.clone()));
@@ -145,6 +149,25 @@ async fn incident(Extract(state): Extract<State>, axum::extract::Path(id): axum:
         }
         Err(_) => error(StatusCode::SERVICE_UNAVAILABLE, "database did not answer in time".to_owned()),
     }
+}
+
+/// `GET /api/v1/exchanges/{name}/exchange-status`: what the exchange itself says, beside exwatch's verdict: the last
+/// SystemStatus read over REST and its Statuspage (null when not configured). 404 naming the known exchanges.
+async fn exchange_status(
+    Extract(state): Extract<State>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Response {
+    let Some(control) = state.controls.get(&name) else {
+        let known: Vec<&str> = state.controls.keys().map(String::as_str).collect();
+        let error = format!("unknown exchange {:?}; known: {}", crate::text::bounded(&name, 64), known.join(", "));
+        return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
+    };
+    let system_status = {
+        let alerts = control.alerts.lock().unwrap_or_else(PoisonError::into_inner);
+        alerts.last_status().map(|status| api::SystemStatusSaid { value: status.as_text().to_owned(), source: "rest" })
+    };
+    let statuspage = state.statuspages.get(&name).map(|watch| watch.view());
+    (StatusCode::OK, Json(api::ExchangeSays { exchange: name, system_status, statuspage })).into_response()
 }
 
 /// 200 while every poll loop ticked within three intervals; 503 with the stalled loops otherwise.
@@ -288,6 +311,7 @@ mod tests {
             admin_refusals: admin::Refusals::new(&telemetry::registry()),
             placeholders: Arc::default(),
             database: None,
+            statuspages: Arc::default(),
         }
     }
 

@@ -6,6 +6,8 @@
 //! - [`exchange`]: the `Exchange` trait, domain types and the error taxonomy; [`exchange::kraken`] is the client.
 //! - [`poller`]: the poll loop and its metrics; [`probe`]: the runbook's recovery verification, once.
 //! - [`http`]: `/health`, `/ready`, `/metrics`, the admin API; [`telemetry`]: logging and the metric registry.
+//! - [`statuspage`]: what an exchange's own Statuspage says (indicator, components, incidents), watched beside the
+//!   polls.
 //! - [`simulator`]: a fake Kraken, faults included, for tests, demos and drills.
 //! - [`breaker`], [`limiter`]: the circuit breaker and rate limiter every call passes through.
 //! - [`store`]: the only place with SQL: `api_call_logs` and `incidents` in Postgres or SQLite, a buffered, spooling
@@ -39,6 +41,7 @@ pub mod probe;
 pub mod resources;
 pub mod secret;
 pub mod simulator;
+pub mod statuspage;
 pub mod store;
 pub mod telemetry;
 pub mod text;

@@ -16,6 +16,7 @@ mod answer;
 #[cfg(any(test, feature = "test-util"))]
 mod conformance;
 mod market;
+pub mod statuspage;
 
 #[cfg(any(test, feature = "test-util"))]
 pub use self::conformance::{CONFORMANCE_ENDPOINTS, conformance};
@@ -487,6 +488,8 @@ struct Shared {
     account: Mutex<Account>,
     public_buckets: Mutex<HashMap<IpAddr, TokenBucket>>,
     redirect_to: Mutex<Option<url::Url>>,
+    /// The venue's Statuspage (`/__statuspage/{venue}/api/v2/summary.json`).
+    statuspage: statuspage::State,
 }
 
 impl Shared {
@@ -523,6 +526,7 @@ impl Shared {
             account: Mutex::new(Account::new(counter, options.lockout_after, options.lockout_duration)),
             public_buckets: Mutex::new(HashMap::new()),
             redirect_to: Mutex::new(options.redirect_to.clone()),
+            statuspage: statuspage::State::default(),
         })
     }
 
@@ -749,7 +753,30 @@ struct ConnectionContext {
 }
 
 fn router(shared: Arc<Shared>) -> Router {
-    Router::new().route(CONTROL_PATH, get(get_control).put(put_control)).fallback(kraken).with_state(shared)
+    Router::new()
+        .route(CONTROL_PATH, get(get_control).put(put_control))
+        .route(statuspage::STATUSPAGE_CONTROL, get(get_statuspage).put(put_statuspage))
+        .route("/__statuspage/{venue}/api/v2/summary.json", get(statuspage_summary))
+        .fallback(kraken)
+        .with_state(shared)
+}
+
+async fn get_statuspage(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.statuspage.page()).into_response()
+}
+
+async fn put_statuspage(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<statuspage::Update>(&body) {
+        Ok(update) => axum::Json(shared.statuspage.update(update)).into_response(),
+        Err(error) => control_error(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid statuspage request: {error}")),
+    }
+}
+
+async fn statuspage_summary(
+    State(shared): State<Arc<Shared>>,
+    axum::extract::Path(venue): axum::extract::Path<String>,
+) -> Response {
+    shared.statuspage.summary(&venue).await
 }
 
 async fn kraken(State(shared): State<Arc<Shared>>, request: Request) -> Response {

@@ -84,7 +84,17 @@ pub(crate) struct Answer {
 }
 
 pub(crate) fn body_too_large(status: u16) -> Error {
-    Error::new(ErrorClass::BadResponse, format!("body larger than {BODY_LIMIT_BYTES} bytes")).with_status(status)
+    Error::new(ErrorClass::BadResponse, too_large_message()).with_status(status)
+}
+
+fn too_large_message() -> String {
+    format!("body larger than {BODY_LIMIT_BYTES} bytes")
+}
+
+/// Whether `error` is the body limit's (a `bad_response` like any other to an exchange client; a Statuspage fetch
+/// counts it apart).
+pub(crate) fn is_too_large(error: &Error) -> bool {
+    error.class == ErrorClass::BadResponse && error.message == too_large_message()
 }
 
 /// Where requests go. Chosen once, when the client is built.

@@ -589,6 +589,7 @@ mod tests {
             default_base_url: "https://api.otherex.example",
             default_pair: "BTC-AUD",
             status_page: "https://status.otherex.example",
+            statuspage_components: &[],
             rate_budget: crate::exchange::RateBudget {
                 public_per_second: 1.0,
                 public_burst: 1,

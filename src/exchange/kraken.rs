@@ -42,6 +42,7 @@ pub const PROFILE: Profile = Profile {
     default_base_url: "https://api.kraken.com",
     default_pair: "XBTAUD",
     status_page: "https://status.kraken.com",
+    statuspage_components: &["REST"],
     // About one public call per second per IP, and the Starter tier's private counter (15 calls, decaying by 0.33
     // per second).
     rate_budget: RateBudget { public_per_second: 1.0, public_burst: 3, private_per_second: 0.33, private_burst: 15 },

@@ -359,6 +359,7 @@ mod tests {
             admin_refusals: Refusals::new(&registry),
             placeholders: Arc::default(),
             database: None,
+            statuspages: Arc::default(),
         };
         let refuse = |token: &'static str| {
             let router = super::super::router(state.clone());

@@ -60,6 +60,24 @@ pub struct ExchangeStatus {
     pub active_alerts: Vec<FiringAlert>,
 }
 
+/// `GET /api/v1/exchanges/{name}/exchange-status`: what the exchange itself says.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ExchangeSays {
+    pub exchange: String,
+    /// The last SystemStatus read; null until one was read.
+    pub system_status: Option<SystemStatusSaid>,
+    /// Its Statuspage; null when `statuspage_url` is not configured.
+    pub statuspage: Option<crate::statuspage::View>,
+}
+
+/// A trading status and where it was read.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SystemStatusSaid {
+    pub value: String,
+    /// `rest` (SystemStatus polls).
+    pub source: &'static str,
+}
+
 /// The breaker as the status shows it; the admin API's [`BreakerStatus`] has the rest.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BreakerSummary {

@@ -17,6 +17,7 @@ mod durability;
 mod helpers;
 mod in_memory;
 mod incidents;
+mod kraken_says;
 mod listener;
 mod outage;
 mod outbound;

@@ -1,0 +1,109 @@
+//! What Kraken itself says, beside exwatch's verdict: the daemon watching the simulator's Statuspage over HTTP, as
+//! on-call reads it from `GET /api/v1/exchanges/{name}/exchange-status` and `/metrics`, and what it keeps when the
+//! page fails in every way a page can.
+
+use std::time::Duration;
+
+use exwatch::config::Config;
+use serde_json::Value;
+
+use crate::helpers::{FAST_RATE_LIMIT, eventually, metric, scratch_database, spawn_app, start_simulator};
+
+const WAIT: Duration = Duration::from_secs(15);
+
+fn config(base_url: &str) -> Config {
+    Config::from_toml(&format!(
+        "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n\
+         [poll]\ninterval = \"1s\"\ntimeout = \"1s\"\n{FAST_RATE_LIMIT}\
+         [status_sources]\nstatuspage_interval = \"1s\"\ntimeout = \"1s\"\nstale_after = \"3s\"\n\
+         [[exchanges]]\nname = \"kraken\"\nbase_url = \"{base_url}\"\n\
+         statuspage_url = \"{base_url}/__statuspage/kraken\"\nstatuspage_page_id = \"lfz25gyhcpjf\"\n{}",
+        scratch_database()
+    ))
+    .expect("valid test configuration")
+}
+
+async fn set_page(simulator: &exwatch::simulator::Simulator, body: &str) {
+    crate::helpers::install_tls_provider();
+    let answer = reqwest::Client::new()
+        .put(format!("{}/__exwatch/simulator/statuspage", simulator.base_url()))
+        .body(body.to_owned())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap_or_default());
+}
+
+#[tokio::test]
+async fn a_minor_indicator_and_a_degraded_rest_component_show_within_one_interval() {
+    let simulator = start_simulator().await;
+    set_page(
+        &simulator,
+        r#"{"indicator":"minor","description":"Minor Service Outage",
+            "components":[{"name":"REST","status":"degraded_performance"},{"name":"WebSocket","status":"operational"}],
+            "incidents":[{"name":"Elevated API error rates","body":"We are looking into it."}]}"#,
+    )
+    .await;
+    let app = spawn_app(config(&simulator.base_url())).await;
+    let said = eventually(WAIT, "the page's summary", || async {
+        let (code, body) = app.get("/api/v1/exchanges/kraken/exchange-status").await;
+        assert_eq!(code, 200, "{body}");
+        let said: Value = serde_json::from_str(&body).unwrap();
+        (said["statuspage"]["summary"]["indicator"] == "minor").then_some(said)
+    })
+    .await;
+    let page = &said["statuspage"];
+    assert_eq!(page["stale"], false, "{said:#}");
+    assert_eq!(page["summary"]["components"][0]["status"], "degraded_performance", "{said:#}");
+    assert_eq!(page["summary"]["incidents"][0]["last_update"]["body"], "We are looking into it.", "{said:#}");
+    let metrics = app.metrics().await;
+    let degraded = [("exchange", "kraken"), ("component", "REST"), ("status", "degraded_performance")];
+    assert_eq!(metric(&metrics, "exwatch_statuspage_component_status", &degraded), Some(1.0));
+    assert_eq!(metric(&metrics, "exwatch_statuspage_indicator", &[("indicator", "minor")]), Some(1.0));
+    assert_eq!(metric(&metrics, "exwatch_statuspage_unresolved_incidents", &[]), Some(1.0));
+    assert_eq!(app.get("/api/v1/exchanges/nope/exchange-status").await.0, 404);
+    app.shutdown().await.unwrap();
+}
+
+/// Every fault is counted by its outcome, the daemon keeps serving the last good summary, and that summary turns
+/// stale after `stale_after` without a good fetch.
+#[tokio::test]
+async fn a_failing_page_is_counted_and_its_last_good_summary_kept_then_marked_stale() {
+    let simulator = start_simulator().await;
+    set_page(&simulator, r#"{"indicator":"major"}"#).await;
+    let app = spawn_app(config(&simulator.base_url())).await;
+    eventually(WAIT, "a first good summary", || async {
+        let metrics = app.metrics().await;
+        (metric(&metrics, "exwatch_statuspage_up", &[("exchange", "kraken")]) == Some(1.0)).then_some(())
+    })
+    .await;
+    for (fault, outcome) in [
+        ("500", "http_error"),
+        ("html", "bad_response"),
+        ("truncated", "bad_response"),
+        ("wrong_page_id", "wrong_page"),
+        ("oversized", "too_large"),
+        ("slow", "timeout"),
+    ] {
+        set_page(&simulator, &format!(r#"{{"fault":"{fault}"}}"#)).await;
+        let labels = [("exchange", "kraken"), ("outcome", outcome)];
+        let before = metric(&app.metrics().await, "exwatch_statuspage_fetches_total", &labels).unwrap_or(0.0);
+        eventually(WAIT, &format!("a {fault} fetch counted as {outcome}"), || async {
+            let counted = metric(&app.metrics().await, "exwatch_statuspage_fetches_total", &labels).unwrap_or(0.0);
+            (counted > before).then_some(())
+        })
+        .await;
+        let (code, body) = app.get("/api/v1/exchanges/kraken/exchange-status").await;
+        assert_eq!(code, 200, "{body}");
+        let said: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(said["statuspage"]["summary"]["indicator"], "major", "{fault}: the last good summary is kept");
+        assert_eq!(said["statuspage"]["last_outcome"], outcome, "{fault}");
+    }
+    eventually(WAIT, "the kept summary marked stale", || async {
+        let said: Value = serde_json::from_str(&app.get("/api/v1/exchanges/kraken/exchange-status").await.1).unwrap();
+        (said["statuspage"]["stale"] == true).then_some(())
+    })
+    .await;
+    assert_eq!(app.get("/health").await.0, 200, "a failing page is never the daemon's failure");
+    app.shutdown().await.unwrap();
+}
