@@ -77,6 +77,19 @@ pub fn admin_body(data: &[u8]) {
     }
 }
 
+/// A Statuspage summary: the first byte says whether a page id is expected; the rest is the body. Whatever it is,
+/// the result is a summary whose texts are bounded, or a classified failure.
+pub fn statuspage_summary(data: &[u8]) {
+    let Some((&pick, body)) = data.split_first() else {
+        return;
+    };
+    let page_id = (pick & 1 == 1).then_some("lfz25gyhcpjf");
+    if let Ok(summary) = crate::statuspage::parse(body, page_id) {
+        assert!(summary.components.len() <= crate::statuspage::MAX_ITEMS);
+        assert!(summary.indicator.len() <= crate::statuspage::MAX_NAME_BYTES + 64);
+    }
+}
+
 /// The short run of every target in the test suite: structured inputs that reach deep (Kraken envelopes, TOML
 /// with known keys, admin bodies with the real fields), raw bytes, and the inputs that once mattered.
 #[cfg(test)]
@@ -188,6 +201,14 @@ mod tests {
         fn configuration_never_panics(pick in any::<u8>(), document in toml_document(), raw in vec(any::<u8>(), 0..256)) {
             config_text(&[&[pick & !1][..], document.as_bytes()].concat());
             config_text(&[&[pick][..], &raw[..]].concat());
+        }
+
+        #[test]
+        fn statuspage_summaries_never_panic(pick in any::<u8>(), body in json(), raw in vec(any::<u8>(), 0..256)) {
+            let page = serde_json::json!({"page": {"id": "lfz25gyhcpjf"}, "status": {"indicator": body.clone()},
+                                          "components": [body.clone()], "incidents": [body]});
+            statuspage_summary(&[&[pick][..], page.to_string().as_bytes()].concat());
+            statuspage_summary(&[&[pick][..], &raw[..]].concat());
         }
 
         #[test]
