@@ -327,6 +327,11 @@ impl Engine {
         self.last_observed = Utc::now();
     }
 
+    /// The exchange's kind: how it is named for people.
+    pub fn profile(&self) -> &'static Profile {
+        self.profile
+    }
+
     /// The alerts firing now.
     pub fn active(&self) -> Vec<ActiveAlert> {
         self.active.values().cloned().collect()

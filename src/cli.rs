@@ -40,6 +40,9 @@ pub enum Command {
     Probe(ConfigArgs),
     /// What a running daemon sees now: each exchange up or down, and the alerts firing with scenario and evidence.
     Status(StatusArgs),
+    /// What each exchange itself says, from a running daemon: its last SystemStatus and its Statuspage (indicator,
+    /// components, unresolved incidents, how fresh).
+    ExchangeStatus(ExchangeStatusArgs),
     /// Read or force an exchange's circuit breaker through the running daemon's admin API.
     Breaker(BreakerArgs),
     /// Read or set an exchange's rate factor through the running daemon's admin API.
@@ -236,6 +239,15 @@ pub struct StatusArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ExchangeStatusArgs {
+    #[command(flatten)]
+    pub status: StatusArgs,
+    /// One exchange (its `name`); all configured ones without it.
+    #[arg(long)]
+    pub exchange: Option<String>,
+}
+
+#[derive(Debug, Args)]
 pub struct BreakerArgs {
     #[command(subcommand)]
     pub action: BreakerAction,
@@ -307,6 +319,7 @@ pub async fn execute(cli: Cli) -> ExitCode {
         Command::Simulate(args) => run::simulate(args).await,
         Command::Probe(args) => run::probe(args).await,
         Command::Status(args) => daemon::status(args).await,
+        Command::ExchangeStatus(args) => daemon::exchange_status(args).await,
         Command::Breaker(args) => daemon::breaker(args).await,
         Command::RateLimit(args) => daemon::rate_limit(args).await,
         Command::Migrate(args) => database::migrate(args).await,

@@ -162,12 +162,16 @@ async fn exchange_status(
         let error = format!("unknown exchange {:?}; known: {}", crate::text::bounded(&name, 64), known.join(", "));
         return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
     };
-    let system_status = {
+    let (system_status, display_name) = {
         let alerts = control.alerts.lock().unwrap_or_else(PoisonError::into_inner);
-        alerts.last_status().map(|status| api::SystemStatusSaid { value: status.as_text().to_owned(), source: "rest" })
+        let status = alerts
+            .last_status()
+            .map(|status| api::SystemStatusSaid { value: status.as_text().to_owned(), source: "rest".to_owned() });
+        (status, alerts.profile().display_name.to_owned())
     };
     let statuspage = state.statuspages.get(&name).map(|watch| watch.view());
-    (StatusCode::OK, Json(api::ExchangeSays { exchange: name, system_status, statuspage })).into_response()
+    (StatusCode::OK, Json(api::ExchangeSays { exchange: name, display_name, system_status, statuspage }))
+        .into_response()
 }
 
 /// 200 while every poll loop ticked within three intervals; 503 with the stalled loops otherwise.
@@ -248,6 +252,8 @@ async fn status(
                 rate_limit: api::RateLimitSummary::from(&control.limiter.snapshot(now)),
                 schedule: state.heartbeat.schedule_view(name, now).map(api::ScheduleStatus::from),
                 active_alerts: active.iter().map(api::FiringAlert::from).collect(),
+                display_name: alerts.profile().display_name.to_owned(),
+                statuspage: state.statuspages.get(name).map(|watch| watch.view()),
             }
         })
         .collect();

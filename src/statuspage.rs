@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -76,7 +76,7 @@ fn shown_url<S: serde::Serializer>(url: &Url, serializer: S) -> Result<S::Ok, S:
 }
 
 /// A summary as read: what the page says now.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Summary {
     pub page_id: String,
     /// `none`, `minor`, `major`, `critical`, `maintenance`, or whatever the page says.
@@ -87,7 +87,7 @@ pub struct Summary {
     pub incidents: Vec<Incident>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Component {
     pub id: String,
     pub name: String,
@@ -95,7 +95,7 @@ pub struct Component {
     pub updated_at: Option<DateTime<Utc>>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Incident {
     pub id: String,
     pub name: String,
@@ -106,7 +106,7 @@ pub struct Incident {
     pub last_update: Option<Update>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Update {
     pub status: String,
     pub body: String,
@@ -114,7 +114,7 @@ pub struct Update {
 }
 
 /// Why a fetch did not give a summary, as the `outcome` label counts it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Outcome {
     Ok,
@@ -231,7 +231,7 @@ fn incident(value: &Value) -> Incident {
 }
 
 /// What `/api/v1/exchanges/{name}/exchange-status` shows of the page.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct View {
     /// The last good summary, however old; `None` until one was read.
     pub summary: Option<Summary>,

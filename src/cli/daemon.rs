@@ -16,7 +16,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use url::Url;
 
-use super::{AdminArgs, BreakerAction, BreakerArgs, RateLimitAction, RateLimitArgs, StatusArgs, Usage, load, render};
+use super::{
+    AdminArgs, BreakerAction, BreakerArgs, ExchangeStatusArgs, RateLimitAction, RateLimitArgs, StatusArgs, Usage, load,
+    render,
+};
 use crate::breaker;
 use crate::config::Config;
 use crate::exchange::ErrorClass;
@@ -136,6 +139,42 @@ pub(super) async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
         print!("{}", render::status(&answer.value, chrono::Utc::now()));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `exwatch exchange-status`: what each exchange (or the one named) says, as the daemon last read it.
+pub(super) async fn exchange_status(args: ExchangeStatusArgs) -> anyhow::Result<ExitCode> {
+    let ExchangeStatusArgs { status: args, exchange } = args;
+    let config = load(&args.config)?;
+    let base = daemon_url(args.url, &config)?;
+    let names = match exchange {
+        Some(name) => vec![name],
+        None => config.exchanges.iter().map(|view| view.name.clone()).collect(),
+    };
+    let client = Client::new()?;
+    let now = chrono::Utc::now();
+    for name in names {
+        let path = format!("api/v1/exchanges/{}/exchange-status", url_segment(&name));
+        let url = base.join(&path).map_err(|error| Usage(error.into()))?;
+        let answer: Answer<api::ExchangeSays> = match client.call(Method::GET, &url, None, None).await {
+            Ok(answer) => answer,
+            Err(error) => {
+                eprintln!("exwatch: cannot read what {name} says: {error}");
+                return Ok(ExitCode::FAILURE);
+            }
+        };
+        if args.json {
+            println!("{:#}", answer.json);
+        } else {
+            print!("{}", render::exchange_says(&answer.value, now));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// A name as one URL path segment: exchange names are `[a-z0-9_-]` (configuration checks), anything else is
+/// percent-encoded so it cannot change the path.
+fn url_segment(name: &str) -> String {
+    url::form_urlencoded::byte_serialize(name.as_bytes()).collect()
 }
 
 /// `exwatch breaker`: read, force or reset the breaker, then print its status.

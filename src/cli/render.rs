@@ -37,6 +37,9 @@ pub(super) fn status(answer: &api::StatusResponse, now: DateTime<Utc>) -> String
                 .unwrap_or_default();
             output.push_str(&format!("  private calls PAUSED{remaining}: {reason}\n"));
         }
+        if let Some(page) = &exchange.statuspage {
+            output.push_str(&format!("  {} says: {}\n", exchange.display_name, statuspage(page, now)));
+        }
         for alert in &exchange.active_alerts {
             output.push_str(&format!(
                 "  FIRING {} ({}) since {}: scenario {}\n    {}\n    evidence: {}\n",
@@ -50,6 +53,40 @@ pub(super) fn status(answer: &api::StatusResponse, now: DateTime<Utc>) -> String
         }
     }
     output
+}
+
+/// `exwatch exchange-status`: the exchange's last SystemStatus and what its Statuspage says.
+pub(super) fn exchange_says(said: &api::ExchangeSays, now: DateTime<Utc>) -> String {
+    let status = said.system_status.as_ref().map_or_else(
+        || "unknown (not read yet)".to_owned(),
+        |status| format!("{} (from {})", status.value, status.source),
+    );
+    let page = said
+        .statuspage
+        .as_ref()
+        .map_or_else(|| "not watched (no statuspage_url)".to_owned(), |page| statuspage(page, now));
+    format!("{}: SystemStatus {status}\n  {} says: {page}\n", said.exchange, said.display_name)
+}
+
+/// What a Statuspage says, on one line: its description and indicator, components not operational, unresolved
+/// incidents with their status, and how old the summary is when it is stale.
+pub(super) fn statuspage(page: &crate::statuspage::View, now: DateTime<Utc>) -> String {
+    let Some(summary) = &page.summary else {
+        let why = page.last_error.as_deref().unwrap_or("no fetch yet");
+        return format!("unknown (Statuspage not read: {why})");
+    };
+    let mut parts = vec![format!("{} ({})", summary.description, summary.indicator)];
+    for component in summary.components.iter().filter(|component| component.status != "operational") {
+        parts.push(format!("{} {}", component.name, component.status));
+    }
+    for incident in &summary.incidents {
+        let link = incident.shortlink.as_deref().map(|link| format!(" {link}")).unwrap_or_default();
+        parts.push(format!("incident \"{}\" {}, {}{link}", incident.name, incident.status, incident.impact));
+    }
+    if page.stale {
+        parts.push(format!("STALE: read {}", wall_clock_and_age(page.fetched_at, now)));
+    }
+    parts.join("; ")
 }
 
 /// "07:12:03Z, 4m 10s" (the date too when it is not today).
@@ -172,6 +209,8 @@ mod tests {
                     private_paused_for_seconds: Some(890),
                 },
                 schedule: None,
+                display_name: "Kraken".to_owned(),
+                statuspage: None,
                 active_alerts: vec![api::FiringAlert {
                     alertname: "exchange_api_down".to_owned(),
                     severity: "critical".to_owned(),

@@ -58,12 +58,18 @@ pub struct ExchangeStatus {
     /// Null until the exchange's poll loop has run.
     pub schedule: Option<ScheduleStatus>,
     pub active_alerts: Vec<FiringAlert>,
+    /// How people name the exchange (`Kraken`), for "Kraken says".
+    pub display_name: String,
+    /// What its Statuspage says; null when `statuspage_url` is not configured.
+    pub statuspage: Option<crate::statuspage::View>,
 }
 
 /// `GET /api/v1/exchanges/{name}/exchange-status`: what the exchange itself says.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ExchangeSays {
     pub exchange: String,
+    /// How people name the exchange (`Kraken`).
+    pub display_name: String,
     /// The last SystemStatus read; null until one was read.
     pub system_status: Option<SystemStatusSaid>,
     /// Its Statuspage; null when `statuspage_url` is not configured.
@@ -71,11 +77,11 @@ pub struct ExchangeSays {
 }
 
 /// A trading status and where it was read.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SystemStatusSaid {
     pub value: String,
     /// `rest` (SystemStatus polls).
-    pub source: &'static str,
+    pub source: String,
 }
 
 /// The breaker as the status shows it; the admin API's [`BreakerStatus`] has the rest.

@@ -62,6 +62,19 @@ async fn a_minor_indicator_and_a_degraded_rest_component_show_within_one_interva
     assert_eq!(metric(&metrics, "exwatch_statuspage_indicator", &[("indicator", "minor")]), Some(1.0));
     assert_eq!(metric(&metrics, "exwatch_statuspage_unresolved_incidents", &[]), Some(1.0));
     assert_eq!(app.get("/api/v1/exchanges/nope/exchange-status").await.0, 404);
+
+    // On-call reads it without curl: `exwatch exchange-status`, and a line of `exwatch status`.
+    let directory = tempfile::tempdir().unwrap();
+    let url = app.url("");
+    let said = "Kraken says: Minor Service Outage (minor); REST degraded_performance; incident \"Elevated API error \
+                rates\" identified, major https://stspg.io/sim0";
+    let output =
+        crate::cli::exwatch(&["exchange-status", "--url", &url, "--exchange", "kraken"], directory.path()).await;
+    assert_eq!(output.code, Some(0), "{}", output.stderr);
+    assert!(output.stdout.starts_with("kraken: SystemStatus online (from rest)\n"), "{}", output.stdout);
+    assert!(output.stdout.contains(said), "{}", output.stdout);
+    let output = crate::cli::exwatch(&["status", "--url", &url], directory.path()).await;
+    assert!(output.stdout.contains(&format!("  {said}\n")), "{}", output.stdout);
     app.shutdown().await.unwrap();
 }
 
