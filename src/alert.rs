@@ -97,9 +97,21 @@ pub struct ActiveAlert {
     pub scenario: String,
     pub evidence: String,
     pub runbook_url: String,
+    /// The exchange acknowledges an unplanned incident (its SystemStatus `emergency[]` or an unresolved Statuspage
+    /// incident): the page says so (`acknowledged_by_exchange="true"`) and the evidence quotes it.
+    pub acknowledged_by_exchange: bool,
     /// The link back to this exwatch in notifications (`generatorURL`).
     #[serde(skip)]
     pub generator_url: String,
+}
+
+/// An unplanned incident the exchange acknowledges, from its SystemStatus or its Statuspage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Acknowledgement {
+    pub title: String,
+    pub status: String,
+    pub impact: String,
+    pub link: Option<String>,
 }
 
 impl ActiveAlert {
@@ -111,19 +123,19 @@ impl ActiveAlert {
             ("exchange", exchange),
             ("service", "exwatch"),
         ];
+        let acknowledged = "true".to_owned();
         let annotations = [
             ("summary", &self.summary),
             ("description", &self.description),
             ("runbook_url", &self.runbook_url),
             ("scenario", &self.scenario),
             ("evidence", &self.evidence),
-        ];
+        ]
+        .into_iter()
+        .chain(self.acknowledged_by_exchange.then_some(("acknowledged_by_exchange", &acknowledged)));
         notification::Alert {
             labels: labels.into_iter().map(|(name, value)| (name.to_owned(), value.to_owned())).collect(),
-            annotations: annotations
-                .into_iter()
-                .map(|(name, value)| (name.to_owned(), notification::annotation(value)))
-                .collect(),
+            annotations: annotations.map(|(name, value)| (name.to_owned(), notification::annotation(value))).collect(),
             starts_at: self.since,
             ends_at: None,
             generator_url: self.generator_url.clone(),
@@ -146,6 +158,7 @@ impl ActiveAlert {
             scenario: annotation("scenario"),
             evidence: annotation("evidence"),
             runbook_url: annotation("runbook_url"),
+            acknowledged_by_exchange: annotation("acknowledged_by_exchange") == "true",
             generator_url: alert.generator_url.clone(),
         })
     }
@@ -189,6 +202,8 @@ pub struct Engine {
     exchange: String,
     /// The exchange's kind: its name for people in descriptions and diagnoses.
     profile: &'static Profile,
+    /// The unplanned incidents the exchange acknowledges now.
+    acknowledgements: Vec<Acknowledgement>,
     config: Config,
     down: DownRule,
     slow: SlowRule,
@@ -219,6 +234,7 @@ impl Engine {
         Engine {
             exchange: exchange.to_owned(),
             profile,
+            acknowledgements: Vec::new(),
             down: DownRule::new(config.down.clone()),
             slow: SlowRule::new(config.slow.clone()),
             evidence: Evidence::new(config.evidence_window, profile),
@@ -311,7 +327,8 @@ impl Engine {
                 if *alertname == AlertName::Down {
                     alert.scenario = diagnosis.scenario.as_str().to_owned();
                     alert.description = diagnosis.summary.clone();
-                    alert.evidence = diagnosis.evidence.clone();
+                    (alert.evidence, alert.acknowledged_by_exchange) =
+                        acknowledged(self.profile, &self.acknowledgements, &diagnosis.evidence);
                 } else if let Some(slow) = &slow_diagnosis {
                     if let Some(average) = average {
                         alert.description = slow_description(self.profile, average);
@@ -325,6 +342,12 @@ impl Engine {
             }
         }
         self.last_observed = Utc::now();
+    }
+
+    /// What the exchange acknowledges now (unplanned incidents from its SystemStatus and Statuspage): the down
+    /// alert quotes it from the next poll on.
+    pub fn acknowledge(&mut self, acknowledgements: Vec<Acknowledgement>) {
+        self.acknowledgements = acknowledgements;
     }
 
     /// The exchange's kind: how it is named for people.
@@ -393,7 +416,7 @@ impl Engine {
                     "Alert firing."
                 );
                 self.metrics.firing.with_label_values(&[alertname.as_str(), &exchange]).set(1);
-                let active = ActiveAlert {
+                let mut active = ActiveAlert {
                     alertname,
                     severity,
                     since: Utc::now(),
@@ -402,9 +425,14 @@ impl Engine {
                     description,
                     scenario: diagnosis.scenario.as_str().to_owned(),
                     evidence: diagnosis.evidence,
+                    acknowledged_by_exchange: false,
                     runbook_url: self.config.runbook_url.clone(),
                     generator_url: notification::generator_url(&self.config.external_url, &exchange),
                 };
+                if alertname == AlertName::Down {
+                    (active.evidence, active.acknowledged_by_exchange) =
+                        acknowledged(self.profile, &self.acknowledgements, &active.evidence);
+                }
                 let incident = (alertname == AlertName::Down).then(|| self.opening(&active.scenario));
                 if let Some(outbox) = &self.outbox {
                     let detail = format!("{alertname} fired ({}); scenario {}", active.reason, active.scenario);
@@ -451,6 +479,25 @@ impl Engine {
             tally: streak.tally.clone(),
         }
     }
+}
+
+/// The down alert's evidence with what the exchange acknowledges ("Kraken acknowledges: Elevated API error rates,
+/// identified, critical, https://stspg.io/…"), and whether it acknowledges anything.
+fn acknowledged(profile: &Profile, acknowledgements: &[Acknowledgement], evidence: &str) -> (String, bool) {
+    if acknowledgements.is_empty() {
+        return (evidence.to_owned(), false);
+    }
+    let said: Vec<String> = acknowledgements
+        .iter()
+        .map(|ack| {
+            let mut parts = vec![ack.title.as_str(), ack.status.as_str(), ack.impact.as_str()];
+            parts.extend(ack.link.as_deref());
+            parts.retain(|part| !part.is_empty());
+            parts.join(", ")
+        })
+        .collect();
+    let text = format!("{evidence}; {} acknowledges: {}", profile.display_name, said.join("; "));
+    (crate::text::bounded(&text, diagnosis::MAX_EVIDENCE_BYTES + 2048).into_owned(), true)
 }
 
 /// `exchange_api_slow`'s description: the exchange by its name for people, and the average latency.

@@ -169,6 +169,7 @@ impl App {
                         alert_metrics.clone(),
                         Some(outbox.clone()),
                     ))),
+                    statuspage: statuspages.get(&name).cloned(),
                 };
                 if let Some(journal) = &journal {
                     control.breaker.set_journal(journal.clone());

@@ -205,12 +205,35 @@ impl TradingStatus {
     }
 }
 
-/// SystemStatus: the exchange's trading status and its clock.
+/// SystemStatus: the exchange's trading status and its clock, and what it announces beside them.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SystemStatus {
     pub status: TradingStatus,
     /// The exchange's current time as it sent it (RFC 3339).
     pub timestamp: String,
+    /// Unplanned incidents the exchange acknowledges (Kraken's `emergency[]`); empty when it names none or the
+    /// answer carries no such list.
+    pub emergency: Vec<Advisory>,
+    /// Scheduled maintenance it announces (Kraken's `upcoming_maintenance[]`).
+    pub upcoming_maintenance: Vec<Advisory>,
+}
+
+/// One announcement in a SystemStatus answer: third-party text, bounded where it is read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Advisory {
+    pub title: String,
+    /// An incident's status (`identified`), or a maintenance's phase.
+    pub status: String,
+    pub impact: String,
+    /// Where the exchange tells more (its status page).
+    pub source_url: Option<String>,
+}
+
+impl SystemStatus {
+    /// A status without announcements.
+    pub fn plain(status: TradingStatus, timestamp: String) -> SystemStatus {
+        SystemStatus { status, timestamp, emergency: Vec::new(), upcoming_maintenance: Vec::new() }
+    }
 }
 
 impl SystemStatus {
@@ -345,10 +368,10 @@ mod tests {
 
     #[test]
     fn any_status_other_than_online_is_a_maintenance_failure() {
-        let online = SystemStatus { status: TradingStatus::parse("online"), timestamp: String::new() };
+        let online = SystemStatus::plain(TradingStatus::parse("online"), String::new());
         assert_eq!(online.as_failure(), None);
         for text in ["maintenance", "cancel_only", "post_only", "limit_only", "reduce_only"] {
-            let status = SystemStatus { status: TradingStatus::parse(text), timestamp: String::new() };
+            let status = SystemStatus::plain(TradingStatus::parse(text), String::new());
             let failure = status.as_failure().expect("not online");
             assert_eq!(failure.class, ErrorClass::Maintenance);
             assert!(failure.message.contains(text), "{}", failure.message);
@@ -374,7 +397,7 @@ mod tests {
             false
         }
         async fn system_status(&self) -> Outcome<SystemStatus> {
-            let status = SystemStatus { status: TradingStatus::Online, timestamp: self.0.to_owned() };
+            let status = SystemStatus::plain(TradingStatus::Online, self.0.to_owned());
             Outcome {
                 endpoint: Endpoint::SystemStatus,
                 latency: Duration::from_millis(7),

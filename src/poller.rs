@@ -18,9 +18,10 @@ use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, 
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::exchange::{Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
+use crate::exchange::{Advisory, Endpoint, Exchange, Outcome, SystemStatus, TradingStatus};
 use crate::journal::{self, Event};
 use crate::limiter::{Budget, Limiter};
+use crate::statuspage;
 use crate::store::{CallRecord, writer};
 use crate::telemetry;
 use crate::{alert, breaker, clock};
@@ -76,6 +77,8 @@ pub struct Control {
     pub breaker: Arc<breaker::Shared>,
     pub limiter: Arc<Limiter>,
     pub alerts: Arc<std::sync::Mutex<alert::Engine>>,
+    /// The exchange's Statuspage, when watched: its unresolved incidents are acknowledgements the page quotes.
+    pub statuspage: Option<Arc<statuspage::Watch>>,
 }
 
 #[derive(Debug, Default)]
@@ -379,13 +382,16 @@ pub struct Poller {
     breaker: Arc<breaker::Shared>,
     limiter: Arc<Limiter>,
     alerts: Arc<Mutex<alert::Engine>>,
+    statuspage: Option<Arc<statuspage::Watch>>,
+    /// The unplanned incidents the last SystemStatus answer acknowledged (`emergency[]`).
+    emergency: Vec<Advisory>,
     next_balance: Instant,
     schedule: Schedule,
 }
 
 impl Poller {
     pub fn new(exchange: Arc<dyn Exchange>, context: Context, control: Control) -> Poller {
-        let Control { breaker, limiter, alerts } = control;
+        let Control { breaker, limiter, alerts, statuspage } = control;
         let now = Instant::now();
         let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus, Endpoint::Depth, Endpoint::Time];
         if exchange.has_credentials() {
@@ -395,7 +401,17 @@ impl Poller {
         context.heartbeat.register(exchange.name(), now, context.config.interval);
         let schedule = Schedule::new(context.schedule.clone(), now);
         context.heartbeat.schedule(exchange.name(), &schedule);
-        Poller { exchange, context, breaker, limiter, alerts, next_balance: now, schedule }
+        Poller {
+            exchange,
+            context,
+            breaker,
+            limiter,
+            alerts,
+            statuspage,
+            emergency: Vec::new(),
+            next_balance: now,
+            schedule,
+        }
     }
 
     /// The time between polls now: the interval stretched by the rate factor.
@@ -517,6 +533,7 @@ impl Poller {
         if balance.as_ref().is_some_and(|outcome| outcome.result.is_err()) {
             self.next_balance = started;
         }
+        self.heard(&status);
         let (status, trading_status) = status_as_call(&status);
         let mut outcomes = vec![ticker, status];
         outcomes.extend(balance);
@@ -549,6 +566,7 @@ impl Poller {
             exchange.server_time().await.erase()
         };
         let (status, time) = tokio::join!(status, time);
+        self.heard(&status);
         let (status, trading_status) = status_as_call(&status);
         for outcome in [&status, &time] {
             self.record(&name, outcome);
@@ -593,6 +611,34 @@ impl Poller {
         self.context.heartbeat.schedule(self.exchange.name(), &self.schedule);
     }
 
+    /// Keeps what a SystemStatus answer acknowledges; an answer that did not come changes nothing.
+    fn heard(&mut self, status: &Outcome<SystemStatus>) {
+        if let Ok(status) = &status.result {
+            self.emergency = status.emergency.clone();
+        }
+    }
+
+    /// What the exchange acknowledges now: its SystemStatus's `emergency[]` and its Statuspage's unresolved
+    /// incidents (from the last good summary, however old).
+    fn acknowledgements(&self) -> Vec<alert::Acknowledgement> {
+        let rest = self.emergency.iter().map(|advisory| alert::Acknowledgement {
+            title: advisory.title.clone(),
+            status: advisory.status.clone(),
+            impact: advisory.impact.clone(),
+            link: advisory.source_url.clone(),
+        });
+        let page = self.statuspage.as_ref().and_then(|watch| watch.view().summary).map(|summary| summary.incidents);
+        let page = page.unwrap_or_default().into_iter().map(|incident| alert::Acknowledgement {
+            title: incident.name,
+            status: incident.status,
+            impact: incident.impact,
+            link: incident.shortlink,
+        });
+        // One incident seen by both sources is one acknowledgement.
+        let mut seen = std::collections::BTreeSet::new();
+        rest.chain(page).filter(|ack| seen.insert(ack.title.to_lowercase())).collect()
+    }
+
     /// Feeds the alert rules with a poll's calls and the breaker's state after it.
     fn alert(&self, outcomes: &[Outcome<()>], status: Option<&TradingStatus>, refused: bool) {
         let now = Instant::now();
@@ -600,7 +646,9 @@ impl Poller {
             rate_factor: self.limiter.factor(),
             private_paused: self.limiter.private_paused(now),
         };
+        let acknowledgements = self.acknowledgements();
         let mut engine = self.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        engine.acknowledge(acknowledgements);
         engine.observe(now, outcomes, status, refused, self.breaker.state(), &actions);
     }
 
@@ -769,7 +817,7 @@ mod tests {
         }
         async fn system_status(&self) -> Outcome<SystemStatus> {
             let status = TradingStatus::parse(&self.status.lock().unwrap());
-            self.outcome(Endpoint::SystemStatus, Ok(SystemStatus { status, timestamp: String::new() })).await
+            self.outcome(Endpoint::SystemStatus, Ok(SystemStatus::plain(status, String::new()))).await
         }
         async fn server_time(&self) -> Outcome<ServerTime> {
             self.outcome(Endpoint::Time, Ok(ServerTime { unixtime: 0 })).await
@@ -864,7 +912,7 @@ mod tests {
             alert::Metrics::new(&registry),
             None,
         );
-        let control = Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)) };
+        let control = Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)), statuspage: None };
         let poller = Poller::new(exchange, context, control);
         (poller, registry, heartbeat, log)
     }

@@ -618,7 +618,10 @@ impl Shared {
             return Answer::kraken_error(error);
         }
         match call.access {
-            Access::Public => public_answer(&call.method, request.query.as_deref(), scenario),
+            Access::Public => {
+                let advisories = self.statuspage.rest_advisories();
+                public_answer(&call.method, request.query.as_deref(), scenario, advisories)
+            }
             Access::Private => self.private_answer(call, request, now),
         }
     }
@@ -661,7 +664,13 @@ impl Shared {
     }
 }
 
-fn public_answer(method: &str, query: Option<&str>, scenario: Scenario) -> Answer {
+/// `advisories` are SystemStatus's `emergency` and `upcoming_maintenance` arrays, or `None` to leave them out.
+fn public_answer(
+    method: &str,
+    query: Option<&str>,
+    scenario: Scenario,
+    advisories: Option<serde_json::Value>,
+) -> Answer {
     let now = chrono::Utc::now();
     let result = match method {
         "SystemStatus" => {
@@ -670,7 +679,11 @@ fn public_answer(method: &str, query: Option<&str>, scenario: Scenario) -> Answe
                 Scenario::CancelOnly => "cancel_only",
                 _ => "online",
             };
-            Ok(market::system_status(status, now))
+            let mut answer = market::system_status(status, now);
+            if let (Some(answer), Some(serde_json::Value::Object(arrays))) = (answer.as_object_mut(), advisories) {
+                answer.extend(arrays);
+            }
+            Ok(answer)
         }
         "Time" => Ok(market::time(now)),
         "Ticker" => market::ticker(query_parameter(query, "pair").as_deref()),

@@ -221,6 +221,7 @@ mod tests {
                     scenario: "authentication".to_owned(),
                     evidence: "last 5m: 3 failed".to_owned(),
                     runbook_url: "http://127.0.0.1:9750/runbook".to_owned(),
+                    acknowledged_by_exchange: false,
                 }],
             }],
             placeholders: Vec::new(),

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use url::Url;
 
 use crate::exchange::{
-    AuthFailure, Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, Profile,
+    Advisory, AuthFailure, Balances, Config, Endpoint, Error, ErrorClass, Exchange, Level, OrderBook, Outcome, Profile,
     RateBudget, ServerTime, SystemStatus, Ticker, TradingStatus,
 };
 pub use crate::transport::ConnectionReset;
@@ -611,7 +611,37 @@ fn parse_system_status(result: &Value) -> Result<SystemStatus, Error> {
     let status = result.get("status").and_then(Value::as_str).ok_or_else(|| unexpected_shape("no status string"))?;
     let timestamp =
         result.get("timestamp").and_then(Value::as_str).ok_or_else(|| unexpected_shape("no timestamp string"))?;
-    Ok(SystemStatus { status: TradingStatus::parse(status), timestamp: timestamp.to_owned() })
+    Ok(SystemStatus {
+        status: TradingStatus::parse(status),
+        timestamp: timestamp.to_owned(),
+        emergency: advisories(result, "emergency", "incident_status"),
+        upcoming_maintenance: advisories(result, "upcoming_maintenance", "phase"),
+    })
+}
+
+/// The most advisories kept of one list, and the longest text kept of each field.
+const MAX_ADVISORIES: usize = 20;
+const MAX_ADVISORY_TEXT: usize = 1024;
+
+/// One of SystemStatus's additive arrays, read leniently: absent or not a list is empty, an entry without a title is
+/// skipped, unknown fields are ignored, every text is bounded and printable.
+fn advisories(result: &Value, key: &str, status_key: &str) -> Vec<Advisory> {
+    let text = |entry: &Value, key: &str| {
+        entry.get(key).and_then(Value::as_str).map(|value| crate::text::external(value, MAX_ADVISORY_TEXT))
+    };
+    let entries = result.get(key).and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+    entries
+        .iter()
+        .filter_map(|entry| {
+            Some(Advisory {
+                title: text(entry, "title")?,
+                status: text(entry, status_key).unwrap_or_default(),
+                impact: text(entry, "impact").unwrap_or_default(),
+                source_url: text(entry, "source_url"),
+            })
+        })
+        .take(MAX_ADVISORIES)
+        .collect()
 }
 
 fn parse_server_time(result: &Value) -> Result<ServerTime, Error> {
@@ -1181,10 +1211,7 @@ mod tests {
     fn system_status_accepts_every_known_and_unknown_status_and_ignores_additive_fields() {
         let body = r#"{"error":[],"result":{"status":"online","timestamp":"2023-07-06T18:52:00Z","upcoming_maintenance":[],"emergency":[]}}"#;
         let status = classify_and_parse(body, parse_system_status).unwrap();
-        assert_eq!(
-            status,
-            SystemStatus { status: TradingStatus::Online, timestamp: "2023-07-06T18:52:00Z".to_owned() }
-        );
+        assert_eq!(status, SystemStatus::plain(TradingStatus::Online, "2023-07-06T18:52:00Z".to_owned()));
         for (text, expected) in [
             ("maintenance", TradingStatus::Maintenance),
             ("cancel_only", TradingStatus::CancelOnly),
@@ -1197,6 +1224,28 @@ mod tests {
                 classify_and_parse(&body, parse_system_status).expect("a non-online status is still an answer");
             assert_eq!(status.status, expected);
         }
+    }
+
+    #[test]
+    fn system_status_advisories_are_read_leniently_and_bounded() {
+        let body = format!(
+            r#"{{"error":[],"result":{{"status":"online","timestamp":"2026-12-02T10:00:00Z",
+                "emergency":[{{"event_id":4821,"title":"Elevated API error rates","incident_status":"identified",
+                               "impact":"critical","source_url":"https://stspg.io/x","next_steps":[]}},
+                             {{"event_id":1}}, 7, {{"title":"{}"}}],
+                "upcoming_maintenance":[{{"title":"Scheduled Maintenance - Website","phase":"approaching_30m"}}]}}}}"#,
+            "t".repeat(5000)
+        );
+        let status = classify_and_parse(&body, parse_system_status).unwrap();
+        assert_eq!(status.emergency.len(), 2, "entries without a title are skipped: {status:?}");
+        assert_eq!(status.emergency[0].title, "Elevated API error rates");
+        assert_eq!(status.emergency[0].status, "identified");
+        assert_eq!(status.emergency[0].source_url.as_deref(), Some("https://stspg.io/x"));
+        assert!(status.emergency[1].title.len() <= MAX_ADVISORY_TEXT + 64);
+        assert_eq!(status.upcoming_maintenance[0].status, "approaching_30m");
+        let absent = r#"{"error":[],"result":{"status":"online","timestamp":"2026-12-02T10:00:00Z","emergency":"x"}}"#;
+        let status = classify_and_parse(absent, parse_system_status).unwrap();
+        assert!(status.emergency.is_empty() && status.upcoming_maintenance.is_empty());
     }
 
     #[test]

@@ -181,6 +181,8 @@ pub struct FiringAlert {
     pub scenario: String,
     pub evidence: String,
     pub runbook_url: String,
+    /// The exchange acknowledges an unplanned incident (quoted in the evidence).
+    pub acknowledged_by_exchange: bool,
 }
 
 impl From<&ActiveAlert> for FiringAlert {
@@ -196,6 +198,7 @@ impl From<&ActiveAlert> for FiringAlert {
             scenario,
             evidence,
             runbook_url,
+            acknowledged_by_exchange,
             generator_url: _,
         } = alert;
         FiringAlert {
@@ -208,6 +211,7 @@ impl From<&ActiveAlert> for FiringAlert {
             scenario: scenario.clone(),
             evidence: evidence.clone(),
             runbook_url: runbook_url.clone(),
+            acknowledged_by_exchange: *acknowledged_by_exchange,
         }
     }
 }

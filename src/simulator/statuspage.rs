@@ -30,6 +30,9 @@ pub struct Page {
     pub components: Vec<Component>,
     pub incidents: Vec<Incident>,
     pub fault: Option<Fault>,
+    /// Whether Kraken's SystemStatus carries the `emergency` (these incidents) and `upcoming_maintenance` arrays;
+    /// Kraken's documentation allows them to be absent.
+    pub rest_advisories: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -86,6 +89,7 @@ impl Default for Page {
             components: vec![component("REST"), component("WebSocket")],
             incidents: Vec::new(),
             fault: None,
+            rest_advisories: true,
         }
     }
 }
@@ -100,6 +104,7 @@ pub struct Update {
     incidents: Option<Vec<Incident>>,
     #[serde(default, deserialize_with = "present")]
     fault: Option<Option<Fault>>,
+    rest_advisories: Option<bool>,
 }
 
 /// `"fault": null` is a change (clear it), unlike a missing `fault`.
@@ -120,7 +125,10 @@ impl State {
 
     pub fn update(&self, update: Update) -> Page {
         let mut page = self.page.lock().unwrap_or_else(PoisonError::into_inner);
-        let Update { indicator, description, components, incidents, fault } = update;
+        let Update { indicator, description, components, incidents, fault, rest_advisories } = update;
+        if let Some(rest_advisories) = rest_advisories {
+            page.rest_advisories = rest_advisories;
+        }
         if let Some(indicator) = indicator {
             page.indicator = indicator;
         }
@@ -137,6 +145,26 @@ impl State {
             page.fault = fault;
         }
         page.clone()
+    }
+
+    /// SystemStatus's advisory arrays as Kraken sends them: the page's unresolved incidents as `emergency[]`, no
+    /// upcoming maintenance; `None` when they are switched off.
+    pub fn rest_advisories(&self) -> Option<serde_json::Value> {
+        let page = self.page();
+        if !page.rest_advisories {
+            return None;
+        }
+        let emergency: Vec<_> = page
+            .incidents
+            .iter()
+            .enumerate()
+            .map(|(index, incident)| {
+                json!({"event_id": 4821 + index, "title": incident.name, "incident_status": incident.status,
+                       "impact": incident.impact, "affected_services": ["spot_rest"],
+                       "started_at": chrono::Utc::now().to_rfc3339(), "source_url": format!("https://stspg.io/sim{index}")})
+            })
+            .collect();
+        Some(json!({"upcoming_maintenance": [], "emergency": emergency}))
     }
 
     /// `GET /__statuspage/{venue}/api/v2/summary.json`.

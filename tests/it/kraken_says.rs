@@ -120,3 +120,50 @@ async fn a_failing_page_is_counted_and_its_last_good_summary_kept_then_marked_st
     assert_eq!(app.get("/health").await.0, 200, "a failing page is never the daemon's failure");
     app.shutdown().await.unwrap();
 }
+
+/// Kraken unavailable while it acknowledges an unplanned incident (SystemStatus `emergency[]`): the page says so
+/// (`acknowledged_by_exchange="true"`) and quotes the incident with its link in the evidence. Without the
+/// incident, the annotation is absent.
+#[tokio::test]
+async fn an_incident_kraken_acknowledges_is_quoted_in_the_page_and_flagged() {
+    for acknowledged in [true, false] {
+        let simulator = start_simulator().await;
+        let incidents = if acknowledged {
+            r#"[{"name":"Elevated API error rates","status":"identified","impact":"critical"}]"#
+        } else {
+            "[]"
+        };
+        set_page(&simulator, &format!(r#"{{"incidents":{incidents}}}"#)).await;
+        simulator.set_scenario(exwatch::simulator::Scenario::Unavailable);
+        let capture = crate::helpers::Capture::default();
+        let (receiver, _stop) = capture.serve().await;
+        let text = format!(
+            "[server]\nlisten = \"127.0.0.1:0\"\nshutdown_grace = \"5s\"\n[poll]\ninterval = \"200ms\"\n\
+             timeout = \"200ms\"\n{FAST_RATE_LIMIT}[[exchanges]]\nname = \"kraken\"\nbase_url = \"{}\"\n\
+             [[alerts.sinks]]\nname = \"hook\"\nkind = \"webhook\"\nurl = \"http://{receiver}/hook\"\n{}",
+            simulator.base_url(),
+            scratch_database()
+        );
+        let app = spawn_app(Config::from_toml(&text).unwrap()).await;
+        let page = eventually(WAIT, "exchange_api_down sent", || async {
+            let received = capture.received();
+            received.into_iter().find(|received| received.body["status"] == "firing").map(|received| received.body)
+        })
+        .await;
+        let annotations = &page["alerts"][0]["annotations"];
+        let evidence = annotations["evidence"].as_str().unwrap();
+        if acknowledged {
+            assert_eq!(annotations["acknowledged_by_exchange"], "true", "{page:#}");
+            assert!(
+                evidence.contains(
+                    "Kraken acknowledges: Elevated API error rates, identified, critical, https://stspg.io/sim0"
+                ),
+                "{evidence}"
+            );
+        } else {
+            assert!(annotations.get("acknowledged_by_exchange").is_none(), "{page:#}");
+            assert!(!evidence.contains("acknowledges"), "{evidence}");
+        }
+        app.shutdown().await.unwrap();
+    }
+}
