@@ -243,7 +243,9 @@ Switching a running simulator (its control endpoint is never slowed down nor fau
        -d '{{\"scenario\":\"maintenance\"}}'
 
 GET answers the state and the request count per method. PUT changes any of scenario, latency (\"2s\"),
-failure_rate (0.3) and redirect_to (a URL); absent fields stay as they are.",
+failure_rate (0.3) and redirect_to (a URL); absent fields stay as they are. The exchange's Statuspage is served
+at /__statuspage/kraken/api/v2/summary.json and changed the same way at {statuspage}.",
+        statuspage = simulator::statuspage::STATUSPAGE_CONTROL,
         after = defaults.lockout_after,
         max = counter.max,
         decay = counter.decay_per_second,
