@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the whole test suite on a fresh machine: installs the tools the tests use (promtool, Alertmanager, curl,
+# Runs the whole test suite on a fresh machine: installs the tools the tests use (promtool, Alertmanager, curl, python3,
 # unshare, PostgreSQL), finds or starts a PostgreSQL for the database tests, then runs every test with cargo-nextest.
 #
 # PostgreSQL: DATABASE_URL if set; else the local server on 127.0.0.1:5432 if it answers; else a throwaway
@@ -14,6 +14,7 @@ command -v curl >/dev/null || need_packages+=(curl)
 command -v unshare >/dev/null || need_packages+=(util-linux)
 command -v ip >/dev/null || need_packages+=(iproute2)
 command -v psql >/dev/null || need_packages+=(postgresql-client)
+command -v python3 >/dev/null || need_packages+=(python3)  # the README drill's webhook receiver
 if [ -z "${DATABASE_URL:-}" ] && ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   need_packages+=(postgresql)
 fi

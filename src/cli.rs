@@ -35,6 +35,7 @@ pub enum Command {
     /// Validate the configuration and print the effective settings, secrets redacted.
     CheckConfig(ConfigArgs),
     /// Serve a fake Kraken (faults included) for tests, demos and drills.
+    #[command(after_long_help = simulate_help())]
     Simulate(SimulateArgs),
     /// Run the runbook's recovery verification once (Ticker, Balance, Depth); exit 0 only if all pass.
     Probe(ConfigArgs),
@@ -187,10 +188,10 @@ pub struct SimulateArgs {
     /// Probability that a call fails in the `flaky` scenario.
     #[arg(long, default_value_t = 0.5, value_parser = parse_rate)]
     pub failure_rate: f64,
-    /// The API key Balance calls must carry.
+    /// The API key Balance calls must carry (default: the test key `--help` shows).
     #[arg(long)]
     pub api_key: Option<String>,
-    /// The base64 API secret Balance signatures are verified with.
+    /// The base64 API secret Balance signatures are verified with (default: the test secret `--help` shows).
     #[arg(long)]
     pub api_secret: Option<String>,
     /// Turn off the per-IP public rate limit (about 1 call/s with a burst, like Kraken's).
@@ -208,8 +209,47 @@ impl clap::ValueEnum for Scenario {
     }
 
     fn to_possible_value(&self) -> Option<clap::builder::PossibleValue> {
-        Some(clap::builder::PossibleValue::new(self.as_str()))
+        Some(clap::builder::PossibleValue::new(self.as_str()).help(self.summary()))
     }
+}
+
+/// The end of `simulate --help`: how Balance calls are checked, with the test credentials, and how to switch
+/// the scenario of a running simulator. Numbers come from the simulator's defaults, so the text stays true.
+fn simulate_help() -> String {
+    let defaults = simulator::Options::default();
+    let (key, secret, control) = (simulator::DEFAULT_API_KEY, simulator::DEFAULT_API_SECRET, simulator::CONTROL_PATH);
+    let lockout = humantime::format_duration(defaults.lockout_duration);
+    let counter = defaults.private_counter;
+    format!(
+        "Credentials: Balance, the one private call, is checked as Kraken checks it:
+  - the API-Key header must be the key (else EAPI:Invalid key; {after} in a row lock it out for {lockout}:
+    EGeneral:Temporary lockout, and each bad key during the lockout restarts it);
+  - API-Sign must be Kraken's signature, HMAC-SHA512 keyed with the base64-decoded secret over the path and
+    the SHA-256 of nonce + body (else EAPI:Invalid signature);
+  - the nonce must be above the last one accepted (else EAPI:Invalid nonce);
+  - the private call counter (at most {max}, -{decay}/s) must have room (else EAPI:Rate limit exceeded).
+Unless --api-key and --api-secret say otherwise, the key and secret are these test values (the secret is
+Kraken's published test secret); in an exwatch configuration's [[exchanges]] entry:
+
+  api_key = \"{key}\"
+  api_secret = \"{secret}\"
+
+The scenarios invalid_key, invalid_signature and lockout refuse every private call, whatever it carries.
+
+Switching a running simulator (its control endpoint is never slowed down nor faulted):
+
+  curl -s http://127.0.0.1:8080{control}
+  curl -s -X PUT http://127.0.0.1:8080{control} -H 'content-type: application/json' \\
+       -d '{{\"scenario\":\"maintenance\"}}'
+
+GET answers the state and the request count per method. PUT changes any of scenario, latency (\"2s\"),
+failure_rate (0.3) and redirect_to (a URL); absent fields stay as they are. The exchange's Statuspage is served
+at /__statuspage/kraken/api/v2/summary.json and changed the same way at {statuspage}.",
+        statuspage = simulator::statuspage::STATUSPAGE_CONTROL,
+        after = defaults.lockout_after,
+        max = counter.max,
+        decay = counter.decay_per_second,
+    )
 }
 
 /// Where the admin API is and which exchange to act on; usable after the subcommand (`breaker status --url …`).

@@ -83,80 +83,48 @@ const MAX_REQUEST_BODY_BYTES: usize = 64 * 1024;
 const MAX_COUNTED_METHODS: usize = 256;
 const OTHER_METHODS: &str = "(other)";
 
-/// What Kraken does right now. Applies to Kraken paths only; the control endpoint always works.
+/// What Kraken does right now. Applies to Kraken paths only; the control endpoint always works. What each one
+/// answers is [`Scenario::summary`], the text `exwatch simulate --help` lists.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Scenario {
-    /// Everything answers normally.
     Healthy,
-    /// SystemStatus says `maintenance`; every other call is `EService:Unavailable`.
     Maintenance,
-    /// SystemStatus says `cancel_only`; other calls answer normally.
     CancelOnly,
-    /// Every call is `EAPI:Rate limit exceeded`.
     RateLimited,
-    /// Every call is `EGeneral:Too many requests` (HTTP 200).
     TooManyRequests,
-    /// Every call is HTTP 429 with `EGeneral:Too many requests`.
     Http429,
-    /// Private calls are `EAPI:Invalid key`; public calls stay healthy.
     InvalidKey,
-    /// Private calls are `EAPI:Invalid signature`; public calls stay healthy.
     InvalidSignature,
-    /// Private calls are `EGeneral:Temporary lockout`; public calls stay healthy.
     Lockout,
-    /// Every call is Cloudflare's 520 HTML page.
     Cloudflare520,
-    /// Every call is Cloudflare's 502 HTML page.
     Cloudflare502,
-    /// Every call is Cloudflare's 504 HTML page.
     Cloudflare504,
-    /// Every call is HTTP 200 with an HTML page.
     Html200,
-    /// Every call is HTTP 200 with an empty body.
     EmptyBody,
-    /// Every call is HTTP 200 with the first half of the healthy JSON body.
     TruncatedJson,
-    /// SystemStatus says `online`; every other call is `EService:Unavailable`.
     Unavailable,
-    /// Every call is `EService:Busy`.
     Busy,
-    /// Every call is `EGeneral:Internal error:5`.
     InternalError,
-    /// Healthy answers after the configured latency, or 6 s if it is zero.
     Slow,
-    /// The TCP connection is reset without an answer. In memory (no connection), the answer carries the
-    /// [`ConnectionReset`] marker instead.
+    /// In memory (no connection), the answer carries the [`ConnectionReset`] marker instead of a reset.
     Reset,
-    /// Each call fails with `EService:Unavailable` with probability `failure_rate`.
     Flaky,
     // Outbound faults (issue 11): a front end that redirects or refuses every path, a Kraken that no longer
     // knows the pair or the method, a server that never answers.
-    /// Every call is HTTP 301 to the same path on `redirect_to` (default [`DEFAULT_REDIRECT_TO`]).
     Redirect301,
-    /// As `redirect_301`, with 302.
     Redirect302,
-    /// As `redirect_301`, with 303.
     Redirect303,
-    /// As `redirect_301`, with 307 (a client that follows re-sends the signed body).
+    /// A client that follows a 307 re-sends the signed body.
     Redirect307,
-    /// As `redirect_301`, with 308.
     Redirect308,
-    /// Every call is HTTP 404 with the front end's HTML page (an endpoint removed, a proxy in the way).
     NotFound,
-    /// Every call is HTTP 400 with the front end's HTML page.
     BadRequest,
-    /// Every call is HTTP 405 `Not Allowed`, as Kraken answers a wrong verb.
     MethodNotAllowed,
-    /// Ticker and Depth are `EQuery:Unknown asset pair` (a delisted pair); other calls stay healthy.
     UnknownPair,
-    /// Every call is `EGeneral:Unknown method` (an endpoint removed).
     UnknownMethod,
-    /// The connection is accepted and the request read, and nothing is ever answered (after
-    /// [`SILENT_HOLD`] the connection is reset, so a forgotten client cannot hold it forever).
+    /// After [`SILENT_HOLD`] the connection is reset, so a forgotten client cannot hold it forever.
     Silent,
-    /// Every call is a Kraken error whose one string is 900 kB long (`EGeneral:Internal error:` and padding).
     OversizedError,
-    /// Every call is a Kraken error whose string holds a NUL character.
     NulError,
 }
 
@@ -234,6 +202,46 @@ impl Scenario {
             Scenario::Silent => "silent",
             Scenario::OversizedError => "oversized_error",
             Scenario::NulError => "nul_error",
+        }
+    }
+
+    /// What the scenario answers, in one line (`exwatch simulate --help` lists these).
+    pub fn summary(self) -> &'static str {
+        match self {
+            Scenario::Healthy => "everything answers normally",
+            Scenario::Maintenance => "SystemStatus `maintenance`; every other call `EService:Unavailable`",
+            Scenario::CancelOnly => "SystemStatus `cancel_only`; other calls answer normally",
+            Scenario::RateLimited => "every call `EAPI:Rate limit exceeded`",
+            Scenario::TooManyRequests => "every call `EGeneral:Too many requests` (HTTP 200)",
+            Scenario::Http429 => "every call HTTP 429 with `EGeneral:Too many requests`",
+            Scenario::InvalidKey => "private calls `EAPI:Invalid key`; public calls healthy",
+            Scenario::InvalidSignature => "private calls `EAPI:Invalid signature`; public calls healthy",
+            Scenario::Lockout => "private calls `EGeneral:Temporary lockout`; public calls healthy",
+            Scenario::Cloudflare520 => "every call Cloudflare's 520 HTML page",
+            Scenario::Cloudflare502 => "every call Cloudflare's 502 HTML page",
+            Scenario::Cloudflare504 => "every call Cloudflare's 504 HTML page",
+            Scenario::Html200 => "every call HTTP 200 with an HTML page",
+            Scenario::EmptyBody => "every call HTTP 200 with an empty body",
+            Scenario::TruncatedJson => "every call HTTP 200 with the first half of the healthy JSON",
+            Scenario::Unavailable => "SystemStatus `online`; every other call `EService:Unavailable`",
+            Scenario::Busy => "every call `EService:Busy`",
+            Scenario::InternalError => "every call `EGeneral:Internal error:5`",
+            Scenario::Slow => "healthy answers after --latency (6s when it is zero)",
+            Scenario::Reset => "the TCP connection is reset without an answer",
+            Scenario::Flaky => "each call fails with `EService:Unavailable` with probability --failure-rate",
+            Scenario::Redirect301 => "every call HTTP 301 to the same path and query on --redirect-to",
+            Scenario::Redirect302 => "as redirect_301, with 302",
+            Scenario::Redirect303 => "as redirect_301, with 303",
+            Scenario::Redirect307 => "as redirect_301, with 307",
+            Scenario::Redirect308 => "as redirect_301, with 308",
+            Scenario::NotFound => "every call HTTP 404 with the front end's HTML page (an endpoint removed)",
+            Scenario::BadRequest => "every call HTTP 400 with the front end's HTML page",
+            Scenario::MethodNotAllowed => "every call HTTP 405 `Not Allowed`, as Kraken answers a wrong verb",
+            Scenario::UnknownPair => "Ticker and Depth `EQuery:Unknown asset pair` (a delisted pair); other calls work",
+            Scenario::UnknownMethod => "every call `EGeneral:Unknown method` (an endpoint removed)",
+            Scenario::Silent => "the request is read and never answered (reset after 10 minutes)",
+            Scenario::OversizedError => "every call `EGeneral:Internal error:` padded to 900 kB",
+            Scenario::NulError => "every call a Kraken error whose string holds a NUL character",
         }
     }
 

@@ -13,6 +13,7 @@ mod daemon;
 mod delivery;
 mod deploy;
 mod detection;
+mod drill;
 mod durability;
 mod helpers;
 mod in_memory;
