@@ -181,6 +181,10 @@ impl Metrics {
     }
 }
 
+/// How far before a failed poll's observation its incident starts, beyond its slowest call: its rows were recorded in
+/// between, so none is left out of the incident's window.
+const POLL_MARGIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// The most bytes of an incident's first or last error.
 const MAX_INCIDENT_ERROR_BYTES: usize = 1024;
 
@@ -188,7 +192,8 @@ const MAX_INCIDENT_ERROR_BYTES: usize = 1024;
 /// counts, so its row and its report agree.
 #[derive(Debug, Clone)]
 struct Streak {
-    /// Wall-clock time just before its first poll: after every call row of the poll before, before any of its own.
+    /// Wall-clock time just before its first poll's calls (the slowest call's latency and a second before it was
+    /// observed, never before the previous poll): after every call row of the poll before, before any of its own.
     since: DateTime<Utc>,
     first_error: Option<String>,
     /// The streak's calls so far.
@@ -294,7 +299,14 @@ impl Engine {
             total_calls: outcomes.len() as i64,
         };
         if result == PollResult::Failed && self.streak.is_none() {
-            self.streak = Some(Streak { since: self.last_observed, first_error: None, tally: Tally::default() });
+            // This poll's calls were recorded just before now, each having taken at most the slowest one's latency:
+            // a second before that is still before any of its rows, and far closer to the first failure than the
+            // previous poll (a whole interval earlier), which stays the bound no row of this poll precedes.
+            let slowest = outcomes.iter().map(|outcome| outcome.latency).max().unwrap_or_default();
+            let before_this_poll = chrono::Duration::from_std(slowest + POLL_MARGIN).unwrap_or(chrono::Duration::MAX);
+            let since = Utc::now().checked_sub_signed(before_this_poll).unwrap_or(self.last_observed);
+            self.streak =
+                Some(Streak { since: since.max(self.last_observed), first_error: None, tally: Tally::default() });
         }
         if let Some(streak) = &mut self.streak {
             streak.first_error = streak.first_error.take().or_else(|| errors.first().cloned());

@@ -683,13 +683,13 @@ impl Poller {
             self.record(&name, &outcome);
             let verdict = self.poll_verdict(std::slice::from_ref(&outcome));
             let passed = matches!(verdict, breaker::Call::Success(_));
-            self.breaker.record(permit, verdict);
             let result = match outcome.error() {
                 None => "passed".to_owned(),
                 Some(error) => format!("failed: {error}"),
             };
             let detail = format!("recovery verification: {endpoint} {result} ({} ms)", outcome.latency.as_millis());
             journal::record(self.context.journal.as_ref(), Event::now(&name, journal::Kind::Verification, detail));
+            self.breaker.record(permit, verdict);
             outcomes.push(outcome);
             if !passed {
                 tracing::warn!(exchange = name, endpoint = endpoint.as_str(), "Recovery verification failed.");

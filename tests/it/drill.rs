@@ -119,8 +119,14 @@ async fn the_readme_drill_runs_as_written_and_gets_the_page_the_resolve_and_the_
     let counted =
         stdout.lines().skip(header).any(|line| line.trim_start().starts_with("calls") && line.contains("failed"));
     assert!(counted, "the incident report counts no calls\n{report}");
-    // Issue 13's timeline: once `exwatch incidents timeline ID` exists, the drill ends with
-    // `exwatch incidents timeline "$incident"` and its output is asserted here.
+    // The incident told as a story: the page fired, reached the pager, and resolved, after the report.
+    let story = stdout.lines().skip(header + 1).skip_while(|line| !line.starts_with("Incident ")).collect::<Vec<_>>();
+    let told = |text: &str| story.iter().any(|line| line.contains(text));
+    for text in
+        ["first failure of the streak", "exchange_api_down fired", "delivered to pager", "exchange_api_down resolved"]
+    {
+        assert!(told(text), "the timeline does not tell {text:?}\n{report}");
+    }
 
     // The drill's trap stopped what it started, the daemon in order.
     assert!(daemon.contains("Shutdown complete"), "the daemon was not shut down in order\n{report}");
