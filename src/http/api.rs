@@ -240,9 +240,11 @@ pub struct BreakerStatus {
     pub since: String,
     /// How long it has been in it (`1m 5s`).
     pub in_state_for: String,
+    /// Failed calls in a row, for the consecutive-failure trip.
     pub consecutive_failures: u32,
     /// Failures in the window (the runbook's `failureCount`).
     pub failure_count: u32,
+    /// Calls in the window, and the slow ones among them.
     pub calls_in_window: u32,
     pub slow_calls_in_window: u32,
     /// Percent, or -1 while the window holds fewer than `minimum_calls`.
