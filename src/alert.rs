@@ -105,6 +105,14 @@ pub struct ActiveAlert {
     pub generator_url: String,
 }
 
+/// What the exchange's last SystemStatus announced, and when it was read.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Advisories {
+    pub emergency: Vec<crate::exchange::Advisory>,
+    pub upcoming_maintenance: Vec<crate::exchange::Advisory>,
+    pub read_at: DateTime<Utc>,
+}
+
 /// An unplanned incident the exchange acknowledges, from its SystemStatus or its Statuspage.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Acknowledgement {
@@ -209,6 +217,8 @@ pub struct Engine {
     profile: &'static Profile,
     /// The unplanned incidents the exchange acknowledges now.
     acknowledgements: Vec<Acknowledgement>,
+    /// What the last SystemStatus announced, for `/api/v1/exchanges/{name}/exchange-status`.
+    advisories: Option<Advisories>,
     config: Config,
     down: DownRule,
     slow: SlowRule,
@@ -240,6 +250,7 @@ impl Engine {
             exchange: exchange.to_owned(),
             profile,
             acknowledgements: Vec::new(),
+            advisories: None,
             down: DownRule::new(config.down.clone()),
             slow: SlowRule::new(config.slow.clone()),
             evidence: Evidence::new(config.evidence_window, profile),
@@ -360,6 +371,16 @@ impl Engine {
     /// alert quotes it from the next poll on.
     pub fn acknowledge(&mut self, acknowledgements: Vec<Acknowledgement>) {
         self.acknowledgements = acknowledgements;
+    }
+
+    /// Keeps what the last SystemStatus announced.
+    pub fn heard_advisories(&mut self, advisories: Advisories) {
+        self.advisories = Some(advisories);
+    }
+
+    /// What the last SystemStatus announced; `None` until one was read.
+    pub fn advisories(&self) -> Option<&Advisories> {
+        self.advisories.as_ref()
     }
 
     /// The exchange's kind: how it is named for people.

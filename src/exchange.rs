@@ -219,7 +219,7 @@ pub struct SystemStatus {
 }
 
 /// One announcement in a SystemStatus answer: third-party text, bounded where it is read.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Advisory {
     pub title: String,
     /// An incident's status (`identified`), or a maintenance's phase.

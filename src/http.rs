@@ -162,15 +162,15 @@ async fn exchange_status(
         let error = format!("unknown exchange {:?}; known: {}", crate::text::bounded(&name, 64), known.join(", "));
         return (StatusCode::NOT_FOUND, Json(json!({ "error": error }))).into_response();
     };
-    let (system_status, display_name) = {
+    let (system_status, display_name, advisories) = {
         let alerts = control.alerts.lock().unwrap_or_else(PoisonError::into_inner);
         let status = alerts
             .last_status()
             .map(|status| api::SystemStatusSaid { value: status.as_text().to_owned(), source: "rest".to_owned() });
-        (status, alerts.profile().display_name.to_owned())
+        (status, alerts.profile().display_name.to_owned(), alerts.advisories().cloned())
     };
     let statuspage = state.statuspages.get(&name).map(|watch| watch.view());
-    (StatusCode::OK, Json(api::ExchangeSays { exchange: name, display_name, system_status, statuspage }))
+    (StatusCode::OK, Json(api::ExchangeSays { exchange: name, display_name, system_status, statuspage, advisories }))
         .into_response()
 }
 

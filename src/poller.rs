@@ -171,6 +171,7 @@ pub struct Metrics {
     up: IntGaugeVec,
     last_success: prometheus::GaugeVec,
     system_status: IntGaugeVec,
+    advisories: IntGaugeVec,
     ticks: IntCounterVec,
     last_tick: prometheus::GaugeVec,
     mode: IntGaugeVec,
@@ -221,6 +222,15 @@ impl Metrics {
             &["exchange", "status"],
         )
         .expect("valid metric definition");
+        let advisories = IntGaugeVec::new(
+            Opts::new(
+                "exwatch_exchange_advisories",
+                "What the exchange's last SystemStatus announced, by kind: emergency (unplanned incidents) and \
+                 upcoming_maintenance.",
+            ),
+            &["exchange", "kind"],
+        )
+        .expect("valid metric definition");
         let ticks =
             IntCounterVec::new(Opts::new("exwatch_poll_ticks_total", "Polls started per exchange."), &["exchange"])
                 .expect("valid metric definition");
@@ -245,6 +255,7 @@ impl Metrics {
             up: telemetry::register(registry, up),
             last_success: telemetry::register(registry, last_success),
             system_status: telemetry::register(registry, system_status),
+            advisories: telemetry::register(registry, advisories),
             ticks: telemetry::register(registry, ticks),
             last_tick: telemetry::register(registry, last_tick),
         }
@@ -347,6 +358,12 @@ impl Metrics {
     fn system_status(&self, exchange: &str, status: &TradingStatus) {
         for known in TradingStatus::KNOWN {
             self.system_status.with_label_values(&[exchange, known]).set(i64::from(known == status.label()));
+        }
+    }
+
+    fn advisories(&self, exchange: &str, status: &SystemStatus) {
+        for (kind, list) in [("emergency", &status.emergency), ("upcoming_maintenance", &status.upcoming_maintenance)] {
+            self.advisories.with_label_values(&[exchange, kind]).set(i64::try_from(list.len()).unwrap_or(i64::MAX));
         }
     }
 
@@ -615,6 +632,13 @@ impl Poller {
     fn heard(&mut self, status: &Outcome<SystemStatus>) {
         if let Ok(status) = &status.result {
             self.emergency = status.emergency.clone();
+            self.context.metrics.advisories(self.exchange.name(), status);
+            let mut engine = self.alerts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            engine.heard_advisories(alert::Advisories {
+                emergency: status.emergency.clone(),
+                upcoming_maintenance: status.upcoming_maintenance.clone(),
+                read_at: chrono::Utc::now(),
+            });
         }
     }
 

@@ -74,6 +74,9 @@ pub struct ExchangeSays {
     pub system_status: Option<SystemStatusSaid>,
     /// Its Statuspage; null when `statuspage_url` is not configured.
     pub statuspage: Option<crate::statuspage::View>,
+    /// What its last SystemStatus announced (`emergency`, `upcoming_maintenance`) and when it was read; null until
+    /// one was read.
+    pub advisories: Option<crate::alert::Advisories>,
 }
 
 /// A trading status and where it was read.

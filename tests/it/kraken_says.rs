@@ -164,6 +164,13 @@ async fn an_incident_kraken_acknowledges_is_quoted_in_the_page_and_flagged() {
             assert!(annotations.get("acknowledged_by_exchange").is_none(), "{page:#}");
             assert!(!evidence.contains("acknowledges"), "{evidence}");
         }
+        // The announcement itself, as the exchange-status endpoint and the metrics show it.
+        let said: Value = serde_json::from_str(&app.get("/api/v1/exchanges/kraken/exchange-status").await.1).unwrap();
+        let emergency = said["advisories"]["emergency"].as_array().unwrap();
+        assert_eq!(emergency.len(), usize::from(acknowledged), "{said:#}");
+        let metrics = app.metrics().await;
+        let labels = [("exchange", "kraken"), ("kind", "emergency")];
+        assert_eq!(metric(&metrics, "exwatch_exchange_advisories", &labels), Some(f64::from(u8::from(acknowledged))));
         app.shutdown().await.unwrap();
     }
 }
