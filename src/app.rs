@@ -27,6 +27,7 @@ use crate::poller::{self, Heartbeat, Poller};
 use crate::statuspage;
 use crate::store::{self, Sink, connector::Connector, writer};
 use crate::telemetry;
+use crate::websocket;
 use crate::{alert, breaker};
 
 use self::supervisor::Supervisor;
@@ -148,7 +149,7 @@ impl App {
                 let watch = statuspage::Watch::new(
                     &view.name,
                     source.clone(),
-                    config.status_sources.clone(),
+                    config.status_sources.statuspage.clone(),
                     statuspage_metrics.clone(),
                 )
                 .context("cannot build the Statuspage client")?;
@@ -170,6 +171,7 @@ impl App {
                         Some(outbox.clone()),
                     ))),
                     statuspage: statuspages.get(&name).cloned(),
+                    wake: Arc::default(),
                 };
                 if let Some(journal) = &journal {
                     control.breaker.set_journal(journal.clone());
@@ -178,6 +180,20 @@ impl App {
                 (name, control)
             })
             .collect::<BTreeMap<_, _>>();
+        let websocket_metrics = websocket::Metrics::new(&registry);
+        let mut websockets = BTreeMap::new();
+        for view in &config.exchanges {
+            if let (Some(url), Some(control)) = (&view.websocket_url, controls.get(&view.name)) {
+                let watch = websocket::Watch::new(
+                    &view.name,
+                    url.clone(),
+                    config.status_sources.websocket.clone(),
+                    websocket_metrics.clone(),
+                    control.clone(),
+                );
+                websockets.insert(view.name.clone(), watch);
+            }
+        }
         let (sink, connector): (Arc<dyn Sink>, _) = match sink {
             Some(sink) => (sink, None),
             None => {
@@ -220,6 +236,7 @@ impl App {
             placeholders: Arc::new(config.placeholders.clone()),
             database: connector.clone(),
             statuspages: Arc::new(statuspages),
+            websockets: Arc::new(websockets),
         };
         Ok(App {
             config,
@@ -324,6 +341,16 @@ impl App {
         // What each exchange's Statuspage says, beside the polls and stopped with them.
         for watch in state.statuspages.values().cloned() {
             let name = format!("statuspage {}", watch.exchange());
+            let stop = cancel.clone();
+            tasks.spawn(polling, name, async move {
+                watch.run(stop).await;
+                Ok(())
+            });
+        }
+
+        // What each exchange's WebSocket says; a dead one is shown, never an outage, and never stops the daemon.
+        for watch in state.websockets.values().cloned() {
+            let name = format!("websocket {}", watch.exchange());
             let stop = cancel.clone();
             tasks.spawn(polling, name, async move {
                 watch.run(stop).await;

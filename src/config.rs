@@ -19,7 +19,7 @@ use crate::clock::human_duration;
 use crate::exchange::{self, Credentials, ErrorClass, Kind};
 use crate::secret::{Secret, redact_url};
 use crate::telemetry::LogFormat;
-use crate::{alert, breaker, limiter, poller, statuspage, store, telemetry};
+use crate::{alert, breaker, limiter, poller, statuspage, store, telemetry, websocket};
 
 /// Public calls in one poll: Ticker and SystemStatus.
 const PUBLIC_CALLS_PER_POLL: f64 = 2.0;
@@ -40,7 +40,7 @@ pub struct Config {
     pub alerts: alert::Config,
     pub database: store::Config,
     pub admin: Admin,
-    pub status_sources: statuspage::Config,
+    pub status_sources: StatusSources,
     pub log: telemetry::Config,
     /// Environment variables that look like settings but are ignored (`EXWATCH_POLL__INTERVAL`, one underscore):
     /// `run` logs a warning for each at start, naming the variable, never its value.
@@ -85,11 +85,30 @@ pub struct ExchangeView {
     pub rate_limit: limiter::Config,
     /// Its Statuspage (`statuspage_url`, `statuspage_page_id`, `statuspage_components`); unset = not watched.
     pub statuspage: Option<statuspage::Source>,
+    /// Its WebSocket (`websocket_url`, ws:// or wss://); unset = not watched.
+    #[serde(serialize_with = "shown_optional_url")]
+    pub websocket_url: Option<url::Url>,
     /// Whether the exchange has a `rate_limit` table of its own (problems name that key).
     #[serde(skip)]
     pub own_rate_limit: bool,
     #[serde(skip)]
     pub exchange: exchange::Config,
+}
+
+fn shown_optional_url<S: serde::Serializer>(url: &Option<url::Url>, serializer: S) -> Result<S::Ok, S::Error> {
+    match url {
+        Some(url) => serializer.serialize_some(&redact_url(url)),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// `[status_sources]`: the Statuspage's settings and the WebSocket's (`websocket_*`), in one section.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct StatusSources {
+    #[serde(flatten)]
+    pub statuspage: statuspage::Config,
+    #[serde(flatten)]
+    pub websocket: websocket::Config,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -877,8 +896,16 @@ impl Reader {
         Some(statuspage::Source { url, page_id, components })
     }
 
+    /// An exchange's WebSocket: ws:// or wss:// with a host.
+    fn websocket_url(&mut self, table: &mut Table) -> Option<url::Url> {
+        self.parsed(table, "websocket_url", None, |text| match url::Url::parse(text) {
+            Ok(url) if matches!(url.scheme(), "ws" | "wss") && url.host().is_some() => Ok(Some(url)),
+            _ => Err("invalid URL; expected ws:// or wss:// with a host".to_owned()),
+        })
+    }
+
     /// `[status_sources]`: how the exchanges' own status sources are read.
-    fn status_sources(&mut self, root: &mut Table) -> statuspage::Config {
+    fn status_sources(&mut self, root: &mut Table) -> StatusSources {
         let defaults = statuspage::Config::default();
         let mut table = self.section(root, "status_sources");
         let config = statuspage::Config {
@@ -886,14 +913,26 @@ impl Reader {
             timeout: self.duration(&mut table, "timeout", defaults.timeout),
             stale_after: self.duration(&mut table, "stale_after", defaults.stale_after),
         };
-        for (key, value) in [("statuspage_interval", config.statuspage_interval), ("timeout", config.timeout)] {
+        let websocket_defaults = websocket::Config::default();
+        let websocket = websocket::Config {
+            ping_interval: self.duration(&mut table, "websocket_ping_interval", websocket_defaults.ping_interval),
+            pong_timeout: self.duration(&mut table, "websocket_pong_timeout", websocket_defaults.pong_timeout),
+            reconnect_max: self.duration(&mut table, "websocket_reconnect_max", websocket_defaults.reconnect_max),
+        };
+        for (key, value) in [
+            ("statuspage_interval", config.statuspage_interval),
+            ("timeout", config.timeout),
+            ("websocket_ping_interval", websocket.ping_interval),
+            ("websocket_pong_timeout", websocket.pong_timeout),
+            ("websocket_reconnect_max", websocket.reconnect_max),
+        ] {
             if value < Duration::from_secs(1) {
                 let key = table.key(key);
                 self.problem(&key, "must be at least 1s");
             }
         }
         self.finish(table);
-        config
+        StatusSources { statuspage: config, websocket }
     }
 
     /// One exchange's limiter settings: its kind's budget, then `[rate_limit]` (`global`), then its own
@@ -1310,6 +1349,7 @@ impl Reader {
             }
         };
         let statuspage = self.statuspage(table, profile);
+        let websocket_url = self.websocket_url(table);
         let own_rate_limit = table.entries.contains_key("rate_limit");
         let rate_limit = self.exchange_rate_limit(table, kind, global_rate_limit);
         let exchange = exchange::Config {
@@ -1330,6 +1370,7 @@ impl Reader {
             api_secret,
             rate_limit,
             statuspage,
+            websocket_url,
             own_rate_limit,
             exchange,
         })
@@ -2191,5 +2232,32 @@ mod tests {
         let refused = config.check_placeholders().unwrap_err().to_string();
         assert!(refused.contains("2 problems") && !refused.contains("REPLACE_"), "{refused}");
         assert_eq!(Config::default().check_placeholders(), Ok(()));
+    }
+
+    #[test]
+    fn the_websocket_is_off_unless_configured_and_its_settings_are_checked() {
+        let config = Config::from_toml("[[exchanges]]\n").unwrap();
+        assert_eq!(config.exchanges[0].websocket_url, None);
+        assert_eq!(config.status_sources.websocket, websocket::Config::default());
+        let config = Config::from_toml(
+            "[status_sources]\nwebsocket_ping_interval = \"5s\"\nwebsocket_reconnect_max = \"1m\"\n\
+             [[exchanges]]\nwebsocket_url = \"wss://ws.kraken.com/v2\"\n",
+        )
+        .unwrap();
+        assert_eq!(config.exchanges[0].websocket_url.as_ref().map(url::Url::as_str), Some("wss://ws.kraken.com/v2"));
+        assert_eq!(config.status_sources.websocket.ping_interval, Duration::from_secs(5));
+        assert_eq!(config.status_sources.websocket.pong_timeout, Duration::from_secs(10));
+        assert_eq!(config.status_sources.websocket.reconnect_max, Duration::from_secs(60));
+        let again = Config::from_toml(&config.to_redacted_toml()).expect("the effective configuration reads back");
+        assert_eq!(again.status_sources, config.status_sources);
+
+        let error = Config::from_toml(
+            "[status_sources]\nwebsocket_pong_timeout = \"500ms\"\n\
+             [[exchanges]]\nwebsocket_url = \"https://ws.kraken.com/v2\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(error.contains("status_sources.websocket_pong_timeout"), "{error}");
+        assert!(error.contains("exchanges[0].websocket_url") && error.contains("ws:// or wss://"), "{error}");
     }
 }

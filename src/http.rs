@@ -27,6 +27,7 @@ use crate::statuspage;
 use crate::store::connector::Connector;
 use crate::store::writer;
 use crate::telemetry;
+use crate::websocket;
 
 pub mod admin;
 pub mod api;
@@ -52,6 +53,8 @@ pub struct State {
     pub database: Option<Arc<Connector>>,
     /// Each exchange's Statuspage watch, for those with `statuspage_url`.
     pub statuspages: Arc<BTreeMap<String, Arc<statuspage::Watch>>>,
+    /// Each exchange's WebSocket watch, for those with `websocket_url`.
+    pub websockets: Arc<BTreeMap<String, Arc<websocket::Watch>>>,
 }
 
 /// The longest an incident timeline waits for the database: the request is bounded like every other.
@@ -152,7 +155,7 @@ async fn incident(Extract(state): Extract<State>, axum::extract::Path(id): axum:
 }
 
 /// `GET /api/v1/exchanges/{name}/exchange-status`: what the exchange itself says, beside exwatch's verdict: the last
-/// SystemStatus read over REST and its Statuspage (null when not configured). 404 naming the known exchanges.
+/// SystemStatus read over REST, its Statuspage and its WebSocket (each null when not configured). 404 naming the known exchanges.
 async fn exchange_status(
     Extract(state): Extract<State>,
     axum::extract::Path(name): axum::extract::Path<String>,
@@ -170,8 +173,9 @@ async fn exchange_status(
         (status, alerts.profile().display_name.to_owned(), alerts.advisories().cloned())
     };
     let statuspage = state.statuspages.get(&name).map(|watch| watch.view());
-    (StatusCode::OK, Json(api::ExchangeSays { exchange: name, display_name, system_status, statuspage, advisories }))
-        .into_response()
+    let websocket = state.websockets.get(&name).map(|watch| watch.view());
+    let says = api::ExchangeSays { exchange: name, display_name, system_status, statuspage, advisories, websocket };
+    (StatusCode::OK, Json(says)).into_response()
 }
 
 /// 200 while every poll loop ticked within three intervals; 503 with the stalled loops otherwise.
@@ -318,6 +322,7 @@ mod tests {
             placeholders: Arc::default(),
             database: None,
             statuspages: Arc::default(),
+            websockets: Arc::default(),
         }
     }
 

@@ -7,7 +7,7 @@
 //! - [`poller`]: the poll loop and its metrics; [`probe`]: the runbook's recovery verification, once.
 //! - [`http`]: `/health`, `/ready`, `/metrics`, the admin API; [`telemetry`]: logging and the metric registry.
 //! - [`statuspage`]: what an exchange's own Statuspage says (indicator, components, incidents), watched beside the
-//!   polls.
+//!   polls; [`websocket`]: what its WebSocket `status` channel says, which wakes the poll loop on a change.
 //! - [`simulator`]: a fake Kraken, faults included, for tests, demos and drills.
 //! - [`breaker`], [`limiter`]: the circuit breaker and rate limiter every call passes through.
 //! - [`store`]: the only place with SQL: `api_call_logs` and `incidents` in Postgres or SQLite, a buffered, spooling
@@ -46,3 +46,4 @@ pub mod store;
 pub mod telemetry;
 pub mod text;
 pub mod transport;
+pub mod websocket;

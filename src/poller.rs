@@ -79,6 +79,8 @@ pub struct Control {
     pub alerts: Arc<std::sync::Mutex<alert::Engine>>,
     /// The exchange's Statuspage, when watched: its unresolved incidents are acknowledgements the page quotes.
     pub statuspage: Option<Arc<statuspage::Watch>>,
+    /// Makes the loop poll now: the exchange's WebSocket says a status the last SystemStatus did not.
+    pub wake: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, Default)]
@@ -400,6 +402,7 @@ pub struct Poller {
     limiter: Arc<Limiter>,
     alerts: Arc<Mutex<alert::Engine>>,
     statuspage: Option<Arc<statuspage::Watch>>,
+    wake: Arc<tokio::sync::Notify>,
     /// The unplanned incidents the last SystemStatus answer acknowledged (`emergency[]`).
     emergency: Vec<Advisory>,
     next_balance: Instant,
@@ -408,7 +411,7 @@ pub struct Poller {
 
 impl Poller {
     pub fn new(exchange: Arc<dyn Exchange>, context: Context, control: Control) -> Poller {
-        let Control { breaker, limiter, alerts, statuspage } = control;
+        let Control { breaker, limiter, alerts, statuspage, wake } = control;
         let now = Instant::now();
         let mut endpoints = vec![Endpoint::Ticker, Endpoint::SystemStatus, Endpoint::Depth, Endpoint::Time];
         if exchange.has_credentials() {
@@ -425,6 +428,7 @@ impl Poller {
             limiter,
             alerts,
             statuspage,
+            wake,
             emergency: Vec::new(),
             next_balance: now,
             schedule,
@@ -438,7 +442,8 @@ impl Poller {
 
     /// Polls until `cancel` fires, when and as the schedule says (a poll or a recovery check). The action in
     /// progress when it fires is finished first. Between actions it also wakes for the breaker's timer, so OPEN
-    /// turns HALF_OPEN on time and the recovery verification runs at once.
+    /// turns HALF_OPEN on time and the recovery verification runs at once, and for [`Control::wake`], which runs
+    /// the next action now.
     pub async fn run(mut self, cancel: CancellationToken) {
         tracing::info!(
             exchange = self.exchange.name(),
@@ -469,6 +474,11 @@ impl Poller {
                 }
                 // Every change of the rate factor (an operator restoring 1) reschedules at once.
                 () = self.limiter.changed() => self.refresh_schedule(),
+                // The WebSocket heard a status REST has not said yet: read it now, not at the next interval.
+                () = self.wake.notified() => match action {
+                    Action::Poll => self.poll_once().await,
+                    Action::Check => self.recovery_check().await,
+                },
                 () = tokio::time::sleep_until(due) => match action {
                     Action::Poll => self.poll_once().await,
                     Action::Check => self.recovery_check().await,
@@ -936,7 +946,8 @@ mod tests {
             alert::Metrics::new(&registry),
             None,
         );
-        let control = Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)), statuspage: None };
+        let control =
+            Control { breaker, limiter, alerts: Arc::new(Mutex::new(alerts)), statuspage: None, wake: Arc::default() };
         let poller = Poller::new(exchange, context, control);
         (poller, registry, heartbeat, log)
     }

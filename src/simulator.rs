@@ -9,7 +9,8 @@
 //! drive [`Simulator::router`] in process (the Kraken client's in-memory transport); there a reset is a
 //! response marked with [`ConnectionReset`], which that transport reports as a reset connection.
 //! The control endpoint [`CONTROL_PATH`] (GET the state, PUT changes) is never slowed down nor faulted.
-//! It does not implement trading, other private methods, the status page, or TLS.
+//! Beside Kraken's REST it serves a Statuspage ([`statuspage`]) and the WebSocket `status` channel at `/v2`
+//! ([`websocket`]). It does not implement trading, other private methods, or TLS.
 
 mod account;
 mod answer;
@@ -17,6 +18,7 @@ mod answer;
 mod conformance;
 mod market;
 pub mod statuspage;
+pub mod websocket;
 
 #[cfg(any(test, feature = "test-util"))]
 pub use self::conformance::{CONFORMANCE_ENDPOINTS, conformance};
@@ -31,6 +33,7 @@ use std::time::Duration;
 use anyhow::Context as _;
 use axum::Router;
 use axum::body::Bytes;
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Request, State};
 use axum::http::{HeaderMap, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -498,6 +501,8 @@ struct Shared {
     redirect_to: Mutex<Option<url::Url>>,
     /// The venue's Statuspage (`/__statuspage/{venue}/api/v2/summary.json`).
     statuspage: statuspage::State,
+    /// The venue's WebSocket (`/v2`), told of every scenario change.
+    websocket: websocket::State,
 }
 
 impl Shared {
@@ -535,6 +540,7 @@ impl Shared {
             public_buckets: Mutex::new(HashMap::new()),
             redirect_to: Mutex::new(options.redirect_to.clone()),
             statuspage: statuspage::State::default(),
+            websocket: websocket::State::new(options.scenario),
         })
     }
 
@@ -545,6 +551,7 @@ impl Shared {
     fn update_settings(&self, change: impl FnOnce(&mut LiveSettings)) -> LiveSettings {
         let mut settings = lock(&self.settings);
         change(&mut settings);
+        self.websocket.scenario_changed(settings.scenario);
         *settings
     }
 
@@ -778,6 +785,8 @@ fn router(shared: Arc<Shared>) -> Router {
         .route(CONTROL_PATH, get(get_control).put(put_control))
         .route(statuspage::STATUSPAGE_CONTROL, get(get_statuspage).put(put_statuspage))
         .route("/__statuspage/{venue}/api/v2/summary.json", get(statuspage_summary))
+        .route(websocket::WEBSOCKET_CONTROL, get(get_websocket).put(put_websocket))
+        .route(websocket::WEBSOCKET_PATH, get(websocket_connect))
         .fallback(kraken)
         .with_state(shared)
 }
@@ -791,6 +800,21 @@ async fn put_statuspage(State(shared): State<Arc<Shared>>, body: Bytes) -> Respo
         Ok(update) => axum::Json(shared.statuspage.update(update)).into_response(),
         Err(error) => control_error(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid statuspage request: {error}")),
     }
+}
+
+async fn get_websocket(State(shared): State<Arc<Shared>>) -> Response {
+    axum::Json(shared.websocket.live()).into_response()
+}
+
+async fn put_websocket(State(shared): State<Arc<Shared>>, body: Bytes) -> Response {
+    match serde_json::from_slice::<websocket::Update>(&body) {
+        Ok(update) => axum::Json(shared.websocket.update(update)).into_response(),
+        Err(error) => control_error(StatusCode::UNPROCESSABLE_ENTITY, format!("invalid websocket request: {error}")),
+    }
+}
+
+async fn websocket_connect(State(shared): State<Arc<Shared>>, upgrade: WebSocketUpgrade) -> Response {
+    upgrade.on_upgrade(move |socket| async move { shared.websocket.serve(socket).await })
 }
 
 async fn statuspage_summary(
@@ -1023,7 +1047,9 @@ async fn serve_connection(stream: TcpStream, peer: SocketAddr, router: Router, c
     });
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(stream), service)
+        // The WebSocket at `/v2` is an HTTP upgrade.
+        .with_upgrades();
     tokio::select! {
         result = connection => {
             if let Err(error) = result {

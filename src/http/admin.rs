@@ -360,6 +360,7 @@ mod tests {
             placeholders: Arc::default(),
             database: None,
             statuspages: Arc::default(),
+            websockets: Arc::default(),
         };
         let refuse = |token: &'static str| {
             let router = super::super::router(state.clone());

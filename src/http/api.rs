@@ -77,6 +77,9 @@ pub struct ExchangeSays {
     /// What its last SystemStatus announced (`emergency`, `upcoming_maintenance`) and when it was read; null until
     /// one was read.
     pub advisories: Option<crate::alert::Advisories>,
+    /// Its WebSocket `status` channel; null when `websocket_url` is not configured.
+    #[serde(default)]
+    pub websocket: Option<crate::websocket::View>,
 }
 
 /// A trading status and where it was read.

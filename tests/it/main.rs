@@ -28,3 +28,4 @@ mod proxy;
 mod scenarios;
 mod store;
 mod supervision;
+mod websocket;
