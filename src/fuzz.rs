@@ -90,6 +90,14 @@ pub fn statuspage_summary(data: &[u8]) {
     }
 }
 
+/// A WebSocket text frame: whatever it is, the result is a frame whose texts are bounded, or nothing.
+pub fn websocket_frame(data: &[u8]) {
+    let frame = String::from_utf8_lossy(data);
+    if let Some(crate::websocket::Frame::Status(status)) = crate::websocket::parse(&frame) {
+        assert!(status.system.len() <= 64 + 64);
+    }
+}
+
 /// The short run of every target in the test suite: structured inputs that reach deep (Kraken envelopes, TOML
 /// with known keys, admin bodies with the real fields), raw bytes, and the inputs that once mattered.
 #[cfg(test)]
@@ -209,6 +217,14 @@ mod tests {
                                           "components": [body.clone()], "incidents": [body]});
             statuspage_summary(&[&[pick][..], page.to_string().as_bytes()].concat());
             statuspage_summary(&[&[pick][..], &raw[..]].concat());
+        }
+
+        #[test]
+        fn websocket_frames_never_panic(body in json(), raw in vec(any::<u8>(), 0..256)) {
+            let status = serde_json::json!({"channel": "status", "data": [{"system": body.clone(), "connection_id": body.clone()}]});
+            websocket_frame(status.to_string().as_bytes());
+            websocket_frame(body.to_string().as_bytes());
+            websocket_frame(&raw);
         }
 
         #[test]
