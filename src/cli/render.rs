@@ -65,7 +65,15 @@ pub(super) fn exchange_says(said: &api::ExchangeSays, now: DateTime<Utc>) -> Str
         .statuspage
         .as_ref()
         .map_or_else(|| "not watched (no statuspage_url)".to_owned(), |page| statuspage(page, now));
-    format!("{}: SystemStatus {status}\n  {} says: {page}\n", said.exchange, said.display_name)
+    let mut text = format!("{}: SystemStatus {status}\n  {} says: {page}\n", said.exchange, said.display_name);
+    if let Some(socket) = &said.websocket {
+        let state = if socket.connected { "connected" } else { "NOT connected" };
+        let system =
+            socket.system.as_deref().map(|system| format!(", status channel says {system}")).unwrap_or_default();
+        let heard = socket.last_message_at.map(|at| format!(", last message {}", wall_clock_and_age(Some(at), now)));
+        text.push_str(&format!("  WebSocket: {state}{system}{}\n", heard.unwrap_or_default()));
+    }
+    text
 }
 
 /// What a Statuspage says, on one line: its description and indicator, components not operational, unresolved

@@ -98,6 +98,10 @@ async fn a_silent_websocket_is_shown_disconnected_within_ping_and_pong_timeout_a
     let said: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(said["websocket"]["connected"], false, "{said:#}");
     assert_eq!(said["system_status"]["value"], "online", "{said:#}");
+    let directory = tempfile::tempdir().unwrap();
+    let arguments = ["exchange-status", "--url", &app.url(""), "--exchange", "kraken"];
+    let output = crate::cli::exwatch(&arguments, directory.path()).await;
+    assert!(output.stdout.contains("  WebSocket: NOT connected"), "{}", output.stdout);
 
     set_fault(&simulator, "null").await;
     connected(&app).await;
