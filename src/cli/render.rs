@@ -168,10 +168,10 @@ pub(super) fn rate_limit_line(status: &api::RateLimitStatus) -> String {
         status.exchange,
         status.factor,
         status.ceiling,
-        status.public_per_second,
-        status.public_burst,
-        status.private_per_second,
-        status.private_burst,
+        status.budgets.public_per_second,
+        status.budgets.public_burst,
+        status.budgets.private_per_second,
+        status.budgets.private_burst,
         status.recent_rate_limited,
     );
     if let Some(ago) = &status.last_rate_limited_ago {

@@ -407,18 +407,25 @@ pub struct RateLimitStatus {
     pub factor: f64,
     /// The operator's factor; automatic backoff stays at or below it.
     pub ceiling: f64,
-    /// The budgets in force: the configured ones times the factor.
-    pub public_per_second: f64,
-    pub private_per_second: f64,
-    /// Calls that may go at once after a quiet spell, scaled by the factor too.
-    pub public_burst: u32,
-    pub private_burst: u32,
+    /// The budgets in force, written beside the other fields.
+    #[serde(flatten)]
+    pub budgets: Budgets,
     /// Rate-limited answers within the limiter's quiet period.
     pub recent_rate_limited: u64,
     pub last_rate_limited_ago: Option<String>,
     /// What is left of a private-call pause.
     pub private_paused_for: Option<String>,
     pub private_pause_reason: Option<String>,
+}
+
+/// The call budgets in force: the configured ones times the factor, the bursts (calls that may go at once after a
+/// quiet spell) scaled too.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Budgets {
+    pub public_per_second: f64,
+    pub private_per_second: f64,
+    pub public_burst: u32,
+    pub private_burst: u32,
 }
 
 impl RateLimitStatus {
@@ -440,10 +447,7 @@ impl RateLimitStatus {
             exchange: exchange.to_owned(),
             factor,
             ceiling,
-            public_per_second,
-            private_per_second,
-            public_burst,
-            private_burst,
+            budgets: Budgets { public_per_second, private_per_second, public_burst, private_burst },
             recent_rate_limited: u64::try_from(recent_rate_limited).unwrap_or(u64::MAX),
             last_rate_limited_ago: last_rate_limited_ago.map(human),
             private_paused_for: private_paused_for.map(human),
