@@ -14,28 +14,28 @@ WORKDIR /src
 # reused until Cargo.toml or Cargo.lock change. The stubs' own artifacts are removed so the real build below
 # cannot mistake them for up to date.
 COPY Cargo.toml Cargo.lock ./
+COPY vendor vendor
 COPY scripts/build-release.sh scripts/build-release.sh
 RUN mkdir -p src benches \
  && echo 'fn main() {}' > src/main.rs \
  && touch src/lib.rs \
  && echo 'fn main() {}' > benches/breaker.rs \
  && echo 'fn main() {}' > benches/inserts.rs \
+ && echo 'fn main() {}' > benches/soak.rs \
  && scripts/build-release.sh \
- && rm -rf src benches target/dist/exwatch target/dist/deps/exwatch-* target/dist/deps/libexwatch-* \
-           target/dist/.fingerprint/exwatch-*
+ && rm -rf src benches target/release/exwatch target/release/deps/exwatch-* \
+           target/release/deps/libexwatch-* target/release/.fingerprint/exwatch-*
 
 # The application; .dockerignore keeps target/, .git and local databases out of the context.
 COPY . .
 RUN scripts/build-release.sh \
  && mkdir -p /out/var/lib/exwatch \
- && cp target/dist/exwatch /out/exwatch \
- && cp "$(gcc -print-file-name=libgcc_s.so.1)" /out/libgcc_s.so.1
+ && cp target/release/exwatch /out/exwatch
 
-# base-nossl has glibc, CA certificates, tzdata and the nonroot user; exwatch speaks TLS through rustls, so
-# OpenSSL (in distroless/base and /cc) is dead weight. The one library it adds is libgcc_s (unwinding), copied from
-# the builder, which is Debian 12 like the runtime.
+# base-nossl has CA certificates, tzdata, the nonroot user and name-service configuration; exwatch speaks TLS
+# through rustls, so OpenSSL (in distroless/base and /cc) is dead weight. The binary is statically linked
+# (scripts/build-release.sh), so it loads no library from the image.
 FROM gcr.io/distroless/base-nossl-debian12:nonroot AS runtime
-COPY --from=builder /out/libgcc_s.so.1 /usr/lib/libgcc_s.so.1
 COPY --from=builder /out/exwatch /usr/local/bin/exwatch
 # The working directory holds the SQLite file and the spool by default; Kubernetes mounts an emptyDir here
 # because the root filesystem is read-only there.

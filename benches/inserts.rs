@@ -102,8 +102,12 @@ async fn writer_run(label: &str, database: &Database, batch: usize) -> f64 {
     let total = FIXED_BATCHES * batch;
     let records: Vec<CallRecord> = (0..FIXED_BATCHES).flat_map(|_| rows(batch)).collect();
     let spool = tempfile::tempdir().expect("temp dir");
-    let config =
-        writer::Config { memory_rows: total, spool_dir: spool.path().join("spool"), ..writer::Config::default() };
+    let config = writer::Config {
+        memory_rows: total,
+        memory_bytes: u64::MAX,
+        spool_dir: spool.path().join("spool"),
+        ..writer::Config::default()
+    };
     let sink: Arc<dyn Sink> = Arc::new(database.clone());
     let registry = prometheus::Registry::new();
     let (writer, handle) = writer::Writer::new(config, sink, writer::Metrics::new(&registry)).expect("writer");

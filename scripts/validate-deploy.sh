@@ -8,11 +8,11 @@
 # the compose receiver run once). Any failure exits non-zero with the tool's own message.
 #
 # usage: scripts/validate-deploy.sh [DEPLOY_DIR]      (default deploy/; a scratch copy works too)
-# Needs target/dist/exwatch (scripts/build-release.sh) or EXWATCH_BIN.
+# Needs target/release/exwatch (scripts/build-release.sh) or EXWATCH_BIN.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DEPLOY=$(realpath "${1:-deploy}")
-EXWATCH_BIN=${EXWATCH_BIN:-target/dist/exwatch}
+EXWATCH_BIN=${EXWATCH_BIN:-target/release/exwatch}
 KUBERNETES_VERSION=1.33.0   # a version kubernetes-validate 1.37.0 ships schemas for (1.25 to 1.37)
 VENV=${VALIDATE_DEPLOY_VENV:-target/validate-deploy-venv}
 

@@ -1797,7 +1797,7 @@ mod tests {
         assert_eq!(database.sqlite_path, PathBuf::from("exwatch.sqlite"));
         assert_eq!(database.retention, Duration::from_secs(30 * 86_400));
         assert_eq!(database.retention_interval, Duration::from_secs(3600));
-        assert_eq!((database.writer.batch_size, database.writer.memory_rows), (5000, 10_000));
+        assert_eq!((database.writer.batch_size, database.writer.memory_rows), (500, 10_000));
         assert_eq!(database.writer.flush_interval, Duration::from_secs(1));
         assert_eq!(database.writer.spool_dir, PathBuf::from("exwatch-spool"));
         assert_eq!(database.writer.spool_max_bytes, 268_435_456);

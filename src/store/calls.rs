@@ -127,12 +127,14 @@ impl Database {
                 builder.push(" ON CONFLICT (id) DO NOTHING");
                 builder
             };
+            // Not kept prepared (`persistent(false)`): the text differs with the number of rows, so each batch size
+            // would stay in sqlx's per-connection statement cache with its parameter types, growing memory for nothing.
             if rows.len() <= chunk_rows {
-                statement(rows).build().execute(pool).await.map(drop)
+                statement(rows).build().persistent(false).execute(pool).await.map(drop)
             } else {
                 let mut transaction = pool.begin().await?;
                 for chunk in rows.chunks(chunk_rows) {
-                    statement(chunk).build().execute(&mut *transaction).await?;
+                    statement(chunk).build().persistent(false).execute(&mut *transaction).await?;
                 }
                 transaction.commit().await
             }

@@ -51,7 +51,7 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Config {
         Config {
-            batch_size: 5000,
+            batch_size: 500,
             flush_interval: Duration::from_secs(1),
             memory_rows: 10_000,
             memory_bytes: 8 * 1024 * 1024,
